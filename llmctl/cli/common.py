@@ -1,0 +1,53 @@
+"""What every command module shares: the workspace, the consoles, JSON output.
+
+Keep this module light: it is imported by `llmctl --help`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from llmctl.workspace import Workspace
+
+
+@dataclass
+class AppState:
+    workspace_path: Path | None = None
+    debug: bool = False
+
+
+state = AppState()
+
+# Results go to stdout; progress, notes and errors go to stderr so `--json` output stays clean.
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def workspace() -> Workspace:
+    from llmctl.workspace import Workspace
+
+    return Workspace(state.workspace_path)
+
+
+def print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def note(message: str) -> None:
+    err.print(f"[dim]{message}[/dim]")
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/yellow] {message}")
+
+
+def success(message: str) -> None:
+    err.print(f"[green]✓[/green] {message}")

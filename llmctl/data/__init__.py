@@ -1,0 +1,1 @@
+"""Corpora: sources, cleaning, splits, instruction records, token caches, batches."""

@@ -1,0 +1,129 @@
+"""The event stream: one JSON object per line in runs/<run>/events.jsonl.
+
+Every line has `ts` (Unix seconds), `event` and `step`, then the event's figures. JSON has no
+NaN or infinity, so non-finite floats are written as the strings "nan", "inf" and "-inf";
+`as_float` reads them back. The writer appends whole lines with one write each (O_APPEND keeps
+concurrent appends from interleaving); the reader tolerates a partial last line, a truncated or
+replaced file, and reads only the bytes added since its last call.
+
+This module must stay free of torch: status and monitor import it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EVENT_KINDS = ("start", "train", "eval", "checkpoint", "sample", "alert", "heartbeat", "end")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def as_float(value: Any) -> float | None:
+    """A figure from an event as a float ('nan'/'inf' strings included); None when absent."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class EventWriter:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, event: str, step: int, **figures: Any) -> dict[str, Any]:
+        record = {"ts": round(time.time(), 3), "event": event, "step": int(step), **_jsonable(figures)}
+        os.write(self._fd, (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8"))
+        return record
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> EventWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class EventTail:
+    """Incremental reader. `poll()` returns the complete new events since the last call.
+
+    `restarted` is set when the file was truncated or replaced since the last poll (the caller
+    should drop what it derived from the old contents, since poll now reads from the start).
+    """
+
+    path: Path
+    offset: int = 0
+    restarted: bool = False
+    malformed_lines: int = 0
+    _identity: tuple[int, int] | None = None
+    _partial: bytes = b""
+    _chunk: int = field(default=8 << 20, repr=False)
+
+    def poll(self) -> list[dict[str, Any]]:
+        self.restarted = False
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return []
+        identity = (stat.st_dev, stat.st_ino)
+        if self._identity is not None and (identity != self._identity or stat.st_size < self.offset):
+            self.offset, self._partial, self.restarted = 0, b"", True
+        self._identity = identity
+        if stat.st_size == self.offset:
+            return []
+        events: list[dict[str, Any]] = []
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            while True:
+                data = handle.read(self._chunk)
+                if not data:
+                    break
+                self.offset += len(data)
+                lines = (self._partial + data).split(b"\n")
+                self._partial = lines.pop()
+                events.extend(self._parse(lines))
+        return events
+
+    def _parse(self, lines: list[bytes]) -> list[dict[str, Any]]:
+        parsed = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                self.malformed_lines += 1
+                continue
+            if isinstance(record, dict) and "event" in record:
+                parsed.append(record)
+            else:
+                self.malformed_lines += 1
+        return parsed
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """Every complete event in a log (a convenience for small logs and tests)."""
+    return EventTail(Path(path)).poll()

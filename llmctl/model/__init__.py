@@ -1,0 +1,1 @@
+"""The transformer and its sizing. Importing this package does not import torch."""

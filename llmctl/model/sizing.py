@@ -1,0 +1,100 @@
+"""Parameter counts and memory estimates from a config alone (no torch import).
+
+The counts are exact for llmctl's transformer (a test checks them against the real module);
+the memory figures are estimates for planning a run before launching it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmctl.config import ModelConfig, TrainConfig
+
+GIB = 1024**3
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    d, head_dim = cfg.d_model, cfg.head_dim
+    kv_width = cfg.kv_heads * head_dim
+    norm = 2 * d if cfg.norm == "layernorm" else d
+    attention = 2 * d * d + 2 * d * kv_width
+    mlp_matrices = 3 if cfg.mlp == "swiglu" else 2
+    mlp = mlp_matrices * d * cfg.ff_dim
+    if cfg.bias:
+        attention += 2 * d + 2 * kv_width
+        mlp += (mlp_matrices - 1) * cfg.ff_dim + d
+    per_layer = attention + mlp + 2 * norm
+    embeddings = cfg.padded_vocab_size * d
+    total = embeddings + cfg.n_layer * per_layer + norm
+    if not cfg.tie_embeddings:
+        total += cfg.padded_vocab_size * d
+    if cfg.position == "learned":
+        total += cfg.context_length * d
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int | None = None) -> int:
+    """Training FLOPs per token: 6N for the matmuls plus 12·L·H·Q·T for attention (PaLM, app. B)."""
+    n = n_params if n_params is not None else count_parameters(cfg)
+    return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.context_length
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        # allocator fragmentation and the CUDA context: a flat 10% plus 0.5 GiB
+        return int((self.weights + self.gradients + self.optimizer + self.activations) * 1.1 + GIB // 2)
+
+
+def estimate_training_memory(
+    model: ModelConfig,
+    train: TrainConfig,
+    trainable_params: int | None = None,
+    weight_bytes_per_param: float = 4.0,
+    mixed_precision: bool | None = None,
+) -> MemoryEstimate:
+    """Bytes for one training step at the config's micro-batch.
+
+    Weights are kept in fp32 (autocast computes in 16 bits); AdamW keeps two fp32 moments per
+    trainable parameter. Activations follow Korthikanti et al. (2022) with attention through a
+    fused kernel (no T×T matrix stored): about 34·d bytes per token per layer at 16 bits, plus the
+    logits and their gradient in fp32.
+    """
+    n = count_parameters(model)
+    trainable = n if trainable_params is None else trainable_params
+    if mixed_precision is None:
+        mixed_precision = train.precision != "fp32"
+    act_scale = 1.0 if mixed_precision else 2.0
+    tokens = train.micro_batch_size * model.context_length
+    per_layer = 34 * model.d_model * tokens * act_scale
+    if train.activation_checkpointing:
+        layers = 2 * model.d_model * tokens * act_scale * model.n_layer + per_layer
+    else:
+        layers = per_layer * model.n_layer
+    logits = 8 * tokens * model.padded_vocab_size
+    return MemoryEstimate(
+        weights=int(n * weight_bytes_per_param),
+        gradients=4 * trainable,
+        optimizer=8 * trainable,
+        activations=int(layers + logits),
+    )
+
+
+def human_count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("TB", 1024**4), ("GB", GIB), ("MB", 1024**2), ("KB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"

@@ -1,0 +1,321 @@
+"""The workspace on disk and the SQLite registry of everything llmctl makes.
+
+    <workspace>/registry.db     corpora, tokenizers, runs, checkpoints, evals (WAL mode)
+    <workspace>/corpora/<name>/
+    <workspace>/tokenizers/<name>/
+    <workspace>/runs/<run>/
+
+Every row carries a JSON `meta` column for figures that differ by kind, and a parent link
+(a tokenizer's corpus, a run's corpus/tokenizer/base checkpoint, a checkpoint's run, an eval's
+checkpoint) so lineage can be shown. Each process opens its own connection; WAL plus a busy
+timeout make concurrent llmctl processes on one workspace safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from llmctl.errors import LlmctlError, UsageError
+
+DEFAULT_DIRNAME = "llmctl-workspace"
+SCHEMA_VERSION = 1
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS corpora (
+    name     TEXT PRIMARY KEY,
+    kind     TEXT NOT NULL,             -- 'text' or 'instruct'
+    path     TEXT NOT NULL,
+    created  REAL NOT NULL,
+    meta     TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS tokenizers (
+    name       TEXT PRIMARY KEY,
+    path       TEXT NOT NULL,
+    corpus     TEXT,                    -- parent corpus; NULL for an imported tokenizer
+    sha256     TEXT NOT NULL,
+    vocab_size INTEGER NOT NULL,
+    created    REAL NOT NULL,
+    meta       TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS runs (
+    name            TEXT PRIMARY KEY,
+    stage           TEXT NOT NULL,      -- 'pretrain', 'finetune', 'qlora', 'merge'
+    path            TEXT NOT NULL,
+    corpus          TEXT,
+    tokenizer       TEXT,
+    base_checkpoint INTEGER REFERENCES checkpoints(id),
+    created         REAL NOT NULL,
+    meta            TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    run      TEXT NOT NULL REFERENCES runs(name),
+    step     INTEGER NOT NULL,
+    kind     TEXT NOT NULL,             -- 'full' or 'adapter'
+    path     TEXT NOT NULL UNIQUE,
+    created  REAL NOT NULL,
+    meta     TEXT NOT NULL DEFAULT '{}', -- val_loss, val_ppl, val_bpb, ...
+    UNIQUE (run, step)
+);
+CREATE TABLE IF NOT EXISTS evals (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    checkpoint_id INTEGER REFERENCES checkpoints(id),
+    kind          TEXT NOT NULL,        -- 'perplexity', 'humaneval', 'probes', 'classify'
+    created       REAL NOT NULL,
+    meta          TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+def check_name(name: str, what: str) -> str:
+    if not _NAME.match(name):
+        raise UsageError(
+            f"invalid {what} name '{name}': use letters, digits, '.', '_' and '-' (up to 100, not starting with '.')"
+        )
+    return name
+
+
+def _row(cursor: sqlite3.Cursor, values: tuple) -> dict[str, Any]:
+    row = {column[0]: value for column, value in zip(cursor.description, values, strict=True)}
+    if "meta" in row:
+        row["meta"] = json.loads(row["meta"])
+    return row
+
+
+class Registry:
+    """Rows for corpora, tokenizers, runs, checkpoints and evals.
+
+    With create=False and no database on disk, reads see an empty registry and nothing is
+    written, so `corpus list` in a fresh directory does not make a workspace.
+    """
+
+    def __init__(self, path: Path, create: bool = True):
+        self.path = path
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        target = str(path) if create or path.exists() else ":memory:"
+        self._conn = sqlite3.connect(target, timeout=60, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = _row
+        self._conn.execute("PRAGMA busy_timeout = 60000")
+        self._conn.execute("PRAGMA foreign_keys = ON")
+        if target != ":memory:":
+            self._conn.execute("PRAGMA journal_mode = WAL")
+        self._in_memory = target == ":memory:"
+        self._conn.executescript(_SCHEMA)
+        self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @property
+    def in_memory(self) -> bool:
+        return self._in_memory
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE takes the write lock up front, so concurrent writers queue, not fail."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def _one(self, sql: str, *args: Any) -> dict[str, Any] | None:
+        return self._conn.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        return self._conn.execute(sql, args).fetchall()
+
+    # corpora
+    def add_corpus(self, name: str, kind: str, path: Path, meta: dict[str, Any]) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO corpora (name, kind, path, created, meta) VALUES (?, ?, ?, ?, ?)",
+                (name, kind, str(path), time.time(), json.dumps(meta)),
+            )
+
+    def corpus(self, name: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM corpora WHERE name = ?", name)
+
+    def corpora(self) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM corpora ORDER BY created")
+
+    def remove_corpus(self, name: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM corpora WHERE name = ?", (name,))
+
+    # tokenizers
+    def add_tokenizer(
+        self, name: str, path: Path, corpus: str | None, sha256: str, vocab_size: int, meta: dict[str, Any]
+    ) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO tokenizers (name, path, corpus, sha256, vocab_size, created, meta)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, str(path), corpus, sha256, vocab_size, time.time(), json.dumps(meta)),
+            )
+
+    def tokenizer(self, name: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM tokenizers WHERE name = ?", name)
+
+    def tokenizers(self) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM tokenizers ORDER BY created")
+
+    def remove_tokenizer(self, name: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM tokenizers WHERE name = ?", (name,))
+
+    # runs
+    def add_run(
+        self,
+        name: str,
+        stage: str,
+        path: Path,
+        corpus: str | None = None,
+        tokenizer: str | None = None,
+        base_checkpoint: int | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO runs (name, stage, path, corpus, tokenizer, base_checkpoint, created, meta)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, stage, str(path), corpus, tokenizer, base_checkpoint, time.time(), json.dumps(meta or {})),
+            )
+
+    def run(self, name: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM runs WHERE name = ?", name)
+
+    def runs(self) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM runs ORDER BY created")
+
+    def update_run_meta(self, name: str, **fields: Any) -> None:
+        with self.transaction() as conn:
+            row = conn.execute("SELECT meta FROM runs WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise LlmctlError(f"run '{name}' is not registered")
+            conn.execute("UPDATE runs SET meta = ? WHERE name = ?", (json.dumps({**row["meta"], **fields}), name))
+
+    def remove_run(self, name: str) -> None:
+        """Drop a run with its checkpoints and their evals (for --overwrite)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "DELETE FROM evals WHERE checkpoint_id IN (SELECT id FROM checkpoints WHERE run = ?)", (name,)
+            )
+            conn.execute("UPDATE runs SET base_checkpoint = NULL WHERE base_checkpoint IN"
+                         " (SELECT id FROM checkpoints WHERE run = ?)", (name,))
+            conn.execute("DELETE FROM checkpoints WHERE run = ?", (name,))
+            conn.execute("DELETE FROM runs WHERE name = ?", (name,))
+
+    # checkpoints
+    def add_checkpoint(self, run: str, step: int, kind: str, path: Path, meta: dict[str, Any]) -> int:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM checkpoints WHERE run = ? AND step = ?", (run, step))
+            cursor = conn.execute(
+                "INSERT INTO checkpoints (run, step, kind, path, created, meta) VALUES (?, ?, ?, ?, ?, ?)",
+                (run, step, kind, str(path), time.time(), json.dumps(meta)),
+            )
+            return int(cursor.lastrowid)
+
+    def checkpoint(self, checkpoint_id: int) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM checkpoints WHERE id = ?", checkpoint_id)
+
+    def checkpoint_at(self, run: str, step: int) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM checkpoints WHERE run = ? AND step = ?", run, step)
+
+    def checkpoint_by_path(self, path: Path) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM checkpoints WHERE path = ?", str(path))
+
+    def checkpoints(self, run: str) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM checkpoints WHERE run = ? ORDER BY step", run)
+
+    def remove_checkpoint(self, checkpoint_id: int) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM evals WHERE checkpoint_id = ?", (checkpoint_id,))
+            conn.execute("DELETE FROM checkpoints WHERE id = ?", (checkpoint_id,))
+
+    # evals
+    def add_eval(self, checkpoint_id: int | None, kind: str, meta: dict[str, Any]) -> int:
+        with self.transaction() as conn:
+            cursor = conn.execute(
+                "INSERT INTO evals (checkpoint_id, kind, created, meta) VALUES (?, ?, ?, ?)",
+                (checkpoint_id, kind, time.time(), json.dumps(meta)),
+            )
+            return int(cursor.lastrowid)
+
+    def evals(self, checkpoint_id: int | None = None) -> list[dict[str, Any]]:
+        if checkpoint_id is None:
+            return self._all("SELECT * FROM evals ORDER BY created")
+        return self._all("SELECT * FROM evals WHERE checkpoint_id = ? ORDER BY created", checkpoint_id)
+
+
+class Workspace:
+    def __init__(self, root: Path | str | None = None):
+        if root is None:
+            root = os.environ.get("LLMCTL_HOME") or Path.cwd() / DEFAULT_DIRNAME
+        self.root = Path(root).expanduser().resolve()
+        self._registry: Registry | None = None
+
+    @property
+    def exists(self) -> bool:
+        return (self.root / "registry.db").exists()
+
+    def registry(self, create: bool = True) -> Registry:
+        """The registry; with create=False a missing workspace reads as empty and stays missing."""
+        stale = self._registry is not None and create and self._registry.in_memory
+        if self._registry is None or stale:
+            self._registry = Registry(self.root / "registry.db", create=create)
+        return self._registry
+
+    def corpus_dir(self, name: str) -> Path:
+        return self.root / "corpora" / name
+
+    def tokenizer_dir(self, name: str) -> Path:
+        return self.root / "tokenizers" / name
+
+    def run_dir(self, name: str) -> Path:
+        return self.root / "runs" / name
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory beside `final` and rename it into place only if the block succeeds.
+
+    A crash or an error leaves no half-written directory under the final name.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        if final.exists():
+            if not overwrite:
+                raise LlmctlError(f"'{final}' already exists")
+            retired = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            final.rename(retired)
+            staging.rename(final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
