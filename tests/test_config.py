@@ -141,3 +141,9 @@ def test_preset_shapes_are_as_promised():
 def test_suggest_key_on_leaf_typos():
     assert suggest_key("train.warmup") == "train.warmup_steps"
     assert suggest_key("zzzz.qqqq") is None
+
+
+def test_config_reference_documents_every_key():
+    reference = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    undocumented = [key for key in CONFIG_KEYS if f"`{key}`" not in reference]
+    assert undocumented == []
