@@ -72,40 +72,58 @@ class EventTail:
 
     `restarted` is set when the file was truncated or replaced since the last poll (the caller
     should drop what it derived from the old contents, since poll now reads from the start).
+    A file truncated and rewritten past the old offset between two polls is caught by its first
+    bytes changing. `poll(max_bytes=...)` reads at most that much, so a reader catching up on a
+    huge log can draw between slices; `size - offset` is what is left to read.
     """
 
     path: Path
     offset: int = 0
+    size: int = 0
     restarted: bool = False
     malformed_lines: int = 0
     _identity: tuple[int, int] | None = None
+    _head: bytes = b""
     _partial: bytes = b""
     _chunk: int = field(default=8 << 20, repr=False)
 
-    def poll(self) -> list[dict[str, Any]]:
+    _HEAD_BYTES = 64
+
+    def poll(self, max_bytes: int | None = None) -> list[dict[str, Any]]:
         self.restarted = False
         try:
             stat = os.stat(self.path)
         except FileNotFoundError:
             return []
         identity = (stat.st_dev, stat.st_ino)
+        self.size = stat.st_size
         if self._identity is not None and (identity != self._identity or stat.st_size < self.offset):
-            self.offset, self._partial, self.restarted = 0, b"", True
+            self._restart()
         self._identity = identity
         if stat.st_size == self.offset:
             return []
         events: list[dict[str, Any]] = []
+        remaining = max_bytes
         with open(self.path, "rb") as handle:
+            if self._head and handle.read(len(self._head)) != self._head:
+                self._restart()
             handle.seek(self.offset)
-            while True:
-                data = handle.read(self._chunk)
+            while remaining is None or remaining > 0:
+                data = handle.read(self._chunk if remaining is None else min(self._chunk, remaining))
                 if not data:
                     break
+                if self.offset < self._HEAD_BYTES:
+                    self._head = (self._head + data)[: self._HEAD_BYTES]
                 self.offset += len(data)
+                if remaining is not None:
+                    remaining -= len(data)
                 lines = (self._partial + data).split(b"\n")
                 self._partial = lines.pop()
                 events.extend(self._parse(lines))
         return events
+
+    def _restart(self) -> None:
+        self.offset, self._head, self._partial, self.restarted = 0, b"", b"", True
 
     def _parse(self, lines: list[bytes]) -> list[dict[str, Any]]:
         parsed = []
