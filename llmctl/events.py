@@ -23,13 +23,14 @@ from typing import Any
 EVENT_KINDS = ("start", "train", "eval", "checkpoint", "sample", "alert", "heartbeat", "end")
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """`value` with non-finite floats as the strings the log uses (for readers printing JSON too)."""
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, Mapping):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -50,7 +51,7 @@ class EventWriter:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, event: str, step: int, **figures: Any) -> dict[str, Any]:
-        record = {"ts": round(time.time(), 3), "event": event, "step": int(step), **_jsonable(figures)}
+        record = {"ts": round(time.time(), 3), "event": event, "step": int(step), **jsonable(figures)}
         os.write(self._fd, (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8"))
         return record
 
