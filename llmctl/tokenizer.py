@@ -1,0 +1,500 @@
+"""Tokenizers: training byte-level BPE, importing existing ones, loading them for other modules.
+
+    tokenizers/<name>/tokenizer.json   Hugging Face `tokenizers` format, readable by transformers
+    tokenizers/<name>/meta.json        kind, special tokens and ids, chat template, training corpus,
+                                       validation figures, sha256 of tokenizer.json
+
+Trained tokenizers put their special tokens first, so ids 0..5 are the same in every llmctl
+tokenizer (`<|endoftext|>` is 0, `<|pad|>` is 1). Nothing is normalised, so decode(encode(x)) == x
+for any text; training checks this on every validation document before anything is registered.
+
+Other modules use `load_tokenizer(workspace, name)` or `load_tokenizer_file(path)` and get a
+`LoadedTokenizer`. `encode` adds no special tokens: callers place `<|endoftext|>` themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from llmctl import __version__
+from llmctl.errors import LlmctlError, UsageError
+from llmctl.workspace import Workspace, atomic_dir, check_name, write_json_atomic
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+EOT_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+CHAT_ROLES = ("system", "user", "assistant")
+END_OF_TURN_TOKEN = "<|end|>"
+CHAT_SPECIAL_TOKENS = tuple(f"<|{role}|>" for role in CHAT_ROLES) + (END_OF_TURN_TOKEN,)
+SPECIAL_TOKENS = (EOT_TOKEN, PAD_TOKEN, *CHAT_SPECIAL_TOKENS)
+BYTE_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+MIN_VOCAB_SIZE = BYTE_VOCAB_SIZE
+
+# Imported tokenizers name their end-of-text token in many ways; the first one present wins.
+EOT_CANDIDATES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<|eot_id|>")
+PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "<|padding|>", "[PAD]")
+
+# The Hugging Face `chat_template` form of `render_chat`, stored with every tokenizer so an export
+# to transformers formats chats exactly as training did. It renders identically with or without
+# transformers' trim_blocks/lstrip_blocks, because it has no literal text outside its tags.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown chat role ' + message['role'] + ': use system, user or assistant') }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+TOKENIZER_FILE = "tokenizer.json"
+META_FILE = "meta.json"
+_TRAIN_BATCH_DOCS = 1000
+_MEASURE_BATCH_DOCS = 256
+
+Kind = Literal["bpe", "byte"]
+
+
+def render_chat(messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+    """What CHAT_TEMPLATE renders, without jinja2:
+
+        <|system|>\\n...<|end|>\\n<|user|>\\n...<|end|>\\n<|assistant|>\\n...<|end|>\\n
+
+    and, with add_generation_prompt, a trailing `<|assistant|>\\n` for the model to continue.
+    """
+    parts = []
+    for message in messages:
+        role = message["role"]
+        if role not in CHAT_ROLES:
+            raise UsageError(f"unknown chat role {role}: use system, user or assistant")
+        parts.append(f"<|{role}|>\n{message['content']}{END_OF_TURN_TOKEN}\n")
+    if add_generation_prompt:
+        parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+@dataclass
+class LoadedTokenizer:
+    tokenizer: Tokenizer
+    name: str
+    path: Path
+    sha256: str
+    vocab_size: int
+    eot_id: int
+    pad_id: int
+    special_ids: dict[str, int]
+    chat_template: str | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [encoding.ids for encoding in encodings]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for; a piece of a UTF-8 character is not decodable alone."""
+        from tokenizers import decoders
+
+        added = self.tokenizer.get_added_tokens_decoder().get(token_id)
+        if added is not None:
+            return added.content.encode("utf-8")
+        if isinstance(self.tokenizer.decoder, decoders.ByteLevel):
+            unicode_to_byte = {char: byte for byte, char in byte_to_unicode().items()}
+            return bytes(unicode_to_byte[char] for char in self.tokenizer.id_to_token(token_id))
+        return self.decode([token_id]).encode("utf-8")
+
+    def render_chat(self, messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            missing = [token for token in CHAT_SPECIAL_TOKENS if token not in self.special_ids]
+            raise LlmctlError(
+                f"tokenizer '{self.name}' has no chat template: its vocabulary lacks {', '.join(missing)}; "
+                f"train one with: llmctl tokenizer train NAME --corpus CORPUS --vocab-size 8192"
+            )
+        return render_chat(messages, add_generation_prompt)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters, the alphabet of ByteLevel."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    shifted = 0
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(256 + shifted)
+            shifted += 1
+    return mapping
+
+
+def _byte_level_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    model = models.BPE(vocab=vocab, merges=[]) if vocab is not None else models.BPE()
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def build_byte_tokenizer() -> Tokenizer:
+    """The specials at 0..5, then byte b at id 6 + b: every text encodes, nothing is merged."""
+    from tokenizers import AddedToken
+
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    for byte, char in byte_to_unicode().items():
+        vocab[char] = len(SPECIAL_TOKENS) + byte
+    tokenizer = _byte_level_tokenizer(vocab)
+    tokenizer.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS]
+    )
+    return tokenizer
+
+
+def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False
+) -> Tokenizer:
+    """Byte-level BPE from a stream of documents; the trainer holds word counts, never the corpus."""
+    from tokenizers import pre_tokenizers, trainers
+
+    check_vocab_size(vocab_size)
+    tokenizer = _byte_level_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tokenizer.train_from_iterator(_batches(texts, _TRAIN_BATCH_DOCS), trainer=trainer)
+    return tokenizer
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UsageError(
+            f"--vocab-size {vocab_size} is too small: a byte-level tokenizer needs at least {MIN_VOCAB_SIZE} "
+            f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens); try --vocab-size 8192"
+        )
+
+
+def measure(tokenizer: Tokenizer, texts: Iterable[str]) -> dict[str, Any]:
+    """Characters and bytes per token over `texts`, and the exact round trip of every document.
+
+    Raises LlmctlError at the first document that does not decode back to itself.
+    """
+    documents = chars = utf8_bytes = tokens = 0
+    for batch in _batches(texts, _MEASURE_BATCH_DOCS):
+        encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
+        decoded = tokenizer.decode_batch([encoding.ids for encoding in encodings], skip_special_tokens=False)
+        for offset, (text, back) in enumerate(zip(batch, decoded, strict=True)):
+            if text != back:
+                at = next((i for i, (a, b) in enumerate(zip(text, back, strict=False)) if a != b),
+                          min(len(text), len(back)))
+                raise LlmctlError(
+                    f"round trip failed on validation document {documents + offset}: "
+                    f"decode(encode(x)) differs from x at character {at} "
+                    f"({text[at:at + 20]!r} became {back[at:at + 20]!r}); "
+                    "nothing was registered — report this with the corpus that caused it"
+                )
+        documents += len(batch)
+        chars += sum(len(text) for text in batch)
+        utf8_bytes += sum(len(text.encode("utf-8")) for text in batch)
+        tokens += sum(len(encoding.ids) for encoding in encodings)
+    return {
+        "documents": documents,
+        "chars": chars,
+        "bytes": utf8_bytes,
+        "tokens": tokens,
+        "chars_per_token": round(chars / tokens, 4) if tokens else None,
+        "bytes_per_token": round(utf8_bytes / tokens, 4) if tokens else None,
+        "round_trip_ok": True,
+    }
+
+
+# --- the workspace side -----------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_free(workspace: Workspace, name: str, overwrite: bool) -> None:
+    check_name(name, "tokenizer")
+    registered = workspace.registry(create=False).tokenizer(name) is not None
+    if (registered or workspace.tokenizer_dir(name).exists()) and not overwrite:
+        raise UsageError(
+            f"tokenizer '{name}' already exists in {workspace.root}; pass --overwrite to replace it"
+        )
+
+
+def _special_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    specials = {
+        added.content: token_id
+        for token_id, added in sorted(tokenizer.get_added_tokens_decoder().items())
+        if added.special
+    }
+    # A chat token may sit in an imported vocabulary as an ordinary token; it still serves the template.
+    for token in (*SPECIAL_TOKENS, *EOT_CANDIDATES, *PAD_CANDIDATES):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            specials.setdefault(token, token_id)
+    return specials
+
+
+def _first_present(candidates: Sequence[str], special_ids: Mapping[str, int]) -> str | None:
+    return next((token for token in candidates if token in special_ids), None)
+
+
+def _describe(tokenizer: Tokenizer, eot_token: str | None = None) -> dict[str, Any]:
+    """Special tokens, end-of-text and padding choices, and chat support of a tokenizer."""
+    special_ids = _special_ids(tokenizer)
+    if eot_token is not None:
+        if tokenizer.token_to_id(eot_token) is None:
+            raise UsageError(f"end-of-text token {eot_token!r} is not in the tokenizer's vocabulary")
+        special_ids.setdefault(eot_token, tokenizer.token_to_id(eot_token))
+    eot_token = eot_token or _first_present(EOT_CANDIDATES, special_ids)
+    if eot_token is None:
+        raise UsageError(
+            f"no end-of-text token found (looked for {', '.join(EOT_CANDIDATES)}); "
+            "name it with --eot-token TOKEN"
+        )
+    # Without a padding token, the end-of-text token pads: padded positions are masked anyway.
+    pad_token = _first_present(PAD_CANDIDATES, special_ids) or eot_token
+    missing_chat = [token for token in CHAT_SPECIAL_TOKENS if token not in special_ids]
+    return {
+        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+        "special_tokens": special_ids,
+        "eot_token": eot_token,
+        "eot_id": special_ids[eot_token],
+        "pad_token": pad_token,
+        "pad_id": special_ids[pad_token],
+        "chat_template": None if missing_chat else CHAT_TEMPLATE,
+        "missing_chat_tokens": missing_chat,
+    }
+
+
+def _register(workspace: Workspace, name: str, tokenizer_json: Path, meta: dict[str, Any]) -> None:
+    workspace.registry().add_tokenizer(
+        name, tokenizer_json.parent, meta.get("corpus"), meta["sha256"], meta["vocab_size"],
+        {key: value for key, value in meta.items() if key != "chat_template"},
+    )
+
+
+def train_tokenizer(
+    workspace: Workspace,
+    name: str,
+    corpus: str,
+    vocab_size: int | None,
+    min_frequency: int = 2,
+    kind: Kind = "bpe",
+    overwrite: bool = False,
+    show_progress: bool = False,
+    report: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train (or, for kind 'byte', build), check on the validation split, store and register.
+
+    `report` hears each phase once the request is known to be valid. Returns the stored meta.
+    On any error nothing is left under tokenizers/<name> or in the registry.
+    """
+    report = report or (lambda message: None)
+    from llmctl.data.store import CorpusStore
+
+    check_name(name, "tokenizer")
+    if kind == "bpe":
+        if vocab_size is None:
+            raise UsageError("--vocab-size is required for --kind bpe; try --vocab-size 8192")
+        check_vocab_size(vocab_size)
+    elif kind == "byte":
+        if vocab_size not in (None, BYTE_VOCAB_SIZE):
+            raise UsageError(
+                f"--kind byte always has {BYTE_VOCAB_SIZE} tokens "
+                f"(256 bytes + {len(SPECIAL_TOKENS)} specials); leave out --vocab-size or use --kind bpe"
+            )
+    else:
+        raise UsageError(f"unknown tokenizer kind '{kind}': use bpe or byte")
+    if min_frequency < 1:
+        raise UsageError(f"--min-frequency {min_frequency} must be at least 1")
+    store = CorpusStore.open(workspace, name=corpus)
+    _check_free(workspace, name, overwrite)
+
+    started = time.perf_counter()
+    report(f"{'training' if kind == 'bpe' else 'building'} tokenizer '{name}' on corpus '{corpus}'")
+    if kind == "bpe":
+        tokenizer = train_bpe(store.texts("train"), vocab_size, min_frequency, show_progress)
+    else:
+        tokenizer = build_byte_tokenizer()
+    train_seconds = time.perf_counter() - started
+    report("measuring and checking decode(encode(x)) == x on every validation document")
+    figures = measure(tokenizer, store.texts("val"))
+    figures["train_seconds"] = round(train_seconds, 3)
+
+    final = workspace.tokenizer_dir(name)
+    with atomic_dir(final, overwrite=overwrite) as staging:
+        tokenizer.save(str(staging / TOKENIZER_FILE))
+        meta = {
+            "name": name,
+            "kind": kind,
+            **_describe(tokenizer),
+            "requested_vocab_size": vocab_size,
+            "min_frequency": min_frequency if kind == "bpe" else None,
+            "corpus": corpus,
+            "corpus_sha256": store.meta.get("sha256"),
+            "figures": figures,
+            "sha256": file_sha256(staging / TOKENIZER_FILE),
+            "created": time.time(),
+            "llmctl_version": __version__,
+        }
+        write_json_atomic(staging / META_FILE, meta)
+    _register(workspace, name, final / TOKENIZER_FILE, meta)
+    return meta
+
+
+def _read_tokenizer_file(path: Path) -> Tokenizer:
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises bare Exceptions for malformed files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(
+            f"'{path}' is not a tokenizer.json ({reason}); "
+            "pass the tokenizer.json of a Hugging Face tokenizer"
+        ) from exc
+
+
+def _resolve_tokenizer_file(path: Path) -> Path:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        raise UsageError(f"'{path}' does not exist; pass the path of a tokenizer.json (or of its directory)")
+    return path
+
+
+def import_tokenizer(
+    workspace: Workspace, name: str, source: Path, eot_token: str | None = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Register a copy of an existing tokenizer.json, keeping its own specials."""
+    check_name(name, "tokenizer")
+    source = _resolve_tokenizer_file(source)
+    tokenizer = _read_tokenizer_file(source)
+    description = _describe(tokenizer, eot_token)
+    _check_free(workspace, name, overwrite)
+
+    final = workspace.tokenizer_dir(name)
+    with atomic_dir(final, overwrite=overwrite) as staging:
+        # A byte-for-byte copy keeps the source's sha256, so caches keyed by it match the original.
+        shutil.copyfile(source, staging / TOKENIZER_FILE)
+        meta = {
+            "name": name,
+            "kind": "imported",
+            **description,
+            "source": str(source.resolve()),
+            "corpus": None,
+            "figures": {},
+            "sha256": file_sha256(staging / TOKENIZER_FILE),
+            "created": time.time(),
+            "llmctl_version": __version__,
+        }
+        write_json_atomic(staging / META_FILE, meta)
+    _register(workspace, name, final / TOKENIZER_FILE, meta)
+    return meta
+
+
+def tokenizer_meta(workspace: Workspace, name: str) -> dict[str, Any]:
+    """The stored meta.json of a registered tokenizer, with `path` (its tokenizer.json) added."""
+    row = workspace.registry(create=False).tokenizer(name)
+    if row is None:
+        known = [r["name"] for r in workspace.registry(create=False).tokenizers()]
+        listing = f" (known: {', '.join(known)})" if known else ""
+        raise UsageError(
+            f"tokenizer '{name}' does not exist in {workspace.root}{listing}; "
+            f"train it with: llmctl tokenizer train {name} --corpus CORPUS --vocab-size 8192"
+        )
+    directory = Path(row["path"])
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise LlmctlError(
+            f"tokenizer '{name}' is registered but {meta_path} is missing; "
+            f"recreate it with --overwrite (llmctl tokenizer train {name} ... --overwrite)"
+        )
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    return {**meta, "path": str(directory / TOKENIZER_FILE)}
+
+
+def load_tokenizer_file(
+    path: Path | str, name: str | None = None, eot_token: str | None = None
+) -> LoadedTokenizer:
+    """A tokenizer.json anywhere (a checkpoint, a Hugging Face model directory, or the file itself)."""
+    path = _resolve_tokenizer_file(Path(path))
+    tokenizer = _read_tokenizer_file(path)
+    description = _describe(tokenizer, eot_token)
+    return LoadedTokenizer(
+        tokenizer=tokenizer,
+        name=name or path.parent.name,
+        path=path,
+        sha256=file_sha256(path),
+        vocab_size=description["vocab_size"],
+        eot_id=description["eot_id"],
+        pad_id=description["pad_id"],
+        special_ids=description["special_tokens"],
+        chat_template=description["chat_template"],
+        meta=description,
+    )
+
+
+def load_tokenizer(workspace: Workspace, name: str) -> LoadedTokenizer:
+    meta = tokenizer_meta(workspace, name)
+    loaded = load_tokenizer_file(meta["path"], name=name, eot_token=meta.get("eot_token"))
+    loaded.meta = meta
+    return loaded
+
+
+def list_tokenizers(workspace: Workspace) -> list[dict[str, Any]]:
+    rows = []
+    for row in workspace.registry(create=False).tokenizers():
+        figures = row["meta"].get("figures") or {}
+        rows.append({
+            "name": row["name"],
+            "kind": row["meta"].get("kind"),
+            "vocab_size": row["vocab_size"],
+            "corpus": row["corpus"],
+            "chars_per_token": figures.get("chars_per_token"),
+            "bytes_per_token": figures.get("bytes_per_token"),
+            "sha256": row["sha256"],
+            "path": str(Path(row["path"]) / TOKENIZER_FILE),
+            "created": row["created"],
+        })
+    return rows
