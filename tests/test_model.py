@@ -7,6 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from llmctl.config import ModelConfig, preset_names, resolve_config
+from llmctl.model.hf import (
+    from_hf_llama_config,
+    from_hf_llama_state_dict,
+    to_hf_llama_config,
+    to_hf_llama_state_dict,
+)
 from llmctl.model.sizing import count_parameters
 from llmctl.model.transformer import Transformer, document_positions
 
@@ -261,25 +267,45 @@ HF_SCALINGS = {
 }
 
 
-@pytest.mark.parametrize("scaling", HF_SCALINGS)
-def test_hugging_face_llama_weights_give_the_same_logits(scaling: str):
-    transformers = pytest.importorskip("transformers")
+def hf_llama(transformers, scaling: str, tied: bool = False):
     rope = {"rope_type": "default"} | (HF_SCALINGS[scaling] or {})
-    hf_config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+    config = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, rope_parameters=rope | {"rope_theta": 500000.0},
+        tie_word_embeddings=tied, rope_parameters=rope | {"rope_theta": 500000.0},
     )
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    cfg = ModelConfig(
-        n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=176, context_length=64, vocab_size=128,
-        tie_embeddings=False, rope_theta=500000.0, rope_scaling=HF_SCALINGS[scaling],
-    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("scaling", HF_SCALINGS)
+def test_hugging_face_llama_weights_load_by_prefix_strip_and_give_the_same_logits(scaling: str):
+    transformers = pytest.importorskip("transformers")
+    hf = hf_llama(transformers, scaling)
+    cfg = from_hf_llama_config(hf.config.to_dict())
+    assert (cfg.n_kv_head, cfg.rope_theta, cfg.rope_scaling) == (2, 500000.0, HF_SCALINGS[scaling])
     ours = Transformer(cfg).eval()
-    state = {name.removeprefix("model."): tensor for name, tensor in hf.state_dict().items()}
-    ours.load_state_dict(state)
-    ids = tokens(2, 40, vocab=128)
+    ours.load_state_dict(from_hf_llama_state_dict(hf.state_dict(), cfg))  # vocabulary 100 padded to 128
+    ids = tokens(2, 40)
     with torch.no_grad():
         expected = hf(ids).logits
     assert close(ours(ids), expected, 1e-4)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_our_weights_load_into_hugging_face_llama_with_the_same_logits(tied: bool):
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny(n_kv_head=2, tie_embeddings=tied, rope_scaling=HF_SCALINGS["llama3"])
+    ours = build(cfg)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**to_hf_llama_config(cfg))).eval()
+    missing, unexpected = hf.load_state_dict(to_hf_llama_state_dict(ours.state_dict(), cfg), strict=False)
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if tied else set())
+    ids = tokens(2, 40)
+    with torch.no_grad():
+        expected = hf(ids).logits
+    assert close(ours(ids), expected, 1e-4)
+
+
+def test_the_gpt2_shape_does_not_export_as_llama():
+    with pytest.raises(ValueError, match="only the Llama shape"):
+        to_hf_llama_config(tiny(**SHAPES["gpt2"]))
