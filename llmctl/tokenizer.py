@@ -370,7 +370,7 @@ def train_tokenizer(
             "requested_vocab_size": vocab_size,
             "min_frequency": min_frequency if kind == "bpe" else None,
             "corpus": corpus,
-            "corpus_sha256": store.meta.get("sha256"),
+            "corpus_sha256": store.meta.get("content_sha256"),
             "figures": figures,
             "sha256": file_sha256(staging / TOKENIZER_FILE),
             "created": time.time(),

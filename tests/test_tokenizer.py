@@ -60,8 +60,8 @@ def _write_corpus(root: Path, name: str, documents: list[str]) -> Path:
         with open(directory / f"{split}.jsonl", "w", encoding="utf-8") as handle:
             for doc in docs:
                 handle.write(json.dumps({"text": doc, "source": "stdlib"}) + "\n")
-    meta = {"name": name, "kind": "text", "documents": {"train": len(train), "val": len(val)},
-            "sha256": hashlib.sha256("\n".join(documents).encode()).hexdigest()}
+    meta = {"name": name, "kind": "text", "documents": len(documents),
+            "content_sha256": hashlib.sha256("\n".join(documents).encode()).hexdigest()}
     (directory / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     workspace.registry().add_corpus(name, "text", directory, meta)
     workspace.registry().close()
@@ -94,6 +94,7 @@ def test_train_registers_a_tokenizer_that_round_trips_every_val_document(cli, wo
     assert shown["sha256"] == hashlib.sha256(tokenizer_json.read_bytes()).hexdigest()
     assert shown["vocab_size"] == VOCAB
     assert shown["corpus"] == "code"
+    assert shown["corpus_sha256"] == json.loads((code_corpus / "meta.json").read_text())["content_sha256"]
     figures = shown["figures"]
     assert figures["documents"] == len(_val_texts(code_corpus))
     assert figures["round_trip_ok"] is True
