@@ -14,6 +14,7 @@ Other modules use `load_tokenizer(workspace, name)` or `load_tokenizer_file(path
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -113,7 +114,7 @@ class LoadedTokenizer:
         if added is not None:
             return added.content.encode("utf-8")
         if isinstance(self.tokenizer.decoder, decoders.ByteLevel):
-            unicode_to_byte = {char: byte for byte, char in byte_to_unicode().items()}
+            unicode_to_byte = _unicode_to_byte()
             return bytes(unicode_to_byte[char] for char in self.tokenizer.id_to_token(token_id))
         return self.decode([token_id]).encode("utf-8")
 
@@ -141,6 +142,11 @@ def byte_to_unicode() -> dict[int, str]:
             mapping[byte] = chr(256 + shifted)
             shifted += 1
     return mapping
+
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    return {char: byte for byte, char in byte_to_unicode().items()}
 
 
 def _byte_level_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
