@@ -266,17 +266,17 @@ def _check_free(workspace: Workspace, name: str, overwrite: bool) -> None:
 
 
 def _special_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    specials = {
+    """Added tokens marked special, plus added ones llmctl knows by name.
+
+    Only added tokens count: a plain vocabulary entry spelled `<|user|>` is never produced by
+    encoding that text (the pre-tokenizer splits it first), so it cannot serve the chat template.
+    """
+    known = {*SPECIAL_TOKENS, *EOT_CANDIDATES, *PAD_CANDIDATES}
+    return {
         added.content: token_id
         for token_id, added in sorted(tokenizer.get_added_tokens_decoder().items())
-        if added.special
+        if added.special or added.content in known
     }
-    # A chat token may sit in an imported vocabulary as an ordinary token; it still serves the template.
-    for token in (*SPECIAL_TOKENS, *EOT_CANDIDATES, *PAD_CANDIDATES):
-        token_id = tokenizer.token_to_id(token)
-        if token_id is not None:
-            specials.setdefault(token, token_id)
-    return specials
 
 
 def _first_present(candidates: Sequence[str], special_ids: Mapping[str, int]) -> str | None:

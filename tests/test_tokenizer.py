@@ -214,7 +214,7 @@ def test_existing_name_needs_overwrite(cli, workspace_dir, code_corpus):
     assert _left_over(workspace_dir) == ["t"]
 
 
-def _gpt2_like_tokenizer_json(path: Path, end_token: str) -> Path:
+def _gpt2_like_tokenizer_json(path: Path, end_token: str, *extra_specials: str) -> Path:
     """A byte-level BPE with only an end-of-text special, saved the way GPT-2's tokenizer.json is."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -222,8 +222,8 @@ def _gpt2_like_tokenizer_json(path: Path, end_token: str) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[end_token], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[end_token, *extra_specials],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(_stdlib_documents()[:5], trainer=trainer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path))
@@ -250,6 +250,20 @@ def test_import_detects_end_of_text_and_notes_missing_chat_tokens(cli, workspace
     assert loaded.decode(loaded.encode(UNICODE_DOC)) == UNICODE_DOC
     with pytest.raises(LlmctlError, match="no chat template"):
         loaded.render_chat(CONVERSATIONS[0])
+
+
+def test_import_with_chat_specials_gets_the_chat_template(cli, workspace_dir, tmp_path):
+    chat_tokens = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    source = _gpt2_like_tokenizer_json(tmp_path / "chatty" / "tokenizer.json", "</s>", "<pad>", *chat_tokens)
+    result = cli("tokenizer", "import", "chatty", source.parent)
+    assert result.exit_code == 0, result.stderr
+    assert "no chat template" not in result.stderr
+
+    loaded = load_tokenizer(Workspace(workspace_dir), "chatty")
+    assert (loaded.eot_id, loaded.pad_id) == (0, 1)
+    assert loaded.chat_template == CHAT_TEMPLATE and loaded.meta["missing_chat_tokens"] == []
+    ids = loaded.encode(loaded.render_chat(CONVERSATIONS[1]))
+    assert all(loaded.special_ids[token] in ids for token in chat_tokens)
 
 
 def test_import_refuses_missing_and_foreign_files(cli, workspace_dir, tmp_path):
