@@ -320,7 +320,7 @@ def read_hf(target: str, limit: int | None) -> Iterator[dict[str, Any]]:
         ) from exc
     except ValueError as exc:
         # an unknown split or config arrives as a ValueError naming the valid ones
-        raise UsageError(f"dataset '{name}': {_first_line(exc)}") from exc
+        raise UsageError(f"dataset '{name}': {_first_line(exc)} (pick them as hf:NAME:CONFIG@SPLIT)") from exc
     except ConnectionError as exc:
         raise LlmctlError(
             f"could not reach the Hugging Face hub for '{name}' ({_first_line(exc)}); check the "
