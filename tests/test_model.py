@@ -240,7 +240,7 @@ def test_a_tiny_model_overfits_a_fixed_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[0] == pytest.approx(4.6, abs=0.3)  # ln(100): a fresh model knows nothing
-    assert losses[-1] < 0.25 * losses[0]
+    assert losses[-1] < 0.1 * losses[0]
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -255,6 +255,35 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append({name: p.grad for name, p in model.named_parameters()})
     for name, grad in grads[0].items():
         assert torch.allclose(grad, grads[1][name], atol=1e-6), name
+
+
+def test_bf16_autocast_runs_training_packing_and_the_cache():
+    model = build(tiny(n_kv_head=2))
+    ids = tokens(2, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.train()
+        logits = model(ids, doc_ids=torch.tensor([[0] * 5 + [1] * 7] * 2))
+        F.cross_entropy(logits.float().flatten(0, 1), ids.flatten()).backward()
+        model.eval()
+        cache = model.new_kv_cache(2, 16)  # fp32 cache under bf16 compute: read back as bf16
+        prefill = model(ids[:, :8], kv_cache=cache)
+        cached = torch.cat((prefill, model(ids[:, 8:9], kv_cache=cache, cache_position=8)), dim=1)
+        full = model(ids[:, :9])
+    assert logits.dtype == torch.bfloat16
+    assert close(cached.float(), full.float(), 0.05)
+
+
+def test_peft_lora_wraps_the_attention_projections():
+    peft = pytest.importorskip("peft")
+    model = build(tiny(n_kv_head=2))
+    ids = tokens(1, 8)
+    base = model(ids)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets))
+    trainable = {name for name, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    assert any(name.endswith("layers.1.self_attn.v_proj.lora_A.default.weight") for name in trainable)
+    assert close(lora(ids), base)  # B starts at zero: the adapter is a no-op until trained
 
 
 # ---------------------------------------------------------------- the Hugging Face contract
