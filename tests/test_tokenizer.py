@@ -57,7 +57,7 @@ def code_corpus(cli, tmp_path: Path, workspace_dir: Path) -> Path:
     for index, text in enumerate(_stdlib_documents()):
         (sources / f"module_{index:03d}.py").write_text(text, encoding="utf-8")
     (sources / "unicode.txt").write_text(UNICODE_DOC, encoding="utf-8")
-    built = cli("corpus", "build", "code", "--source", sources, "--val-fraction", 0.15)
+    built = cli("corpus", "build", "code", "--source", sources, "--val-fraction", 0.3)
     assert built.exit_code == 0, built.stderr
     return Workspace(workspace_dir).corpus_dir("code")
 
