@@ -62,10 +62,18 @@ app.add_typer(config_cmd.app, name="config")
 def _register_optional_groups() -> None:
     """Command groups added by later modules register here, in the order `--help` shows them."""
     from llmctl.cli import corpus as corpus_cmd
+    from llmctl.cli import monitor as monitor_cmd
+    from llmctl.cli import plot as plot_cmd
+    from llmctl.cli import status as status_cmd
     from llmctl.cli import tokenizer as tokenizer_cmd
+    from llmctl.cli import pretrain as pretrain_cmd
 
     app.add_typer(corpus_cmd.app, name="corpus")
     app.add_typer(tokenizer_cmd.app, name="tokenizer")
+    app.command("status")(status_cmd.status)
+    app.command("monitor")(monitor_cmd.monitor)
+    app.command("plot", no_args_is_help=True)(plot_cmd.plot)
+    app.command("pretrain", no_args_is_help=True)(pretrain_cmd.pretrain)
 
 
 _register_optional_groups()

@@ -1,0 +1,645 @@
+"""The training loop every stage shares: pretrain, full finetune, LoRA, QLoRA and classification.
+
+A stage hands the Trainer a model (already wrapped with adapters if any; frozen parameters have
+requires_grad=False), a BatchSource, and optionally its own loss function and ModelIO. The
+Trainer owns everything else: optimizer and schedule, precision, compile, DDP, accumulation,
+clipping, evaluation, early stopping, checkpoints and exact resume, signals, non-finite losses,
+the event stream, the registry rows and the progress line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import nn
+
+from llmctl.config import RunConfig
+from llmctl.events import EventWriter
+from llmctl.train import distributed
+from llmctl.train.batches import IGNORE_INDEX, MODEL_INPUTS, Batch, BatchSource
+from llmctl.train.checkpoint import (
+    CHECKPOINTS_DIRNAME,
+    FullModelIO,
+    ModelIO,
+    capture_rng_state,
+    checkpoint_name,
+    checkpoint_step,
+    list_checkpoints,
+    load_trainer_state,
+    read_meta,
+    restore_rng_state,
+    write_checkpoint,
+)
+from llmctl.train.distributed import DistEnv
+from llmctl.train.mfu import peak_flops
+from llmctl.train.optim import CosineSchedule, build_optimizer
+from llmctl.train.precision import Precision, describe_device, device_memory_bytes
+from llmctl.train.progress import ProgressLine
+from llmctl.workspace import Registry
+
+NONFINITE_STOP_AFTER = 3  # non-finite steps in a row before the run stops
+HEARTBEAT_S = 30.0
+
+# how a run ended -> the process exit code (signals follow the shell's 128 + signal number)
+EXIT_CODES = {"finished": 0, "max_time": 0, "max_tokens": 0, "early_stopping": 0, "nonfinite_loss": 1}
+
+
+# ---------------------------------------------------------------- losses
+
+
+@dataclass
+class LossResult:
+    """A micro-batch's mean loss over `count` items (tokens, or examples for classification), and
+    optional summed figures (`correct`, say) that evaluation reports as `val_<name>` per item."""
+
+    loss: torch.Tensor
+    count: torch.Tensor | int
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+LossFn = Callable[[nn.Module, Batch], LossResult]
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> LossResult:
+    """Next-token cross-entropy; labels of -100 (SFT prompts, padding) carry no loss."""
+    inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
+    logits = model(batch["input_ids"], **inputs)
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    return LossResult(loss, (labels != IGNORE_INDEX).sum())
+
+
+# ---------------------------------------------------------------- run description and outcome
+
+
+@dataclass
+class RunInfo:
+    """Where a run lives and what it is; the registry row must exist before `fit` (rank 0)."""
+
+    name: str
+    stage: str
+    dir: Path
+    registry: Registry | None
+    preset: str | None = None
+    tokenizer_file: Path | None = None
+    start_fields: dict[str, Any] = field(default_factory=dict)  # extra figures for the start event
+    checkpoint_fields: dict[str, Any] = field(default_factory=dict)  # extra keys for each meta.json
+
+
+@dataclass
+class TrainResult:
+    reason: str
+    step: int
+    tokens: int
+    elapsed_s: float
+    best_val_loss: float | None
+    last_checkpoint: Path | None
+    signal: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if self.reason == "interrupted":
+            return 128 + (self.signal or signal.SIGINT)
+        return EXIT_CODES.get(self.reason, 1)
+
+
+def planned_steps(config: RunConfig, tokens_per_step: int) -> int | None:
+    """Optimizer steps the limits allow: max_steps, or max_tokens in whole steps, the smaller."""
+    limits = []
+    if config.train.max_steps:
+        limits.append(config.train.max_steps)
+    if config.train.max_tokens:
+        limits.append(math.ceil(config.train.max_tokens / tokens_per_step))
+    return min(limits) if limits else None
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class _Events:
+    """The run's event writer (rank 0 only) that remembers when it last wrote, for heartbeats."""
+
+    def __init__(self, path: Path | None):
+        self._writer = EventWriter(path) if path is not None else None
+        self._lock = threading.Lock()
+        self.last_write = time.monotonic()
+
+    def write(self, event: str, step: int, **figures: Any) -> None:
+        if self._writer is None:
+            return
+        with self._lock:
+            self._writer.write(event, step, **figures)
+            self.last_write = time.monotonic()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: RunConfig,
+        model: nn.Module,
+        batches: BatchSource,
+        run: RunInfo,
+        *,
+        device: torch.device,
+        precision: Precision,
+        compile_model: bool = False,
+        dist_env: DistEnv | None = None,
+        loss_fn: LossFn = lm_loss,
+        model_io: ModelIO | None = None,
+        flops_per_token: int | None = None,
+        console: Console | None = None,
+        show_progress: bool = True,
+    ):
+        self.config, self.train_cfg = config, config.train
+        self.run, self.batches, self.loss_fn = run, batches, loss_fn
+        self.device, self.precision = device, precision
+        self.compile_model = compile_model
+        self.dist = dist_env or DistEnv()
+        self.model_io = model_io or FullModelIO()
+        self.flops_per_token = flops_per_token
+        self.console = console or Console(stderr=True, highlight=False)
+        self.show_progress = show_progress and self.dist.is_main
+
+        self.model = model.to(device)  # the bare module: checkpoints read and write this one
+        for module in self.model.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = self.train_cfg.activation_checkpointing
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, self.train_cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaler)
+        self.micro_tokens = config.train.micro_batch_size * config.model.context_length
+        self.tokens_per_step = self.micro_tokens * config.train.grad_accum_steps * self.dist.world_size
+        self.total_steps = planned_steps(config, self.tokens_per_step)
+        self.schedule = CosineSchedule(self.optimizer, self.train_cfg, self.total_steps)
+
+        self.train_model: nn.Module = distributed.wrap_ddp(self.model, self.dist, device)
+        if compile_model:
+            self.train_model = torch.compile(self.train_model)
+
+        self.step = 0
+        self.tokens = 0
+        self.elapsed_before = 0.0  # training time of earlier sessions of a resumed run
+        self.best_val_loss: float | None = None
+        self.best_step: int | None = None
+        self.evals_without_improvement = 0
+        self.patience_best: float | None = None  # best val loss by at least min_delta
+        self.resumed_from: Path | None = None
+        self._signal: int | None = None
+        self._nonfinite_in_a_row = 0
+        self._saved_step: int | None = None
+        self._evaluated_step: int | None = None
+        self._last_eval: dict[str, float] = {}
+        self.events = _Events(None)
+
+    # ------------------------------------------------------------ resume
+
+    def resume(self, checkpoint_dir: Path) -> None:
+        """Restore weights, optimizer, schedule, scaler, data position, counters and every RNG."""
+        read_meta(checkpoint_dir)
+        state = load_trainer_state(checkpoint_dir)
+        self.model_io.load(self.model, checkpoint_dir)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state_dict(state["batches"])
+        rng_states = state["rng"]
+        restore_rng_state(rng_states[self.dist.rank % len(rng_states)])
+        self.step, self.tokens, self.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
+        self.best_val_loss, self.best_step = state["best_val_loss"], state["best_step"]
+        self.evals_without_improvement = state["evals_without_improvement"]
+        self.patience_best = state["patience_best"]
+        self._saved_step = self._evaluated_step = self.step
+        self.resumed_from = checkpoint_dir
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainResult:
+        self.events = _Events(self.run.dir / "events.jsonl" if self.dist.is_main else None)
+        self._start_time = time.monotonic()
+        self._write_start()
+        progress = ProgressLine(self.console, self.total_steps, self.step, enabled=self.show_progress)
+        heartbeat_stop = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(heartbeat_stop,), daemon=True)
+        heartbeat.start()
+        previous_handlers = self._install_signal_handlers()
+        try:
+            reason = self._loop(progress)
+            last_checkpoint = self._finish(reason)
+        except BaseException as exc:
+            self.events.write(
+                "end",
+                self.step,
+                reason="error",
+                message=f"{type(exc).__name__}: {exc}"[:500],
+                elapsed_s=round(self.elapsed, 3),
+                best_val_loss=self.best_val_loss,
+            )
+            self._update_run_meta(end_reason="error")
+            raise
+        finally:
+            heartbeat_stop.set()
+            self._restore_signal_handlers(previous_handlers)
+            progress.close()
+            self.events.close()
+        return TrainResult(
+            reason, self.step, self.tokens, self.elapsed, self.best_val_loss, last_checkpoint, self._signal
+        )
+
+    @property
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self._start_time
+
+    def _loop(self, progress: ProgressLine) -> str:
+        interval = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+        while True:
+            reason = self._stop_reason()
+            if reason:
+                return reason
+            lr = self.schedule.apply()
+            started = time.perf_counter()
+            loss, grad_norm = self._optimizer_step()
+            seconds = time.perf_counter() - started
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            self.schedule.advance()
+
+            if not (_finite(loss) and (grad_norm is None or _finite(grad_norm) or self.scaler.is_enabled())):
+                self._nonfinite_in_a_row += 1
+                what = "loss" if not _finite(loss) else "gradient norm"
+                self.events.write(
+                    "alert",
+                    self.step,
+                    level="error",
+                    kind="nonfinite_loss",
+                    message=f"non-finite {what} ({loss}) at step {self.step}: step skipped "
+                    f"({self._nonfinite_in_a_row} in a row)",
+                )
+                if self._nonfinite_in_a_row >= NONFINITE_STOP_AFTER:
+                    return "nonfinite_loss"
+                continue
+            self._nonfinite_in_a_row = 0
+            interval["loss"] += loss
+            interval["steps"] += 1
+            interval["tokens"] += self.tokens_per_step
+            interval["seconds"] += seconds
+
+            if self.step % self.train_cfg.log_every == 0:
+                self._log_train(interval, lr, grad_norm, progress)
+                interval = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+            if self.step % self.train_cfg.eval_every == 0:
+                metrics = self.evaluate()
+                if self._should_stop_early(metrics):
+                    return "early_stopping"
+            if self.step % self.train_cfg.save_every == 0 and self._saved_step != self.step:
+                self.save_checkpoint()
+
+    def _stop_reason(self) -> str | None:
+        # every rank must stop at the same step: rank 0's clock and any rank's signal decide
+        time_up = bool(self.train_cfg.max_time and self.elapsed >= self.train_cfg.max_time)
+        signalled, time_up = distributed.all_reduce(
+            [float(self._signal or 0), float(time_up and self.dist.is_main)], self.dist, self.device, op="max"
+        )
+        if signalled:
+            self._signal = int(signalled)
+            return "interrupted"
+        if self.train_cfg.max_steps and self.step >= self.train_cfg.max_steps:
+            return "finished"
+        if self.train_cfg.max_tokens and self.tokens >= self.train_cfg.max_tokens:
+            return "max_tokens"
+        if time_up:
+            return "max_time"
+        return None
+
+    def _optimizer_step(self) -> tuple[float, float | None]:
+        """One update from grad_accum_steps micro-batches. Returns the mean loss (over ranks too)
+        and the gradient norm before clipping; a non-finite loss skips the update."""
+        self.train_model.train()
+        accum = self.train_cfg.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            batch = self.batches.next_batch()
+            last = micro == accum - 1
+            # DDP all-reduces gradients on every backward unless told to wait for the last micro-batch
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
+            with sync:
+                with self.precision.autocast():
+                    result = self.loss_fn(self.train_model, batch)
+                loss = result.loss / accum
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        (loss_value,) = distributed.all_reduce([loss_sum.item()], self.dist, self.device)
+        loss_value /= self.dist.world_size
+        if not _finite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss_value, None
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.train_cfg.grad_clip or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        if _finite(grad_norm) or self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips the update itself when fp16 gradients overflowed
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, grad_norm
+
+    # ------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss, perplexity and bits per byte over the source's evaluation batches.
+
+        bits per byte = summed nats / (evaluated tokens x the split's mean bytes per token) / ln 2,
+        so it compares across tokenizers; see docs/pretrain.md.
+        """
+        self.train_model.eval()
+        nats = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums: dict[str, torch.Tensor] = {}
+        for batch in self.batches.eval_batches():
+            with self.precision.autocast():
+                result = self.loss_fn(self.train_model, batch)
+            nats += result.loss.double() * result.count
+            count += result.count
+            for name, value in result.sums.items():
+                sums[name] = sums.get(name, 0) + value.double()
+        self.train_model.train()
+        names = sorted(sums)
+        totals = distributed.all_reduce(
+            [nats.item(), count.item(), *(sums[name].item() for name in names)], self.dist, self.device
+        )
+        val_loss = totals[0] / max(totals[1], 1.0)
+        metrics = {"val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss < 700 else math.inf}
+        if self.batches.bytes_per_token:
+            metrics["val_bpb"] = val_loss / math.log(2) / self.batches.bytes_per_token
+        for name, total in zip(names, totals[2:], strict=True):
+            metrics[f"val_{name}"] = total / max(totals[1], 1.0)
+
+        improved = _finite(val_loss) and (self.best_val_loss is None or val_loss < self.best_val_loss)
+        if improved:
+            self.best_val_loss, self.best_step = val_loss, self.step
+        self._evaluated_step, self._last_eval = self.step, metrics
+        self.events.write(
+            "eval",
+            self.step,
+            **{k: round(v, 6) for k, v in metrics.items()},
+            best_val_loss=self.best_val_loss,
+        )
+        if improved:
+            self.save_checkpoint()
+        return metrics
+
+    def _should_stop_early(self, metrics: dict[str, float]) -> bool:
+        patience = self.train_cfg.early_stopping_patience
+        if patience is None:
+            return False
+        best = self.patience_best
+        if best is None or metrics["val_loss"] < best - self.train_cfg.early_stopping_min_delta:
+            self.patience_best = metrics["val_loss"]
+            self.evals_without_improvement = 0
+            return False
+        self.evals_without_improvement += 1
+        return self.evals_without_improvement >= patience
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0), register it, prune old ones.
+        Every rank must call this: each contributes its RNG state."""
+        rng_states = distributed.gather_objects(capture_rng_state(), self.dist)
+        self._saved_step = self.step
+        if not self.dist.is_main:
+            return None
+        metrics = self._last_eval if self._evaluated_step == self.step else {}
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed_s": self.elapsed,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "batches": self.batches.state_dict(),
+            "rng": rng_states,
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "evals_without_improvement": self.evals_without_improvement,
+            "patience_best": self.patience_best,
+            "world_size": self.dist.world_size,
+        }
+        meta = {
+            "run": self.run.name,
+            "stage": self.run.stage,
+            "step": self.step,
+            "tokens": self.tokens,
+            "created": time.time(),
+            **self.run.checkpoint_fields,
+            **metrics,
+        }
+        path = self.run.dir / CHECKPOINTS_DIRNAME / checkpoint_name(self.step)
+        write_checkpoint(
+            path,
+            model=self.model,
+            model_io=self.model_io,
+            config=self.config,
+            trainer_state=state,
+            meta=meta,
+            tokenizer_file=self.run.tokenizer_file,
+        )
+        if self.run.registry is not None:
+            self.run.registry.add_checkpoint(
+                self.run.name, self.step, self.model_io.kind, path, {"tokens": self.tokens, **metrics}
+            )
+        is_best = self.best_step == self.step
+        self.events.write(
+            "checkpoint",
+            self.step,
+            path=str(path),
+            kind=self.model_io.kind,
+            best=is_best,
+            val_loss=metrics.get("val_loss"),
+        )
+        self._prune_checkpoints()
+        self._update_run_meta(
+            latest_checkpoint=self.step,
+            best_checkpoint=self._best_on_disk(),
+            best_val_loss=self.best_val_loss,
+            step=self.step,
+            tokens=self.tokens,
+        )
+        return path
+
+    def _best_on_disk(self) -> int | None:
+        if (
+            self.best_step is not None
+            and (self.run.dir / CHECKPOINTS_DIRNAME / checkpoint_name(self.best_step)).is_dir()
+        ):
+            return self.best_step
+        return None
+
+    def _prune_checkpoints(self) -> None:
+        """Keep the last `keep_last` checkpoints and the best one; delete the rest and their rows."""
+        checkpoints = list_checkpoints(self.run.dir)
+        keep = {checkpoint_step(path) for path in checkpoints[-self.train_cfg.keep_last :]}
+        if self.best_step is not None:
+            keep.add(self.best_step)
+        for path in checkpoints:
+            step = checkpoint_step(path)
+            if step in keep:
+                continue
+            if self.run.registry is not None:
+                row = self.run.registry.checkpoint_at(self.run.name, step)
+                if row is not None:
+                    self.run.registry.remove_checkpoint(row["id"])
+            # rename first so a crash mid-delete never leaves a partial directory under a step name
+            doomed = path.with_name(f".del-{path.name}")
+            path.rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def _finish(self, reason: str) -> Path | None:
+        """Final evaluation and checkpoint as the reason allows, then the end event."""
+        if (
+            reason in ("finished", "max_time", "max_tokens", "early_stopping")
+            and self._evaluated_step != self.step
+        ):
+            self.evaluate()
+        if reason != "nonfinite_loss" and self._saved_step != self.step:
+            self.save_checkpoint()
+        checkpoints = list_checkpoints(self.run.dir) if self.dist.is_main else []
+        last = checkpoints[-1] if checkpoints else None
+        if reason == "nonfinite_loss":
+            self.console.print(
+                f"[red]stopped:[/red] the loss was non-finite {NONFINITE_STOP_AFTER} steps in a row at step "
+                f"{self.step}; the last good checkpoint is {last or 'none'} "
+                "(lower train.lr or check the data)"
+            )
+        self.events.write(
+            "end",
+            self.step,
+            reason=reason,
+            elapsed_s=round(self.elapsed, 3),
+            best_val_loss=self.best_val_loss,
+            tokens=self.tokens,
+        )
+        self._update_run_meta(end_reason=reason)
+        return last
+
+    def _update_run_meta(self, **fields: Any) -> None:
+        if self.dist.is_main and self.run.registry is not None:
+            self.run.registry.update_run_meta(self.run.name, **fields)
+
+    # ------------------------------------------------------------ reporting
+
+    def _write_start(self) -> None:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.events.write(
+            "start",
+            self.step,
+            run=self.run.name,
+            stage=self.run.stage,
+            preset=self.run.preset,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            device=describe_device(self.device),
+            device_memory_bytes=device_memory_bytes(self.device),
+            max_steps=self.total_steps,
+            tokens_per_step=self.tokens_per_step,
+            params=n_params,
+            trainable_params=sum(p.numel() for p in self.trainable),
+            precision=self.precision.name,
+            compile=self.compile_model,
+            activation_checkpointing=self.train_cfg.activation_checkpointing,
+            max_time_s=self.train_cfg.max_time,
+            max_tokens=self.train_cfg.max_tokens,
+            resumed=self.resumed_from is not None,
+            world_size=self.dist.world_size,
+            **self.run.start_fields,
+        )
+
+    def _log_train(self, interval: dict, lr: float, grad_norm: float | None, progress: ProgressLine) -> None:
+        tokens_per_s = interval["tokens"] / interval["seconds"] if interval["seconds"] else 0.0
+        peak = peak_flops(self.device, self.precision.name)
+        mfu = None
+        if peak and self.flops_per_token:
+            mfu = self.flops_per_token * tokens_per_s / (peak * self.dist.world_size)
+        figures = {
+            "loss": interval["loss"] / max(interval["steps"], 1),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": round(tokens_per_s, 1),
+            "mfu": round(mfu, 4) if mfu is not None else None,
+            "mem_bytes": _peak_memory(self.device),
+            "tokens": self.tokens,
+            "elapsed_s": round(self.elapsed, 3),
+        }
+        self.events.write("train", self.step, **figures)
+        progress.update(self.step, self.total_steps, figures, self._eta(interval))
+
+    def _eta(self, interval: dict) -> float | None:
+        """Seconds until the first limit is reached, at the last interval's pace."""
+        seconds_per_step = interval["seconds"] / max(interval["steps"], 1)
+        remaining = []
+        if self.total_steps:
+            remaining.append((self.total_steps - self.step) * seconds_per_step)
+        if self.train_cfg.max_time:
+            remaining.append(self.train_cfg.max_time - self.elapsed)
+        return max(0.0, min(remaining)) if remaining else None
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        while not stop.wait(5.0):
+            if time.monotonic() - self.events.last_write >= HEARTBEAT_S:
+                self.events.write("heartbeat", self.step)
+
+    # ------------------------------------------------------------ signals
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self._signal is not None:  # a second Ctrl-C: stop now, without the checkpoint
+                raise KeyboardInterrupt
+            self._signal = signum
+            if self.show_progress:
+                self.console.print(
+                    f"[yellow]{signal.Signals(signum).name}: finishing the step, then a checkpoint "
+                    "(press Ctrl-C again to abort)[/yellow]"
+                )
+
+        return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
