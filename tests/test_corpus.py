@@ -307,3 +307,14 @@ def test_bad_flags(cli, workspace_dir, args, message):
 def test_show_unknown_corpus(cli, workspace_dir):
     result = cli("corpus", "show", "nope")
     assert result.exit_code == 2 and "llmctl corpus build nope" in result.stderr
+
+
+def test_failed_overwrite_keeps_the_old_corpus(cli, workspace_dir, tmp_path):
+    write_docs(tmp_path / "one", 5, prefix="one")
+    assert cli("corpus", "build", "c", "--source", tmp_path / "one").exit_code == 0
+    before = cli("corpus", "show", "c", "--json").json()
+    (tmp_path / "broken.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    result = cli("corpus", "build", "c", "--source", tmp_path / "broken.jsonl", "--overwrite")
+    assert result.exit_code == 2 and "is not UTF-8" in result.stderr
+    assert cli("corpus", "show", "c", "--json").json()["content_sha256"] == before["content_sha256"]
+    assert sorted(p.name for p in (workspace_dir / "corpora").iterdir()) == ["c"]

@@ -156,7 +156,7 @@ def build_corpus(
 def _ingest(spec: SourceSpec, options: BuildOptions, writer: _SplitWriter, progress: Progress) -> SourceStats:
     stats = SourceStats(spec, format=options.format)
     total, items = open_source(spec, options.format, options.limit)
-    with progress.task(spec.label, total) as advance:
+    with progress.task(spec.target, total) as advance:
         for item in items:
             advance()
             if isinstance(item, Skip):
@@ -272,7 +272,7 @@ class _SplitWriter:
             stats.dropped["weight_subsampled"] += 1
             return
         self.seen.add(placement.key)
-        line = json.dumps({**document, "text": text, "source": spec.label}, ensure_ascii=False) + "\n"
+        line = json.dumps({**document, "text": text, "source": spec.target}, ensure_ascii=False) + "\n"
         size = len(text.encode("utf-8"))
         copies = placement.train_copies if placement.split == "train" else 1
         self.handles[placement.split].write(line * copies)

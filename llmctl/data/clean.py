@@ -47,6 +47,3 @@ def place(text: str, val_fraction: float, weight: float) -> Placement:
     whole = math.floor(weight)
     return Placement(digest, "train", whole + (copy_draw < weight - whole), split_draw)
 
-
-def content_key(text: str) -> bytes:
-    return hashlib.sha256(text.encode("utf-8")).digest()[:16]

@@ -42,10 +42,6 @@ class SourceSpec:
     weight: float
     kind: str  # 'stdlib', 'hf', 'file', 'dir', 'glob'
 
-    @property
-    def label(self) -> str:
-        return self.target
-
 
 @dataclass(frozen=True)
 class Skip:
@@ -209,20 +205,26 @@ def read_records(path: Path, headerless_labels: bool = False) -> Iterator[dict[s
     """
     suffix = path.suffix.lower()
     if headerless_labels:
-        yield from _read_label_lines(path)
+        rows = _read_label_lines(path)
     elif suffix == ".json":
-        yield from _read_json(path)
+        rows = _read_json(path)
     elif suffix in (".jsonl", ".ndjson"):
-        yield from _read_jsonl(path)
+        rows = _read_jsonl(path)
     elif suffix == ".parquet":
-        yield from _read_parquet(path)
+        rows = _read_parquet(path)
     elif suffix in (".csv", ".tsv"):
-        yield from _read_csv(path, "\t" if suffix == ".tsv" else ",")
+        rows = _read_csv(path, "\t" if suffix == ".tsv" else ",")
     else:
         raise UsageError(
             f"'{path}' is not a JSON, JSONL, Parquet, CSV or TSV file; instruction formats read records "
             f"(drop --format to use it as plain text)"
         )
+    try:
+        yield from rows
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"'{path}' is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8"
+        ) from exc
 
 
 def looks_like_label_lines(path: Path) -> bool:
@@ -279,7 +281,7 @@ def _read_parquet(path: Path) -> Iterator[dict[str, Any]]:
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises its own ArrowInvalid for a damaged file
-        raise UsageError(f"'{path}' is not a readable Parquet file ({exc})") from exc
+        raise UsageError(f"'{path}' is not a readable Parquet file ({_first_line(exc)})") from exc
     for batch in parquet.iter_batches(batch_size=1024):
         yield from batch.to_pylist()
 
