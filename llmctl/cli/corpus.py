@@ -19,8 +19,8 @@ app = typer.Typer(
 
 _SOURCE_HELP = (
     "Where documents come from, repeatable: 'stdlib' (this Python's standard library), a file, a directory, "
-    "a glob ('extra/**/*.md'), or hf:NAME[:CONFIG][@SPLIT]. Append *W to weight a source in the train split: "
-    "'extra/**/*.md*2' repeats it twice, *0.5 keeps half."
+    "a glob ('extra/**/*.md'), or hf:NAME\\[:CONFIG]\\[@SPLIT]. Append *W to weight a source in the train "
+    "split: 'extra/**/*.md*2' repeats it twice, *0.5 keeps half."
 )
 
 

@@ -23,7 +23,8 @@ class Progress:
     """The silent default: every task's advance does nothing."""
 
     @contextlib.contextmanager
-    def task(self, description: str, total: float | None = None) -> Iterator[Advance]:
+    def task(self, description: str, total: float | None = None, in_bytes: bool = False) -> Iterator[Advance]:
+        """A context whose value advances the task by an amount (1 by default; bytes with in_bytes)."""
         yield lambda amount=1: None
 
 
@@ -32,7 +33,7 @@ class RichProgress(Progress):
         self.console = console
 
     @contextlib.contextmanager
-    def task(self, description: str, total: float | None = None) -> Iterator[Advance]:
+    def task(self, description: str, total: float | None = None, in_bytes: bool = False) -> Iterator[Advance]:
         if not self.console.is_terminal:
             yield lambda amount=1: None
             return
@@ -41,7 +42,7 @@ class RichProgress(Progress):
         bars = rich_progress.Progress(
             rich_progress.TextColumn("{task.description}"),
             rich_progress.BarColumn(),
-            rich_progress.MofNCompleteColumn(),
+            rich_progress.DownloadColumn() if in_bytes else rich_progress.MofNCompleteColumn(),
             rich_progress.TimeElapsedColumn(),
             console=self.console,
             transient=True,

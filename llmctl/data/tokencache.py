@@ -196,7 +196,7 @@ def _tokenize_split(
     n_tokens = n_bytes = 0
     with (
         open(target, "wb") as sink,
-        progress.task(f"tokenizing {store.name}/{split}", expected_bytes) as advance,
+        progress.task(f"tokenizing {store.name}/{split}", expected_bytes, in_bytes=True) as advance,
     ):
 
         def flush(batch: list[str], batch_bytes: int) -> None:
