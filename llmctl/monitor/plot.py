@@ -1,0 +1,129 @@
+"""Curves of one or more runs as a PNG: loss, validation perplexity and learning rate."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from llmctl.errors import LlmctlError
+from llmctl.monitor.state import RunState, RunWatch
+
+HISTORY_POINTS = 4096  # per curve: more than a figure's width in pixels
+SMOOTHING_WINDOW = 0.02  # of the points: the train loss is drawn raw (faint) and smoothed
+
+
+def _smoothed(values: list[float]) -> list[float]:
+    """A centred moving average, so the smoothed line does not lag the raw one."""
+    half = max(1, int(len(values) * SMOOTHING_WINDOW)) // 2
+    sums = [0.0]
+    for value in values:
+        sums.append(sums[-1] + value)
+    out = []
+    for i in range(len(values)):
+        lo, hi = max(0, i - half), min(len(values), i + half + 1)
+        out.append((sums[hi] - sums[lo]) / (hi - lo))
+    return out
+
+
+def read_run(log: Path) -> RunState:
+    watch = RunWatch(log, history_points=HISTORY_POINTS)
+    watch.refresh()
+    return watch.state
+
+
+def plot_runs(logs: dict[str, Path], out: Path) -> Path:
+    """Draw every run in `logs` (name -> events.jsonl) on one figure and save it to `out`."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise LlmctlError("llmctl plot needs matplotlib: pip install matplotlib") from exc
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    states = {name: read_run(log) for name, log in logs.items()}
+    empty = [name for name, state in states.items() if not len(state.train_loss) and not len(state.val_loss)]
+    if len(empty) == len(states):
+        raise LlmctlError(
+            f"nothing to plot: no train or eval events yet in {', '.join(str(p) for p in logs.values())}"
+        )
+
+    figure, (loss_ax, ppl_ax, lr_ax) = pyplot.subplots(
+        3, 1, figsize=(10, 9.5), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1.4]}, layout="constrained"
+    )
+    colors = pyplot.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, state) in enumerate(states.items()):
+        color = colors[i % len(colors)]
+        label = name + (f" ({state.preset})" if state.preset else "")
+        train = state.train_loss.points()
+        if train:
+            steps, losses = zip(*train, strict=True)
+            loss_ax.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8)
+            loss_ax.plot(steps, _smoothed(list(losses)), color=color, linewidth=1.6, label=f"{label} train")
+        val = state.val_loss.points()
+        if val:
+            steps, losses = zip(*val, strict=True)
+            loss_ax.plot(
+                steps,
+                losses,
+                color=color,
+                linestyle="--",
+                marker="o",
+                markersize=3.5,
+                linewidth=1.3,
+                label=f"{label} val",
+            )
+        ppl = state.val_ppl.points()
+        if ppl:
+            steps, values = zip(*ppl, strict=True)
+            ppl_ax.plot(steps, values, color=color, marker="o", markersize=3.5, linewidth=1.3, label=label)
+            if state.best_eval is not None and "val_ppl" in state.best_eval:
+                ppl_ax.annotate(
+                    f"best {state.best_eval['val_ppl']:.3g}",
+                    (state.best_eval["step"], state.best_eval["val_ppl"]),
+                    textcoords="offset points",
+                    xytext=(0, 8),
+                    ha="center",
+                    fontsize=8,
+                    color=color,
+                )
+        lr = state.lr.points()
+        if lr:
+            steps, rates = zip(*lr, strict=True)
+            lr_ax.plot(steps, rates, color=color, linewidth=1.4, label=label)
+
+    _frame_loss_axis(loss_ax, states)
+    loss_ax.set_ylabel("loss (nats/token)")
+    loss_ax.set_title("loss: train (smoothed over the raw curve) and validation", loc="left", fontsize=10)
+    ppl_ax.set_ylabel("val perplexity")
+    ppl_ax.set_yscale("log")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    lr_ax.set_xlabel("step")
+    for ax in (loss_ax, ppl_ax, lr_ax):
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper right")
+    figure.suptitle(" vs ".join(states) if len(states) > 1 else next(iter(states)), fontsize=12)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    pyplot.close(figure)
+    return out
+
+
+def _frame_loss_axis(ax, states: dict[str, RunState]) -> None:
+    """Start the y axis where the curves spend the run: a fresh model's first losses (ln vocab,
+    9 or so) would otherwise flatten everything after them."""
+    later = []
+    for state in states.values():
+        for series in (state.train_loss, state.val_loss):
+            points = series.points()
+            if points:
+                cut = points[0][0] + 0.1 * (points[-1][0] - points[0][0])
+                later += [value for step, value in points if step >= cut]
+    if later:
+        low, high = min(later), max(later)
+        margin = 0.08 * (high - low or 1.0)
+        ax.set_ylim(low - margin, high + margin * 4)
+    if not math.isfinite(ax.get_ylim()[0]):
+        ax.autoscale(axis="y")

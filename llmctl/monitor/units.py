@@ -1,0 +1,71 @@
+"""Figures as people read them: 1h12m, 48.1k, 6.9 GB, 3 min ago."""
+
+from __future__ import annotations
+
+import math
+
+DASH = "—"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return DASH
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def ago(seconds: float | None) -> str:
+    return DASH if seconds is None else f"{duration(seconds)} ago"
+
+
+def count(value: float | None) -> str:
+    """48123 -> 48.1k; 3.7e6 -> 3.7M."""
+    if value is None or not math.isfinite(value):
+        return DASH
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f}{suffix}"
+    return f"{value:.0f}" if value == int(value) else f"{value:.1f}"
+
+
+def gigabytes(value: float | None) -> str:
+    return DASH if value is None else f"{value / 1e9:.1f}"
+
+
+def figure(value: float | None, digits: int = 4) -> str:
+    """A loss-like figure: 4 significant digits, 'nan' and 'inf' as themselves."""
+    if value is None:
+        return DASH
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:,.0f}"
+
+
+def fixed(value: float | None, decimals: int = 3) -> str:
+    """A loss or bits-per-byte figure: 2.031, 'nan' and 'inf' as themselves."""
+    if value is None:
+        return DASH
+    return f"{value:.{decimals}f}" if math.isfinite(value) else str(value)
+
+
+def rate(value: float | None) -> str:
+    """A learning rate: 1.9e-04 -> 1.9e-4."""
+    if value is None:
+        return DASH
+    if value == 0 or 1e-2 <= abs(value) < 1e3:
+        return f"{value:.3g}"
+    mantissa, _, exponent = f"{value:.1e}".partition("e")
+    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+
+
+def percent(fraction: float | None) -> str:
+    return DASH if fraction is None or not math.isfinite(fraction) else f"{100 * fraction:.1f}%"
