@@ -315,3 +315,11 @@ def test_round_trip_check_fails_loudly_for_a_lossy_tokenizer():
     lossy.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(LlmctlError, match="round trip failed on validation document 1"):
         measure(lossy, ["hello", "Hello"])
+
+
+def test_a_corpus_too_small_for_the_vocabulary_is_reported(cli, code_corpus):
+    result = cli("tokenizer", "train", "big", "--corpus", "code", "--vocab-size", 60_000)
+    assert result.exit_code == 0, result.stderr
+    real_size = cli("tokenizer", "show", "big", "--json").json()["vocab_size"]
+    assert real_size < 60_000
+    assert f"the corpus allowed only {real_size:,} tokens of the 60,000 requested" in result.stderr
