@@ -1,0 +1,243 @@
+"""Run untrusted test programs: one confined process per program, always cleaned up.
+
+The harness side (this module) gives each program a fresh directory and a child process
+(sandbox_child.py) in a session of its own, waits at most the wall-clock timeout, then kills
+the child's whole process group and removes the directory. The child confines itself before
+running anything (rlimits, network namespace, `nobody` when started as root, destructive
+functions disabled) and reports on a pipe of its own, so what the program prints, and how it
+exits, cannot pass for a result.
+
+What the machine allows is probed once per process (`sandbox_profile`): a network namespace
+("namespace", else "best-effort": the program could reach the network), and, when llmctl runs
+as root, dropping to `nobody` (required: root would ignore RLIMIT_NPROC and file permissions)
+and a private /tmp (a mount namespace with fresh tmpfs where `nobody` could write).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import pwd
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmctl.errors import LlmctlError
+
+CHILD_SCRIPT = Path(__file__).with_name("sandbox_child.py")
+REPORT_LIMIT_BYTES = 64 * 1024
+PROBE_TIMEOUT_S = 30.0
+NOBODY_ID = 65534  # the traditional uid/gid of `nobody` where the account is missing
+
+PASSED, FAILED, TIMED_OUT = "passed", "failed", "timed out"
+
+
+class SandboxError(LlmctlError):
+    """The sandbox could not confine a program as promised; nothing was run unconfined."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    timeout_s: float = 5.0  # wall clock for the whole child, start-up included
+    memory_bytes: int = 1 << 30  # address space (RLIMIT_AS)
+    max_processes: int = 16  # RLIMIT_NPROC: counts every process of the sandbox's user
+    max_file_bytes: int = 16 << 20  # the largest file the program may write (RLIMIT_FSIZE)
+
+    @property
+    def cpu_s(self) -> int:
+        """CPU seconds: past the wall clock, so the timeout reports first for a busy loop."""
+        return math.ceil(self.timeout_s) + 1
+
+
+@dataclass(frozen=True)
+class SandboxProfile:
+    network_isolation: str  # "namespace" or "best-effort"
+    user: str  # who programs run as: "nobody" when llmctl runs as root, else the user's own name
+    private_tmp: bool  # /tmp, /var/tmp and /dev/shm are fresh tmpfs mounts seen by the program alone
+    drop_to: tuple[int, int] | None  # (uid, gid) the child switches to, when started as root
+
+    def as_dict(self) -> dict[str, str | bool]:
+        return {"network_isolation": self.network_isolation, "user": self.user,
+                "private_tmp": self.private_tmp}
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    status: str  # PASSED, FAILED or TIMED_OUT
+    detail: str  # why it failed; empty when it passed
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASSED
+
+    def describe(self) -> str:
+        """One line in the reference harness's style: 'passed', 'failed: ...', 'timed out'."""
+        return f"{self.status}: {self.detail}" if self.status == FAILED else self.status
+
+
+@functools.cache
+def sandbox_profile() -> SandboxProfile:
+    """Probe once what confinement this machine allows; raise if root cannot drop to nobody."""
+    drop_to = _nobody_ids() if os.geteuid() == 0 else None
+    findings = _start_and_collect({"probe": True, "drop_to": drop_to}, Path(tempfile.gettempdir()),
+                                  PROBE_TIMEOUT_S)[1]
+    if not findings or "network_namespace" not in findings:
+        raise SandboxError("the sandbox probe did not report; the sandbox needs Linux or another Unix")
+    if drop_to and not findings["dropped_privileges"]:
+        raise SandboxError(
+            "llmctl runs as root, and the sandbox could not switch to user 'nobody' "
+            f"({'; '.join(findings['errors'])}): as root, process limits and file permissions would not hold;"
+            " run llmctl as an ordinary user"
+        )
+    return SandboxProfile(
+        network_isolation="namespace" if findings["network_namespace"] else "best-effort",
+        user="nobody" if drop_to else pwd.getpwuid(os.getuid()).pw_name,
+        private_tmp=findings["private_tmp"],
+        drop_to=drop_to,
+    )
+
+
+def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> ExecutionResult:
+    """Run `program` (Python source) in the sandbox; it passes if it finishes without an exception.
+
+    Safe to call from several threads at once: each call owns its process and directory.
+    """
+    profile = sandbox_profile()
+    workdir = Path(tempfile.mkdtemp(prefix="llmctl-sandbox-"))
+    try:
+        program_file = workdir / "program.py"
+        program_file.write_text(program, encoding="utf-8")
+        if profile.drop_to:
+            os.chown(workdir, *profile.drop_to)
+        config = {
+            "program": str(program_file),
+            "cpu_s": limits.cpu_s,
+            "memory_bytes": limits.memory_bytes,
+            "max_processes": limits.max_processes,
+            "max_file_bytes": limits.max_file_bytes,
+            "network_namespace": profile.network_isolation == "namespace",
+            "private_tmp": profile.private_tmp,
+            "drop_to": profile.drop_to,
+        }
+        started = time.monotonic()
+        exit_status, report = _start_and_collect(config, workdir, limits.timeout_s)
+        seconds = time.monotonic() - started
+    finally:
+        _remove_tree(workdir)
+    if "setup_error" in report:
+        raise SandboxError(f"the sandbox could not confine a program: {report['setup_error']}")
+    if exit_status is None:
+        return ExecutionResult(TIMED_OUT, f"no result within {limits.timeout_s:g} s", seconds)
+    if report.get("passed") is True:
+        return ExecutionResult(PASSED, "", seconds)
+    return ExecutionResult(FAILED, report.get("error") or _describe_exit(exit_status), seconds)
+
+
+def _start_and_collect(config: dict, workdir: Path, timeout_s: float) -> tuple[int | None, dict]:
+    """Start the child, wait up to `timeout_s`, kill its process group, reap it, read its report.
+
+    Returns the exit status (None when it timed out) and the report (empty if it sent none).
+    """
+    read_fd, write_fd = os.pipe()
+    try:
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT),
+                 json.dumps({**config, "result_fd": write_fd})],
+                cwd=workdir, env=_child_environment(workdir), pass_fds=(write_fd,),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True,  # its own session and process group: killable as one
+            )
+        finally:
+            os.close(write_fd)
+        try:
+            exited = _wait_without_reaping(child, timeout_s)
+        finally:
+            # The leader is not reaped yet, so its pid (the group's id) cannot have been reused.
+            _kill_process_group(child.pid)
+            child.wait()
+        return (child.returncode if exited else None), _read_report(read_fd)
+    finally:
+        os.close(read_fd)
+
+
+def _wait_without_reaping(child: subprocess.Popen, timeout_s: float) -> bool:
+    """True if the child exited within the timeout; it stays a zombie until `child.wait()`."""
+    try:
+        pidfd = os.pidfd_open(child.pid)
+    except (AttributeError, OSError):  # not Linux 5.3+: reap first; the group id could then be reused
+        try:
+            child.wait(timeout_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        readable, _, _ = select.select([pidfd], [], [], timeout_s)
+        return bool(readable)
+    finally:
+        os.close(pidfd)
+
+
+def _kill_process_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # an empty group: nothing was left behind
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _read_report(read_fd: int) -> dict:
+    """The child's one JSON line; non-blocking, because a leftover holder of the pipe is possible."""
+    os.set_blocking(read_fd, False)
+    data = b""
+    try:
+        while len(data) < REPORT_LIMIT_BYTES and (chunk := os.read(read_fd, REPORT_LIMIT_BYTES)):
+            data += chunk
+    except BlockingIOError:
+        pass
+    try:
+        report = json.loads(data.decode("utf-8", "replace").split("\n", 1)[0])
+    except json.JSONDecodeError:
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def _describe_exit(exit_status: int) -> str:
+    if exit_status < 0:
+        name = signal.Signals(-exit_status).name
+        return f"killed by {name} (CPU time limit)" if name == "SIGXCPU" else f"killed by {name}"
+    return f"exited with status {exit_status} before the test finished"
+
+
+def _child_environment(workdir: Path) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir), "LANG": "C.UTF-8"}
+
+
+def _nobody_ids() -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam("nobody")
+    except KeyError:
+        return NOBODY_ID, NOBODY_ID
+    return entry.pw_uid, entry.pw_gid
+
+
+def _remove_tree(path: Path) -> None:
+    try:
+        shutil.rmtree(path)
+    except OSError:
+        # Without the privilege drop the program runs as us and may have left a directory we
+        # cannot enter or empty; restore the modes (never through a symlink) and try again.
+        os.chmod(path, 0o700)
+        for directory, subdirectories, _ in os.walk(path):
+            for name in subdirectories:
+                subdirectory = os.path.join(directory, name)
+                if not os.path.islink(subdirectory):
+                    os.chmod(subdirectory, 0o700)
+        shutil.rmtree(path)
