@@ -153,6 +153,14 @@ def test_sms_spam_tsv_becomes_classification_records(cli, workspace_dir, tmp_pat
     assert "Ok lar..." in found["Ok lar... Joking wif u oni..."]["prompt"]
 
 
+def test_sms_spam_records_with_class_indices(cli, workspace_dir, tmp_path):
+    rows = [{"sms": "Free entry in a weekly comp!", "label": 1}, {"sms": "See you at lunch", "label": 0}]
+    build(cli, "spam", "--source", write(tmp_path / "sms.jsonl", rows, jsonl=True), "--format", "auto")
+    assert {r["input"]: r["label"] for r in records(workspace_dir, "spam")} == {
+        "Free entry in a weekly comp!": "spam", "See you at lunch": "ham"
+    }  # fmt: skip
+
+
 def test_auto_detects_each_source_and_says_which(cli, workspace_dir, tmp_path):
     (tmp_path / "SMSSpamCollection").write_text(SMS, encoding="utf-8")
     sources = [

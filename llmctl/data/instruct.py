@@ -29,7 +29,7 @@ _SIGNATURES: dict[str, tuple[tuple[str, ...], ...]] = {
     "code-contests": (("description", "solutions"),),
     "alpaca": (("instruction", "output"),),
     "dolly": (("instruction", "response"),),
-    "sms-spam": (("label", "text"), ("v1", "v2")),
+    "sms-spam": (("label", "text"), ("label", "sms"), ("v1", "v2")),
 }
 _ROLES = {
     "system": "system",
@@ -44,6 +44,7 @@ _ROLES = {
 _PYTHON_LANGUAGE_IDS = {1, 3}
 _PYTHON_LANGUAGE_NAMES = {"python", "python2", "python3", "py", "py2", "py3"}
 CODE_CONTESTS_SYSTEM = "Solve the programming problem in Python."
+_SMS_LABELS = {0: "ham", 1: "spam"}
 SMS_PROMPT = 'Classify this text message as "spam" or "ham" (not spam). Answer with one word.'
 
 
@@ -150,8 +151,10 @@ def _chat(record: dict[str, Any]) -> dict[str, Any] | Skip:
 
 
 def _sms_spam(record: dict[str, Any]) -> dict[str, Any] | Skip:
-    label = str(record.get("label", record.get("v1")) or "").strip().lower()
-    message = _field(record, "text") or _field(record, "v2")
+    label = record.get("label", record.get("v1"))
+    # the hub's sms_spam dataset stores the label as a class index: 0 ham, 1 spam
+    label = _SMS_LABELS.get(label, "") if isinstance(label, int) else str(label or "").strip().lower()
+    message = _field(record, "text") or _field(record, "sms") or _field(record, "v2")
     if label not in ("spam", "ham"):
         return Skip("malformed")
     return _single_turn(f"{SMS_PROMPT}\n\n{message}" if message else "", label, label=label, input=message)
