@@ -143,8 +143,12 @@ class Attention(nn.Module):
             k_cache[:, :, cache_position:end] = k
             v_cache[:, :, cache_position:end] = v
             k, v = k_cache[:, :, :end].to(q.dtype), v_cache[:, :, :end].to(q.dtype)
-        if self.n_kv_head != self.n_head:
-            # each key/value head serves n_head / n_kv_head consecutive query heads (HF's repeat_kv)
+        # Each key/value head serves n_head / n_kv_head consecutive query heads (HF's repeat_kv order).
+        # Repeating them copies K/V, which in decoding means the whole cache at every token; SDPA's
+        # enable_gqa shares them instead, but with a mask its fused GPU kernels fall back to the slow
+        # math path, so heads are shared only when decoding without a mask and repeated otherwise.
+        share_kv_heads = cache is not None and mask is None
+        if self.n_kv_head != self.n_head and not share_kv_heads:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         y = F.scaled_dot_product_attention(
@@ -154,6 +158,7 @@ class Attention(nn.Module):
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask is None and cache is None,
+            enable_gqa=share_kv_heads,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
