@@ -165,6 +165,9 @@ def show(
         f"content sha256 {meta['content_sha256'][:16]} · built {_when(meta['created'])}"
     )
     out.print(_sources_table(meta, human_bytes))
+    if meta["kind"] != "text":
+        note("instruction corpora have no token cache: finetuning builds its examples from the records")
+        return
     if not caches:
         note("no token caches yet; pretraining builds one per tokenizer")
         return

@@ -181,7 +181,7 @@ def _documents(
         return
     record = item.record
     first = stats.read == 1
-    where = f"'{spec.target}'" + (f" ({item.path})" if item.path and item.path != spec.target else "")
+    where = f"'{spec.target}'" + (f" ({item.path})" if spec.kind in ("dir", "glob") else "")
     if options.format is None:
         if first and options.text_field not in record:
             detected = instruct.detect_format(record)

@@ -59,7 +59,8 @@ def check_format(record: dict[str, Any], fmt: str, where: str) -> None:
     """Fail on a source whose first record lacks the fields `fmt` needs, naming the fields it has."""
     if any(all(field in record for field in fields) for fields in _SIGNATURES[fmt]):
         return
-    needed = " and ".join(f"'{f}'" for f in _SIGNATURES[fmt][0])
+    fields = _SIGNATURES[fmt][0]
+    needed = " and ".join(f"'{f}'" for f in fields) + (" fields" if len(fields) > 1 else " field")
     detected = detect_format(record)
     hint = (
         f"it looks like --format {detected}"
@@ -67,7 +68,7 @@ def check_format(record: dict[str, Any], fmt: str, where: str) -> None:
         else "pick the matching --format or try --format auto"
     )
     raise UsageError(
-        f"{where} has no {needed} field that --format {fmt} needs (fields found: "
+        f"{where} has no {needed} that --format {fmt} needs (fields found: "
         f"{_field_list(record)}); {hint}"
     )
 
