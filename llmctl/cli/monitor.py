@@ -43,8 +43,6 @@ def monitor(
     watch = RunWatch(log)
     if once:
         watch.refresh()
-        if width is not None:
-            out.width = width
-        out.print(Dashboard(watch))
+        out.print(Dashboard(watch), width=width)
         return
     run_live(watch, out)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from llmctl.errors import LlmctlError
+from llmctl.monitor.series import Series
 from llmctl.monitor.state import RunState, RunWatch
 
 HISTORY_POINTS = 4096  # per curve: more than a figure's width in pixels
@@ -75,27 +75,32 @@ def plot_runs(logs: dict[str, Path], out: Path) -> Path:
         ppl = state.val_ppl.points()
         if ppl:
             steps, values = zip(*ppl, strict=True)
-            ppl_ax.plot(steps, values, color=color, marker="o", markersize=3.5, linewidth=1.3, label=label)
-            if state.best_eval is not None and "val_ppl" in state.best_eval:
-                ppl_ax.annotate(
-                    f"best {state.best_eval['val_ppl']:.3g}",
-                    (state.best_eval["step"], state.best_eval["val_ppl"]),
-                    textcoords="offset points",
-                    xytext=(0, 8),
-                    ha="center",
-                    fontsize=8,
+            best = state.best_eval if state.best_eval and "val_ppl" in state.best_eval else None
+            best_note = f" · best {best['val_ppl']:.4g} at step {best['step']:,}" if best else ""
+            ppl_ax.plot(
+                steps, values, color=color, marker="o", markersize=3.5, linewidth=1.3, label=label + best_note
+            )
+            if best:
+                ppl_ax.plot(
+                    [best["step"]],
+                    [best["val_ppl"]],
                     color=color,
+                    marker="*",
+                    markersize=13,
+                    markeredgecolor="black",
+                    markeredgewidth=0.6,
+                    linestyle="none",
                 )
         lr = state.lr.points()
         if lr:
             steps, rates = zip(*lr, strict=True)
             lr_ax.plot(steps, rates, color=color, linewidth=1.4, label=label)
 
-    _frame_loss_axis(loss_ax, states)
+    _frame(loss_ax, [s for state in states.values() for s in (state.train_loss, state.val_loss)])
+    _frame(ppl_ax, [state.val_ppl for state in states.values()])
     loss_ax.set_ylabel("loss (nats/token)")
     loss_ax.set_title("loss: train (smoothed over the raw curve) and validation", loc="left", fontsize=10)
     ppl_ax.set_ylabel("val perplexity")
-    ppl_ax.set_yscale("log")
     lr_ax.set_ylabel("learning rate")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     lr_ax.set_xlabel("step")
@@ -111,19 +116,16 @@ def plot_runs(logs: dict[str, Path], out: Path) -> Path:
     return out
 
 
-def _frame_loss_axis(ax, states: dict[str, RunState]) -> None:
-    """Start the y axis where the curves spend the run: a fresh model's first losses (ln vocab,
-    9 or so) would otherwise flatten everything after them."""
+def _frame(ax, curves: list[Series]) -> None:
+    """Frame the y axis where the curves spend the run: a fresh model's first losses (ln of the
+    vocabulary, 9 or so) and perplexities (thousands) would otherwise flatten everything after."""
     later = []
-    for state in states.values():
-        for series in (state.train_loss, state.val_loss):
-            points = series.points()
-            if points:
-                cut = points[0][0] + 0.1 * (points[-1][0] - points[0][0])
-                later += [value for step, value in points if step >= cut]
+    for curve in curves:
+        points = curve.points()
+        if points:
+            cut = points[0][0] + 0.1 * (points[-1][0] - points[0][0])
+            later += [value for step, value in points if step >= cut]
     if later:
         low, high = min(later), max(later)
-        margin = 0.08 * (high - low or 1.0)
+        margin = 0.08 * (high - low or abs(high) or 1.0)
         ax.set_ylim(low - margin, high + margin * 4)
-    if not math.isfinite(ax.get_ylim()[0]):
-        ax.autoscale(axis="y")

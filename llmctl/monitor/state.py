@@ -144,10 +144,12 @@ class RunState:
             "end": self._on_end,
         }
         for event in events:
-            ts = as_float(event.get("ts"))
-            handler = handlers.get(event.get("event"))
+            ts, step, kind = as_float(event.get("ts")), _int(event.get("step")), event.get("event")
+            handler = handlers.get(kind)
             if handler is not None:
-                handler(event, _int(event.get("step")), ts)
+                handler(event, step, ts)
+            if kind != "start":  # a resumed run's start moves the step back; every other event moves it on
+                self.step = max(self.step, step)
             self.events += 1
             if ts is not None:
                 self.last_ts = ts
@@ -178,7 +180,6 @@ class RunState:
         )
 
     def _on_train(self, event: dict[str, Any], step: int, ts: float | None) -> None:
-        self.step = step
         self._train_events += 1
         self.latest = {name: as_float(event.get(name)) for name in TRAIN_FIGURES}
         loss, lr = self.latest["loss"], self.latest["lr"]
@@ -297,7 +298,6 @@ class RunState:
         )
 
     def _on_end(self, event: dict[str, Any], step: int, ts: float | None) -> None:
-        self.step = max(self.step, step)
         self.end = {
             "step": step,
             "ts": ts,

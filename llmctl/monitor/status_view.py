@@ -36,10 +36,6 @@ def _ago(timestamp: float | None) -> str:
     return units.ago(time.time() - timestamp) if timestamp else units.DASH
 
 
-def _size(value: float | None) -> str:
-    return units.DASH if value is None else f"{value / 1e6:.1f} MB"
-
-
 def _checkpoint(entry: dict[str, Any] | None, with_val: bool = True) -> str:
     if not entry:
         return units.DASH
@@ -86,7 +82,7 @@ def render_workspace(doc: dict[str, Any], width: int) -> RenderableType:
     for corpus in doc["corpora"]:
         documents = f"{corpus['documents']:,}" if corpus["documents"] is not None else units.DASH
         corpora.add_row(
-            corpus["name"], corpus["kind"], documents, _size(corpus["bytes"]), _ago(corpus["created"])
+            corpus["name"], corpus["kind"], documents, units.size(corpus["bytes"]), _ago(corpus["created"])
         )
     parts.append(
         corpora

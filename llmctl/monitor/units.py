@@ -41,6 +41,16 @@ def gigabytes(value: float | None) -> str:
     return DASH if value is None else f"{value / 1e9:.1f}"
 
 
+def size(value: float | None) -> str:
+    """Bytes: 40000 -> 40.0 kB; 5.6e6 -> 5.6 MB."""
+    if value is None:
+        return DASH
+    for scale, suffix in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if value >= scale:
+            return f"{value / scale:.1f} {suffix}"
+    return f"{value:.0f} B"
+
+
 def figure(value: float | None, digits: int = 4) -> str:
     """A loss-like figure: 4 significant digits, 'nan' and 'inf' as themselves."""
     if value is None:
