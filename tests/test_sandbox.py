@@ -1,0 +1,259 @@
+"""The sandbox is a security boundary: these tests run hostile programs in real processes.
+
+Each hostile program must fail, change nothing outside its sandbox, leave no process behind,
+and finish in bounded time. Limits are kept small (timeouts of a second or two, 256 MiB,
+8 processes) so that a fork bomb stays harmless on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from llmctl.eval.sandbox import (
+    CHILD_SCRIPT,
+    FAILED,
+    PASSED,
+    TIMED_OUT,
+    SandboxLimits,
+    run_program,
+    sandbox_profile,
+)
+
+LIMITS = SandboxLimits(timeout_s=2.0, memory_bytes=256 << 20, max_processes=8)
+SHORT_LIMITS = SandboxLimits(timeout_s=1.0, memory_bytes=256 << 20, max_processes=8)
+PROFILE = sandbox_profile()
+needs_nobody = pytest.mark.skipif(PROFILE.user != "nobody",
+                                  reason="file and signal isolation need llmctl to run as root")
+
+
+def sandbox_processes() -> set[int]:
+    """Live processes running the sandbox's child script (a zombie's cmdline is empty)."""
+    marker = str(CHILD_SCRIPT).encode()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes():
+                    found.add(int(entry.name))
+            except OSError:  # it exited while we looked
+                continue
+    return found
+
+
+def sandbox_dirs() -> set[str]:
+    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("llmctl-sandbox-")}
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    """After each test: no sandbox process alive, no sandbox directory left."""
+    processes_before, dirs_before = sandbox_processes(), sandbox_dirs()
+    yield
+    deadline = time.monotonic() + 2.0  # SIGKILLed processes need a moment to finish exiting
+    while (leftovers := sandbox_processes() - processes_before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not leftovers, f"sandbox processes left behind: {sorted(leftovers)}"
+    assert sandbox_dirs() <= dirs_before
+
+
+def run(source: str, limits: SandboxLimits = LIMITS):
+    started = time.monotonic()
+    result = run_program(textwrap.dedent(source), limits)
+    elapsed = time.monotonic() - started
+    assert elapsed < limits.timeout_s + 3, f"took {elapsed:.1f} s"
+    return result
+
+
+def test_profile_reports_isolation():
+    assert PROFILE.network_isolation in ("namespace", "best-effort")
+    if os.geteuid() == 0:
+        assert PROFILE.user == "nobody" and PROFILE.drop_to is not None
+
+
+def test_a_program_that_finishes_passes_and_one_that_raises_fails():
+    assert run("assert sum([1, 2]) == 3").status == PASSED
+    failed = run("assert 1 == 2, 'wrong answer'")
+    assert failed.status == FAILED and failed.detail == "AssertionError: wrong answer"
+    assert run("def broken(:\n    pass").status == FAILED
+
+
+def test_the_program_may_use_the_standard_library_and_its_own_directory():
+    result = run("""
+        import collections, hashlib, math, re
+        assert collections.Counter("abca").most_common(1) == [("a", 2)]
+        assert hashlib.md5(b"x").hexdigest().startswith("9dd4")
+        with open("scratch.txt", "w") as file:
+            file.write("kept only while the program runs")
+        assert open("scratch.txt").read().startswith("kept")
+    """)
+    assert result.status == PASSED, result.detail
+
+
+@pytest.mark.parametrize("exit_call", ["import sys; sys.exit(0)", "import os; os._exit(0)", "exit()"])
+def test_exiting_early_is_not_a_pass(exit_call):
+    assert run(exit_call).status == FAILED
+
+
+def test_an_endless_loop_times_out():
+    result = run("while True:\n    pass", SHORT_LIMITS)
+    assert result.status == TIMED_OUT
+    assert result.seconds < 2.5
+
+
+def test_endless_output_times_out_without_blocking_the_harness():
+    result = run("while True:\n    print('x' * 10000)", SHORT_LIMITS)
+    assert result.status == TIMED_OUT
+
+
+@pytest.mark.parametrize("allocation", [
+    "block = bytearray(8 << 30)",
+    "blocks = []\nwhile True:\n    blocks.append(bytearray(16 << 20))",
+])
+def test_allocating_more_than_the_memory_limit_fails(allocation):
+    result = run(allocation)
+    assert result.status == FAILED and "MemoryError" in result.detail
+
+
+def test_os_fork_is_disabled():
+    result = run("import os\nwhile True:\n    os.fork()")
+    assert result.status == FAILED and "os.fork is disabled" in result.detail
+
+
+def test_a_fork_bomb_around_the_guard_is_bounded_by_the_process_limit():
+    # ctypes reaches libc's fork directly: only RLIMIT_NPROC (as nobody, or as an ordinary
+    # user) stops it, and killing the process group at the deadline ends every copy.
+    result = run("""
+        import ctypes
+        libc = ctypes.CDLL(None)
+        while True:
+            libc.fork()
+    """, SHORT_LIMITS)
+    assert result.status in (FAILED, TIMED_OUT)
+
+
+@pytest.mark.parametrize("spawn", [
+    "import subprocess; subprocess.run(['true'])",
+    "import os; os.system('true')",
+    "import posix; posix.system('true')",
+    "import os; os.execv('/bin/true', ['true'])",
+])
+def test_starting_other_programs_is_disabled(spawn):
+    result = run(spawn)
+    assert result.status == FAILED and "disabled in the sandbox" in result.detail
+
+
+@pytest.fixture
+def outside_dir():
+    """A root-style directory the sandbox can see but must not change: 0755 dir, 0644 sentinel."""
+    directory = Path(tempfile.mkdtemp(prefix=".sandbox-outside-", dir=Path(__file__).parent))
+    directory.chmod(0o755)
+    sentinel = directory / "sentinel.txt"
+    sentinel.write_text("untouched")
+    sentinel.chmod(0o644)
+    yield directory
+    shutil.rmtree(directory)
+
+
+def assert_untouched(directory: Path) -> None:
+    assert sorted(path.name for path in directory.iterdir()) == ["sentinel.txt"]
+    sentinel = directory / "sentinel.txt"
+    assert sentinel.read_text() == "untouched"
+    assert stat.S_IMODE(sentinel.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("attack", [
+    "import os; os.remove({sentinel!r})",
+    "import shutil; shutil.rmtree({directory!r})",
+    "open({sentinel!r}, 'w').write('overwritten')",
+    "open({directory!r} + '/new.txt', 'w').write('planted')",
+    "import os; os.rename({sentinel!r}, {sentinel!r} + '.moved')",
+    "import ctypes; assert ctypes.CDLL(None).unlink({sentinel!r}.encode()) == 0",
+    "import ctypes; assert ctypes.CDLL(None).chmod({sentinel!r}.encode(), 0o666) == 0",
+])
+@needs_nobody
+def test_files_outside_the_working_directory_survive(attack, outside_dir):
+    sentinel = outside_dir / "sentinel.txt"
+    result = run(attack.format(sentinel=str(sentinel), directory=str(outside_dir)))
+    assert result.status == FAILED
+    assert_untouched(outside_dir)
+
+
+@needs_nobody
+def test_writes_to_shared_temporary_directories_stay_private():
+    name = f"llmctl-private-tmp-test-{os.getpid()}"
+    result = run(f"""
+        for directory in ("/tmp", "/var/tmp", "/dev/shm"):
+            with open(directory + "/{name}", "w") as file:
+                file.write("private")
+        assert False, "wrote, as expected; fail so the harness counts it"
+    """)
+    assert result.status == FAILED and "as expected" in result.detail
+    for directory in ("/tmp", "/var/tmp", "/dev/shm"):
+        assert not os.path.exists(f"{directory}/{name}")
+
+
+@pytest.mark.skipif(PROFILE.network_isolation != "namespace", reason="no network namespace on this machine")
+def test_network_connections_do_not_leave_the_sandbox():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        result = run(f"""
+            import socket
+            with socket.create_connection(("127.0.0.1", {port}), timeout=1) as connection:
+                connection.sendall(b"escaped")
+        """)
+        assert result.status == FAILED, result.detail
+        server.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            server.accept()
+
+
+HARNESS = """
+import json, sys
+from llmctl.eval.sandbox import SandboxLimits, run_program
+result = run_program(sys.argv[1], SandboxLimits(timeout_s=2.0, memory_bytes=256 << 20, max_processes=8))
+print(json.dumps({"status": result.status, "detail": result.detail}))
+"""
+
+KILL_PARENT = [
+    "import os, signal; os.kill(os.getppid(), signal.SIGKILL)",
+    "import os, signal; os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)",
+]
+KILL_PARENT_AROUND_THE_GUARD = [
+    "import ctypes, os; assert ctypes.CDLL(None).kill(os.getppid(), 9) == 0",
+    "import ctypes, os; assert ctypes.CDLL(None).kill(-os.getpgid(os.getppid()), 9) == 0",
+]
+
+
+@pytest.mark.parametrize("attack", KILL_PARENT + [
+    pytest.param(attack, marks=needs_nobody) for attack in KILL_PARENT_AROUND_THE_GUARD
+])
+def test_the_harness_survives_a_program_that_kills_its_parent(attack):
+    # The harness runs in its own process here, so that if it died we would see it die.
+    done = subprocess.run([sys.executable, "-c", HARNESS, attack], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert '"status": "failed"' in done.stdout
+
+
+def test_a_program_that_kills_its_own_group_fails():
+    result = run("import ctypes; ctypes.CDLL(None).kill(0, 9)")
+    assert result.status == FAILED and "SIGKILL" in result.detail
+
+
+def test_programs_run_in_parallel_threads_stay_apart():
+    from concurrent.futures import ThreadPoolExecutor
+
+    programs = [f"assert {i} * 2 == {i * 2}" for i in range(6)] + ["assert False"] * 2
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        statuses = list(pool.map(lambda source: run_program(source, LIMITS).status, programs))
+    assert statuses == [PASSED] * 6 + [FAILED] * 2
