@@ -99,6 +99,7 @@ def pretrain(
         force=force,
         fallback=fallback,
         world_size=nproc * nnodes if launching else dist.world_size,
+        local_rank=dist.local_rank,
     )
     ws = workspace()
 

@@ -6,6 +6,7 @@ peak is measured once (fp32 and bf16) and cached, which also tells whether bf16 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -90,10 +91,14 @@ def cpu_matmul_peaks() -> dict[str, float]:
 
     Cached per CPU model, torch version and thread count in ~/.cache/llmctl (XDG_CACHE_HOME),
     because the measurement costs about a second and the answer does not change. A measurement
-    taken while other processes kept the cores busy reads low, so it is used but taken again
-    next time, until one is taken on a quiet machine.
+    taken while other processes kept the cores busy reads low, so it is used (for the rest of
+    this process) but taken again next time, until one is taken on a quiet machine.
     """
-    key = f"{_cpu_name()} | torch {torch.__version__} | threads {torch.get_num_threads()}"
+    return _measured_peaks(f"{_cpu_name()} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+
+
+@functools.cache
+def _measured_peaks(key: str) -> dict[str, float]:
     path = cache_dir() / "cpu-matmul.json"
     try:
         cached = json.loads(path.read_text())
@@ -102,11 +107,7 @@ def cpu_matmul_peaks() -> dict[str, float]:
     entry = cached.get(key)
     if entry is None or not entry.get("quiet"):
         busy = os.getloadavg()[0] / (os.cpu_count() or 1)
-        entry = {
-            "fp32": _matmul_flops(torch.float32),
-            "bf16": _matmul_flops(torch.bfloat16),
-            "quiet": busy < 0.5,
-        }
+        entry = {"fp32": _matmul_flops(torch.float32), "bf16": _matmul_flops(torch.bfloat16), "quiet": busy < 0.5}
         cached[key] = entry
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, cached)

@@ -68,6 +68,7 @@ class PretrainOptions:
     force: bool = False
     fallback: bool = False
     world_size: int = 1
+    local_rank: int = 0
 
 
 @dataclass
@@ -267,8 +268,12 @@ def make_plan(
     run = options.run or f"{config.data.corpus}-{config.preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
     resume_from = _check_run_name(workspace, run, options, tokenizer, check_new_run, warn)
 
-    device = resolve_device(config.train.device)
+    device = resolve_device(config.train.device, options.local_rank)
     precision = resolve_precision(config.train.precision, device)
+    compile_model = resolve_compile(config.train.compile, device)
+    # the saved config records what 'auto' chose, so a resumed run computes exactly as before
+    config.train.precision = precision.name
+    config.train.compile = "on" if compile_model else "off"
     memory = _memory(config, precision)
     device_memory = device_memory_bytes(device)
     params = count_parameters(config.model)
@@ -279,7 +284,7 @@ def make_plan(
         tokenizer=tokenizer,
         device=device,
         precision=precision,
-        compile=resolve_compile(config.train.compile, device),
+        compile=compile_model,
         world_size=options.world_size,
         params=params,
         flops_per_token=flops_per_token(config.model, params),

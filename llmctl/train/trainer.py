@@ -188,6 +188,7 @@ class Trainer:
         self.dist = dist_env or DistEnv()
         self.model_io = model_io or FullModelIO()
         self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops(device, precision.name)
         self.console = console or Console(stderr=True, highlight=False)
         self.show_progress = show_progress and self.dist.is_main
 
@@ -224,6 +225,7 @@ class Trainer:
         self._evaluated_step: int | None = None
         self._last_eval: dict[str, float] = {}
         self.events = _Events(None)
+        self._start_time = time.monotonic()
 
     # ------------------------------------------------------------ resume
 
@@ -378,7 +380,7 @@ class Trainer:
     # ------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def measure(self) -> dict[str, float]:
         """Validation loss, perplexity and bits per byte over the source's evaluation batches.
 
         bits per byte = summed nats / (evaluated tokens x the split's mean bytes per token) / ln 2,
@@ -406,7 +408,12 @@ class Trainer:
             metrics["val_bpb"] = val_loss / math.log(2) / self.batches.bytes_per_token
         for name, total in zip(names, totals[2:], strict=True):
             metrics[f"val_{name}"] = total / max(totals[1], 1.0)
+        return metrics
 
+    def evaluate(self) -> dict[str, float]:
+        """The loop's evaluation: measure, write the eval event, checkpoint a new best."""
+        metrics = self.measure()
+        val_loss = metrics["val_loss"]
         improved = _finite(val_loss) and (self.best_val_loss is None or val_loss < self.best_val_loss)
         if improved:
             self.best_val_loss, self.best_step = val_loss, self.step
@@ -589,10 +596,9 @@ class Trainer:
 
     def _log_train(self, interval: dict, lr: float, grad_norm: float | None, progress: ProgressLine) -> None:
         tokens_per_s = interval["tokens"] / interval["seconds"] if interval["seconds"] else 0.0
-        peak = peak_flops(self.device, self.precision.name)
         mfu = None
-        if peak and self.flops_per_token:
-            mfu = self.flops_per_token * tokens_per_s / (peak * self.dist.world_size)
+        if self.peak_flops and self.flops_per_token:
+            mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.dist.world_size)
         figures = {
             "loss": interval["loss"] / max(interval["steps"], 1),
             "lr": lr,

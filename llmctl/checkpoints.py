@@ -1,0 +1,112 @@
+"""Model references, as every command's `--model REF` accepts them, and loading what they name.
+
+    code-base            the run's best checkpoint (lowest val loss; the latest if none was evaluated)
+    code-base:best       the same
+    code-base:latest     the newest checkpoint
+    code-base:step-500   the checkpoint of step 500
+    path/to/step-00000500   a checkpoint directory (from any workspace, or copied elsewhere)
+
+Resolution reads only the disk and the registry (no torch), so status and monitor may use it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmctl.errors import LlmctlError, UsageError
+from llmctl.workspace import Workspace
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from llmctl.config import RunConfig
+    from llmctl.tokenizer import LoadedTokenizer
+
+SELECTORS = ("best", "latest")
+
+
+def _whole_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    root = run_dir / "checkpoints"
+    found = []
+    for path in root.iterdir() if root.is_dir() else []:
+        digits = path.name.removeprefix("step-")
+        if path.name.startswith("step-") and digits.isdigit() and (path / "meta.json").is_file():
+            found.append((int(digits), path))
+    return sorted(found)
+
+
+def _val_loss(path: Path) -> float | None:
+    try:
+        value = json.loads((path / "meta.json").read_text(encoding="utf-8")).get("val_loss")
+    except (OSError, ValueError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def resolve_model_ref(workspace: Workspace, ref: str) -> Path:
+    """The checkpoint directory `ref` names, or a one-line error saying what exists instead."""
+    as_path = Path(ref).expanduser()
+    if as_path.is_dir():
+        if (as_path / "meta.json").is_file() and (as_path / "config.yaml").is_file():
+            return as_path.resolve()
+        if (as_path / "config.json").is_file():
+            raise UsageError(f"'{ref}' is a Hugging Face model directory; importing those is not supported yet "
+                             "(give an llmctl run or checkpoint directory)")
+        raise UsageError(f"'{ref}' is a directory but not an llmctl checkpoint (no meta.json and config.yaml)")
+
+    run, _, selector = ref.partition(":")
+    run_dir = workspace.run_dir(run)
+    if not run_dir.is_dir():
+        known = [row["name"] for row in workspace.registry(create=False).runs()]
+        close = difflib.get_close_matches(run, known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "llmctl status lists runs"
+        raise UsageError(f"no run or checkpoint directory named '{ref}' — {hint}")
+    checkpoints = _whole_checkpoints(run_dir)
+    if not checkpoints:
+        raise LlmctlError(f"run '{run}' has no checkpoint yet")
+    selector = selector or "best"
+    if selector == "latest":
+        return checkpoints[-1][1]
+    if selector == "best":
+        evaluated = [(loss, step, path) for step, path in checkpoints if (loss := _val_loss(path)) is not None]
+        return min(evaluated)[2] if evaluated else checkpoints[-1][1]
+    digits = selector.removeprefix("step-")
+    if not (selector.startswith("step-") and digits.isdigit()):
+        raise UsageError(f"unknown checkpoint selector '{selector}' in '{ref}'; use best, latest or step-N")
+    for step, path in checkpoints:
+        if step == int(digits):
+            return path
+    steps = ", ".join(str(step) for step, _ in checkpoints)
+    raise UsageError(f"run '{run}' has no checkpoint at step {int(digits)} (it has steps {steps})")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: LoadedTokenizer
+    config: RunConfig
+    path: Path  # the checkpoint directory
+    meta: dict[str, Any]
+
+
+def load_model(workspace: Workspace, ref: str, device: torch.device | str = "cpu") -> LoadedModel:
+    """The model, tokenizer and config of a checkpoint, in eval mode on `device`."""
+    from llmctl.model.transformer import Transformer
+    from llmctl.tokenizer import load_tokenizer_file
+    from llmctl.train.checkpoint import model_io_for, read_config, read_meta
+
+    path = resolve_model_ref(workspace, ref)
+    meta = read_meta(path)
+    if meta.get("kind", "full") != "full":
+        raise LlmctlError(f"'{path}' holds {meta['kind']} weights, which load with their base model "
+                          "(not supported by this command yet)")
+    config = read_config(path)
+    model = Transformer(config.model)
+    model_io_for(path).load(model, path)
+    tokenizer = load_tokenizer_file(path / "tokenizer.json")
+    return LoadedModel(model.to(device).eval(), tokenizer, config, path, meta)
