@@ -105,6 +105,18 @@ def test_tied_embeddings_share_storage_and_untied_do_not():
     assert untied.lm_head.weight.data_ptr() != untied.embed_tokens.weight.data_ptr()
 
 
+def test_loading_a_tied_checkpoint_into_a_meta_model_keeps_the_tie():
+    cfg = tiny()
+    state = {name: tensor.clone() for name, tensor in build(cfg).state_dict().items()}
+    del state["lm_head.weight"]  # as a safetensors file stores it: once, under embed_tokens
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(state, assign=True)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert model.num_parameters() == count_parameters(cfg)
+    assert close(model(tokens(1, 6)), build(cfg)(tokens(1, 6)))
+
+
 def test_initialisation():
     cfg = tiny(n_layer=8, d_model=256, bias=True, init_std=0.02)
     model = build(cfg)

@@ -247,6 +247,18 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=self.cfg.init_std)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's, keeping a tied lm_head tied: it may be left out of the state dict (as
+        safetensors files store shared tensors once), and assign=True (loading into a meta-device
+        model) would otherwise give it a Parameter of its own."""
+        tied = self.cfg.tie_embeddings
+        if tied and "lm_head.weight" not in state_dict and "embed_tokens.weight" in state_dict:
+            state_dict = {**state_dict, "lm_head.weight": state_dict["embed_tokens.weight"]}
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if tied:
+            self.lm_head.weight = self.embed_tokens.weight
+        return result
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
