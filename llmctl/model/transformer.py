@@ -221,7 +221,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        rope_scaling_type(cfg)
+        rope_scaling_type(cfg)  # refuse an unsupported scaling now rather than at the first forward
         self.embed_tokens = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         if cfg.position == "learned":
             self.embed_positions = nn.Embedding(cfg.context_length, cfg.d_model)
