@@ -13,6 +13,7 @@ format; MBPP records (text, code, test_list) are converted on load.
 from __future__ import annotations
 
 import ast
+import builtins
 import gzip
 import importlib.util
 import json
@@ -41,7 +42,7 @@ from llmctl.eval.sandbox import (
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
 DEFAULT_KS = (1, 10, 100)
 PROBLEM_KEYS = ("task_id", "prompt", "entry_point", "test")
-INSTALL_HINT = "pip install 'llmctl[eval]'"
+INSTALL_HINT = "pip install 'llmctl\\[eval]'"  # error messages are printed as Rich markup
 
 
 def truncate_completion(completion: str, stop_sequences: tuple[str, ...] = STOP_SEQUENCES) -> str:
@@ -110,7 +111,7 @@ def from_mbpp(record: dict[str, Any]) -> dict[str, Any]:
 
     The prompt is the task text with the first test as an example, in a docstring; the model
     writes the whole function, so the reference `code` becomes the canonical solution. The
-    entry point is the function the first test calls.
+    entry point is the function the first test calls that the reference defines.
     """
     description = record.get("text") or record.get("prompt") or ""
     tests = list(record["test_list"]) + list(record.get("challenge_test_list") or [])
@@ -121,21 +122,29 @@ def from_mbpp(record: dict[str, Any]) -> dict[str, Any]:
     return {
         "task_id": f"MBPP/{record.get('task_id')}",
         "prompt": f'"""\n{description.strip()}\n{tests[0]}\n"""\n',
-        "entry_point": _called_function(tests[0]),
+        "entry_point": _tested_function(tests[0], record.get("code", "")),
         "test": f"{setup}\n\ndef check(candidate):\n{body}\n",
         "canonical_solution": record.get("code", ""),
     }
 
 
-def _called_function(assertion: str) -> str:
+def _tested_function(assertion: str, reference: str) -> str:
+    """In `assert set(f(x)) == ...` the tested function is f: called, and defined by the reference
+    (or, without one, the first called name that is not a builtin)."""
     try:
-        tree = ast.parse(assertion)
+        called = [node.func.id for node in ast.walk(ast.parse(assertion))
+                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)]
     except SyntaxError as exc:
         raise UsageError(f"cannot read the MBPP test {assertion!r}: {exc.msg}") from None
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            return node.func.id
-    raise UsageError(f"the MBPP test {assertion!r} calls no function by name")
+    try:
+        defined = {node.name for node in ast.parse(reference).body if isinstance(node, ast.FunctionDef)}
+    except SyntaxError:
+        defined = set()
+    candidates = [name for name in called if name in defined]
+    candidates = candidates or [name for name in called if not hasattr(builtins, name)]
+    if not candidates:
+        raise UsageError(f"the MBPP test {assertion!r} calls no function of its own by name")
+    return candidates[0]
 
 
 def load_completions(path: Path, problems: list[Problem]) -> list[Sample]:
