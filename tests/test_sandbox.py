@@ -100,6 +100,11 @@ def test_the_program_may_use_the_standard_library_and_its_own_directory():
     assert result.status == PASSED, result.detail
 
 
+@pytest.mark.parametrize("source", ["x = 1\x00", "text = '\ud800'", "x = " + "(" * 500 + ")" * 500])
+def test_a_program_that_cannot_be_compiled_fails_without_stopping_the_harness(source):
+    assert run_program(source, LIMITS).status == FAILED
+
+
 @pytest.mark.parametrize("exit_call", ["import sys; sys.exit(0)", "import os; os._exit(0)", "exit()"])
 def test_exiting_early_is_not_a_pass(exit_call):
     assert run(exit_call).status == FAILED

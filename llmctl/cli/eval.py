@@ -112,7 +112,7 @@ def _render(summary: dict) -> None:
 
     table = Table(title=f"humaneval · {Path(summary['completions_file']).name}", title_justify="left")
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    table.add_column("value")
     for name, value in summary["pass_at_k"].items():
         table.add_row(name, f"{value:.2%}")
     outcomes = summary["outcomes"]

@@ -313,8 +313,12 @@ def evaluate(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {problem.task_id: [pool.submit(run, problem, sample) for sample in by_task[problem.task_id]]
                    for problem in scored}
-        results = [ProblemResult(task_id, by_task[task_id], [future.result() for future in task_futures])
-                   for task_id, task_futures in futures.items()]
+        try:
+            results = [ProblemResult(task_id, by_task[task_id], [future.result() for future in task_futures])
+                       for task_id, task_futures in futures.items()]
+        except BaseException:  # Ctrl-C or a sandbox failure: run nothing more, wait only for running ones
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return HumanEvalReport(
         problems=results,
         ks=[k for k in ks if k <= n_min],

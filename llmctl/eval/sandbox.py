@@ -116,7 +116,8 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> Execut
     workdir = Path(tempfile.mkdtemp(prefix="llmctl-sandbox-"))
     try:
         program_file = workdir / "program.py"
-        program_file.write_text(program, encoding="utf-8")
+        # A model may emit a lone surrogate; it travels as is, and compiling it fails the program.
+        program_file.write_text(program, encoding="utf-8", errors="surrogatepass")
         if profile.drop_to:
             os.chown(workdir, *profile.drop_to)
         config = {

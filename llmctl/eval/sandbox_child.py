@@ -76,16 +76,16 @@ DISABLED["posix"] = DISABLED["os"]
 def main() -> None:
     config = json.loads(sys.argv[1])
     result_fd = config["result_fd"]
-    write, exit_now = os.write, os._exit  # kept before the program can replace them
+    write, exit_now, dumps = os.write, os._exit, json.dumps  # kept before the program can replace them
 
     def report(document: dict) -> None:
-        write(result_fd, (json.dumps(document) + "\n").encode())
+        write(result_fd, (dumps(document) + "\n").encode())
 
     if config.get("probe"):
         report(probe(config))
         exit_now(0)
 
-    with open(config["program"], encoding="utf-8") as file:
+    with open(config["program"], encoding="utf-8", errors="surrogatepass") as file:
         source = file.read()
     try:
         confine(config, source)
@@ -185,8 +185,8 @@ def enter_private_tmp() -> None:
 def standard_modules_imported_by(source: str) -> list[str]:
     try:
         tree = ast.parse(source)
-    except SyntaxError:
-        return []  # running it reports the error
+    except Exception:  # a syntax error, a null byte, too deep a nesting: running it reports the error
+        return []
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
