@@ -129,9 +129,11 @@ def test_initialisation():
     assert torch.all(layer.input_layernorm.weight == 1) and torch.all(model.norm.weight == 1)
 
 
-def test_unsupported_rope_scaling_is_refused():
-    with pytest.raises(ValueError, match="yarn"):
+def test_unsupported_or_incomplete_rope_scaling_is_refused():
+    with pytest.raises(ValueError, match="'yarn' is not supported"):
         Transformer(tiny(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(ValueError, match="needs high_freq_factor, original_max_position_embeddings"):
+        Transformer(tiny(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}))
 
 
 # ---------------------------------------------------------------- causality and the KV cache

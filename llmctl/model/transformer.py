@@ -40,7 +40,12 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 # ---------------------------------------------------------------- rotary positions
 
-ROPE_SCALINGS = ("default", "linear", "llama3")
+# each supported rope_scaling type and the keys it needs (Hugging Face's names)
+ROPE_SCALINGS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 def rope_scaling_type(cfg: ModelConfig) -> str:
@@ -49,6 +54,9 @@ def rope_scaling_type(cfg: ModelConfig) -> str:
     if kind not in ROPE_SCALINGS:
         supported = ", ".join(ROPE_SCALINGS)
         raise ValueError(f"model.rope_scaling type '{kind}' is not supported; use one of {supported}")
+    missing = [key for key in ROPE_SCALINGS[kind] if key not in scaling]
+    if missing:
+        raise ValueError(f"model.rope_scaling of type '{kind}' needs {', '.join(missing)}")
     return kind
 
 
