@@ -1,0 +1,250 @@
+"""`llmctl pretrain` end to end on a small real corpus: training, the registry, dry runs, bad input,
+exact resume after SIGKILL, SIGTERM, and references to the checkpoints it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmctl.checkpoints import load_model, resolve_model_ref
+from llmctl.data.build import BuildOptions, build_corpus
+from llmctl.data.store import CorpusStore
+from llmctl.data.tokencache import build_token_cache
+from llmctl.errors import UsageError
+from llmctl.events import read_events
+from llmctl.tokenizer import load_tokenizer, train_tokenizer
+from llmctl.workspace import Workspace
+
+# a model small enough that a few hundred steps take seconds on one core
+TINY = [
+    "--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.d_model=32",
+    "--set", "model.context_length=32", "--set", "train.micro_batch_size=4", "--set", "train.eval_batches=2",
+    "--set", "train.warmup_steps=5", "--set", "train.log_every=5",
+]
+BASE = ["pretrain", "--corpus", "code", "--tokenizer", "tok", "--preset", "cpu-debug", *TINY]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Tiny models on two OpenMP threads stall whenever other processes busy the cores; one is steady.
+    Subprocesses get the same through OMP_NUM_THREADS, so their arithmetic matches in-process runs."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """A workspace with a stdlib code corpus, a 512-token BPE tokenizer and its token cache."""
+    root = tmp_path_factory.mktemp("template") / "workspace"
+    workspace = Workspace(root)
+    build_corpus(workspace, "code", ["stdlib"], BuildOptions(limit=40, val_fraction=0.1))
+    train_tokenizer(workspace, "tok", "code", vocab_size=512)
+    tokenizer = load_tokenizer(workspace, "tok")
+    build_token_cache(CorpusStore.open(workspace, "code"), tokenizer.tokenizer, tokenizer.sha256, tokenizer.eot_id)
+    return root
+
+
+@pytest.fixture
+def ws(template: Path, workspace_dir: Path) -> Path:
+    shutil.copytree(template, workspace_dir)
+    return workspace_dir
+
+
+def events_of(ws: Path, run: str) -> list[dict]:
+    return read_events(ws / "runs" / run / "events.jsonl")
+
+
+def nothing_written(ws: Path, run: str) -> bool:
+    registry = Workspace(ws).registry(create=False)
+    return not (ws / "runs" / run).exists() and registry.run(run) is None
+
+
+def llmctl_process(ws: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "LLMCTL_HOME": str(ws), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "llmctl", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_event(ws: Path, run: str, kind: str, process: subprocess.Popen, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = ws / "runs" / run / "events.jsonl"
+        for event in read_events(path) if path.exists() else []:
+            if event["event"] == kind:
+                return event
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    raise AssertionError(f"no {kind} event within {timeout} s")
+
+
+# ---------------------------------------------------------------- a whole run
+
+
+def test_pretrain_trains_and_records_the_run(cli, ws):
+    result = cli(*BASE, "--run", "base", "--max-steps", "60", "--set", "train.eval_every=20",
+                 "--set", "train.save_every=20", "--set", "train.keep_last=1", "--set", "train.lr=3e-3")
+    assert result.exit_code == 0, result.stderr
+    assert "run 'base' ended (finished) at step 60" in result.stderr
+
+    events = events_of(ws, "base")
+    start = events[0]
+    assert start["event"] == "start" and start["stage"] == "pretrain" and start["pid"] == os.getpid()
+    assert start["device"] == "cpu" and start["max_steps"] == 60 and start["world_size"] == 1
+    assert start["tokens_per_step"] == 4 * 32 and start["params"] > 0 and not start["resumed"]
+    train = [event for event in events if event["event"] == "train"]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_bytes", "tokens", "elapsed_s"} <= set(train[0])
+    evals = [event for event in events if event["event"] == "eval"]
+    assert [event["step"] for event in evals] == [20, 40, 60]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[-1]["val_bpb"] < evals[0]["val_bpb"]
+    assert events[-1]["event"] == "end" and events[-1]["reason"] == "finished"
+
+    saved = (ws / "runs" / "base" / "config.yaml").read_text()
+    assert "vocab_size: 512" in saved  # the tokenizer's vocabulary replaced the preset's 8192
+    assert "precision: bf16" in saved or "precision: fp32" in saved  # 'auto' is saved as what it chose
+
+    registry = Workspace(ws).registry()
+    row = registry.run("base")
+    assert (row["stage"], row["corpus"], row["tokenizer"]) == ("pretrain", "code", "tok")
+    assert row["meta"]["config"]["model"]["d_model"] == 32 and row["meta"]["end_reason"] == "finished"
+    checkpoints = registry.checkpoints("base")
+    assert checkpoints[-1]["step"] == 60 and checkpoints[-1]["meta"]["val_loss"] == pytest.approx(
+        evals[-1]["val_loss"], abs=1e-5)
+    on_disk = sorted(path.name for path in (ws / "runs" / "base" / "checkpoints").iterdir())
+    assert on_disk == [Path(c["path"]).name for c in checkpoints]  # keep_last pruned rows and directories alike
+
+    # model references resolve to those checkpoints and load the model that wrote them
+    assert resolve_model_ref(Workspace(ws), "base:latest").name == "step-00000060"
+    assert resolve_model_ref(Workspace(ws), "base").name == resolve_model_ref(Workspace(ws), "base:best").name
+    loaded = load_model(Workspace(ws), "base:step-60")
+    assert loaded.config.model.d_model == 32 and loaded.tokenizer.vocab_size == 512
+    ids = torch.tensor([loaded.tokenizer.encode("def main():\n    return 0\n")])
+    again = load_model(Workspace(ws), str(loaded.path))
+    assert torch.equal(loaded.model(ids), again.model(ids))
+    with pytest.raises(UsageError, match="no checkpoint at step 7"):
+        resolve_model_ref(Workspace(ws), "base:step-7")
+    with pytest.raises(UsageError, match="did you mean 'base'"):
+        resolve_model_ref(Workspace(ws), "bsae")
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(cli, ws):
+    result = cli(*BASE, "--run", "plan", "--dry-run", "--json")
+    assert result.exit_code == 0, result.stderr
+    plan = result.json()
+    assert plan["params"] > 0 and plan["tokens_per_step"] == 128 and plan["total_steps"] == 2000
+    assert plan["memory"]["total"] > plan["memory"]["weights"] > 0 and plan["fits"]
+    assert nothing_written(ws, "plan")
+
+    table = cli("pretrain", "--corpus", "code", "--tokenizer", "tok", "--preset", "gpt2-124m", "--dry-run")
+    assert table.exit_code == 0, table.stderr
+    assert "parameters" in table.stdout and "tokens per step" in table.stdout and "device memory" in table.stdout
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--set", "model.vocab_size=1000"], "model.vocab_size is 1000 but tokenizer 'tok' has 512 tokens"),
+    (["--set", "model.context_length=100000"], "corpus 'code' is too small"),
+    (["--set", "model.n_layer=64", "--set", "model.d_model=8192", "--set", "model.n_head=64"],
+     "exceeds cpu's"),
+    (["--tokenizer", "nope"], "tokenizer 'nope' does not exist"),
+    (["--set", "train.lrr=1"], "did you mean 'train.lr'"),
+    (["--precision", "fp16"], "fp16 needs a CUDA GPU"),
+])
+def test_bad_input_is_one_line_and_leaves_nothing(cli, ws, args, message):
+    result = cli(*BASE, "--run", "bad", *args)
+    assert result.exit_code != 0
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert nothing_written(ws, "bad")
+
+
+def test_existing_runs_need_resume_or_overwrite_and_resume_needs_a_checkpoint(cli, ws):
+    assert cli(*BASE, "--run", "r", "--max-steps", "5").exit_code == 0
+    again = cli(*BASE, "--run", "r", "--max-steps", "5")
+    assert again.exit_code == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
+
+    fresh = cli(*BASE, "--run", "r", "--max-steps", "10", "--overwrite")
+    assert fresh.exit_code == 0, fresh.stderr
+    assert [e["event"] for e in events_of(ws, "r")].count("start") == 1  # the old run is gone
+
+    missing = cli("pretrain", "--run", "ghost", "--resume")
+    assert missing.exit_code == 2 and "run 'ghost' does not exist" in missing.stderr
+
+    shutil.rmtree(ws / "runs" / "r" / "checkpoints")
+    none_left = cli("pretrain", "--run", "r", "--resume")
+    assert none_left.exit_code == 1 and "no checkpoint to resume from" in none_left.stderr
+
+
+def test_a_corrupt_checkpoint_is_named_and_fallback_resumes_from_the_previous_one(cli, ws):
+    assert cli(*BASE, "--run", "c", "--max-steps", "10", "--set", "train.save_every=5").exit_code == 0
+    weights = ws / "runs" / "c" / "checkpoints" / "step-00000010" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    refused = cli("pretrain", "--run", "c", "--resume", "--max-steps", "12")
+    assert refused.exit_code == 1 and f"'{weights}' is corrupt or truncated" in refused.stderr
+    assert "--fallback" in refused.stderr
+    resumed = cli("pretrain", "--run", "c", "--resume", "--max-steps", "12", "--fallback")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "warning" in resumed.stderr and str(weights) in resumed.stderr
+    starts = [event for event in events_of(ws, "c") if event["event"] == "start"]
+    assert starts[-1]["resumed"] and starts[-1]["step"] == 5
+
+
+# ---------------------------------------------------------------- resume and signals
+
+
+def _final_state(ws: Path, run: str, step: int) -> tuple[dict, dict]:
+    directory = ws / "runs" / run / "checkpoints" / f"step-{step:08d}"
+    trainer_state = torch.load(directory / "trainer_state.pt", weights_only=True)
+    return load_file(str(directory / "model.safetensors")), trainer_state
+
+
+def test_resume_after_sigkill_ends_bit_identical_to_an_uninterrupted_run(cli, ws):
+    steps = ["--max-steps", "300", "--set", "train.save_every=25", "--set", "train.eval_every=50",
+             "--set", "model.dropout=0.1"]  # dropout: the torch RNG must be restored too
+    assert cli(*BASE, "--run", "whole", *steps).exit_code == 0
+
+    process = llmctl_process(ws, *BASE, "--run", "cut", *steps)
+    wait_for_event(ws, "cut", "checkpoint", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = [e for e in events_of(ws, "cut") if e["event"] != "heartbeat"][-1]["step"]
+    assert killed_at < 300 and not any(e["event"] == "end" for e in events_of(ws, "cut"))
+
+    resumed = cli("pretrain", "--run", "cut", "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    weights, state = _final_state(ws, "cut", 300)
+    expected_weights, expected_state = _final_state(ws, "whole", 300)
+    assert weights.keys() == expected_weights.keys()
+    assert all(torch.equal(weights[name], expected_weights[name]) for name in weights)
+    moments = state["optimizer"]["state"]
+    expected_moments = expected_state["optimizer"]["state"]
+    assert all(torch.equal(moments[k]["exp_avg_sq"], expected_moments[k]["exp_avg_sq"]) for k in moments)
+    assert state["tokens"] == expected_state["tokens"] and state["batches"] == expected_state["batches"]
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(ws):
+    process = llmctl_process(ws, *BASE, "--run", "term", "--max-steps", "100000")
+    wait_for_event(ws, "term", "train", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    end = events_of(ws, "term")[-1]
+    assert end["event"] == "end" and end["reason"] == "interrupted"
+    checkpoint = ws / "runs" / "term" / "checkpoints" / f"step-{end['step']:08d}"
+    assert (checkpoint / "meta.json").is_file()
+    assert "--resume" in stderr
+    row = Workspace(ws).registry().checkpoint_at("term", end["step"])
+    assert row is not None and json.loads((checkpoint / "meta.json").read_text())["step"] == end["step"]
