@@ -220,3 +220,33 @@ def test_status_and_monitor_never_import_the_training_stack(argv, workspace_dir:
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["code"] == 0
     assert report["heavy"] == []
+
+
+def test_live_dashboard_quits_on_q_and_restores_the_terminal(workspace_dir: Path):
+    import os
+    import pty
+    import select
+    import termios
+
+    with EventWriter(workspace_dir / "runs" / "watched" / "events.jsonl") as writer:
+        writer.write("start", 0, run="watched", stage="pretrain", max_steps=10)
+        writer.write("train", 3, loss=2.0)
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: the monitor on a terminal of its own
+        os.execv(sys.executable, [sys.executable, "-m", "llmctl", "monitor", "watched"])
+    shown, deadline, sent_at = b"", time.monotonic() + 20, None
+    while time.monotonic() < deadline:
+        if select.select([terminal], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # the child is gone and its terminal closed
+                break
+            shown += chunk
+        if sent_at is None and b"q quit" in shown:
+            assert not termios.tcgetattr(terminal)[3] & termios.ICANON  # keys arrive without Enter
+            os.write(terminal, b"q")
+            sent_at = time.monotonic()
+    _, status = os.waitpid(pid, 0)
+    assert sent_at is not None and os.waitstatus_to_exitcode(status) == 0
+    assert time.monotonic() - sent_at < 5
+    assert b"step 3 / 10" in shown.split(b"q quit")[-1]  # the last frame stays on the normal screen

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.console import Console
 
 from llmctl.cli.common import out, workspace
 
@@ -43,6 +44,8 @@ def monitor(
     watch = RunWatch(log)
     if once:
         watch.refresh()
-        out.print(Dashboard(watch), width=width)
+        # a console of its own: the shared one never draws wider than the terminal (80 columns in a pipe)
+        console = out if width is None else Console(width=width, highlight=False)
+        console.print(Dashboard(watch))
         return
     run_live(watch, out)

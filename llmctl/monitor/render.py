@@ -157,7 +157,8 @@ def frame(
 
 
 def _pair(label: str, value: str, note: str | None = None, style: str = "bold") -> Text:
-    line = Text(label.ljust(LABEL_WIDTH), style="dim")
+    line = Text()
+    line.append(label.ljust(LABEL_WIDTH), style="dim")
     line.append(value, style=style)
     if note:
         line.append(f"  ({note})", style="dim")
@@ -166,7 +167,8 @@ def _pair(label: str, value: str, note: str | None = None, style: str = "bold") 
 
 def _title(state: RunState, view: View) -> Text:
     name = state.run or view.log.parent.name
-    title = Text(name, style="bold")
+    title = Text()
+    title.append(name, style="bold")
     for part in (state.stage, state.preset, state.device):
         if part:
             title.append(" · ", style=BORDER)
@@ -175,7 +177,8 @@ def _title(state: RunState, view: View) -> Text:
 
 
 def _title_right(state: RunState, status: str, now: float) -> Text:
-    right = Text(status, style=STATE_STYLES.get(status, "bold"))
+    right = Text()
+    right.append(status, style=STATE_STYLES.get(status, "bold"))
     elapsed = state.elapsed_s(now, status)
     if elapsed is not None:
         right.append(f" · {units.duration(elapsed)}")
@@ -187,7 +190,8 @@ def _title_right(state: RunState, status: str, now: float) -> Text:
 
 def _progress(state: RunState, status: str, width: int) -> Text:
     if state.end is not None:
-        outcome = Text(
+        outcome = Text()
+        outcome.append(
             f"{status}: {state.end['reason'].replace('_', ' ')} at step {state.step:,}",
             style=STATE_STYLES.get(status),
         )
@@ -203,17 +207,20 @@ def _progress(state: RunState, status: str, width: int) -> Text:
     fraction = state.progress()
     tokens = state.latest.get("tokens")
     if fraction is None:
-        text = Text(f"step {state.step:,}", style="bold")
+        text = Text()
+        text.append(f"step {state.step:,}", style="bold")
         if tokens is not None:
             text.append(f" · {units.count(tokens)} tokens", style="dim")
         return text
-    figures = Text(f"  step {state.step:,} / {state.max_steps:,}  ", style="bold")
+    figures = Text()
+    figures.append(f"  step {state.step:,} / {state.max_steps:,}  ", style="bold")
     figures.append(f"{100 * fraction:3.0f}%")
     if tokens is not None:
         figures.append(f" · {units.count(tokens)} tokens", style="dim")
     bar_width = max(10, width - figures.cell_len)
     filled = round(bar_width * fraction)
-    bar = Text("█" * filled, style=STATE_STYLES.get(status, "green").replace("bold ", ""))
+    bar = Text()
+    bar.append("█" * filled, style=STATE_STYLES.get(status, "green").replace("bold ", ""))
     bar.append("░" * (bar_width - filled), style=BORDER)
     return bar + figures
 
@@ -273,7 +280,8 @@ def _eval(state: RunState, now: float) -> list[Text]:
     last, best = state.last_eval, state.best_eval
     if last is None:
         return [Text("no evaluation yet", style="dim")]
-    line = Text("val loss ", style="dim")
+    line = Text()
+    line.append("val loss ", style="dim")
     line.append(units.fixed(last.get("val_loss")), style=f"bold {VAL_STYLE}")
     for name, key, shown in (
         ("ppl", "val_ppl", units.figure),
@@ -285,7 +293,8 @@ def _eval(state: RunState, now: float) -> list[Text]:
             line.append(shown(last[key]), style="bold")
     lines = [line]
     if best is not None:
-        best_line = Text("best     ", style="dim")
+        best_line = Text()
+        best_line.append("best     ", style="dim")
         best_line.append(units.fixed(best["val_loss"]), style="bold green")
         best_line.append(f" at step {best['step']:,}", style="dim")
         if "val_bpb" in best:
@@ -302,7 +311,8 @@ def _checkpoints(state: RunState, now: float) -> list[Text]:
         return [Text("none yet", style="dim")]
 
     def describe(label: str, record: dict[str, Any], note: str) -> Text:
-        line = Text(label.ljust(7), style="dim")
+        line = Text()
+        line.append(label.ljust(7), style="dim")
         line.append(f"step-{record['step']:08d}", style="bold")
         line.append(f"  {note}", style="dim")
         return line
