@@ -8,8 +8,12 @@ import torch.nn.functional as F
 
 from llmctl.config import ModelConfig, preset_names, resolve_config
 from llmctl.model.hf import (
+    from_hf_gpt2_config,
+    from_hf_gpt2_state_dict,
     from_hf_llama_config,
     from_hf_llama_state_dict,
+    to_hf_gpt2_config,
+    to_hf_gpt2_state_dict,
     to_hf_llama_config,
     to_hf_llama_state_dict,
 )
@@ -349,6 +353,33 @@ def test_our_weights_load_into_hugging_face_llama_with_the_same_logits(tied: boo
     assert close(ours(ids), expected, 1e-4)
 
 
-def test_the_gpt2_shape_does_not_export_as_llama():
+@pytest.mark.parametrize("tied", [True, False])
+def test_hugging_face_gpt2_weights_give_the_same_logits_both_ways(tied: bool):
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.GPT2Config(
+        vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4, tie_word_embeddings=tied,
+        bos_token_id=0, eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    cfg = from_hf_gpt2_config(hf_config.to_dict())
+    assert cfg.model_dump() == tiny(**SHAPES["gpt2"], tie_embeddings=tied).model_dump()
+    ours = Transformer(cfg).eval()
+    ours.load_state_dict(from_hf_gpt2_state_dict(hf.state_dict(), cfg))
+    ids = tokens(2, 40)
+    with torch.no_grad():
+        assert close(ours(ids), hf(ids).logits, 1e-4)
+
+    exported = transformers.GPT2LMHeadModel(transformers.GPT2Config(**to_hf_gpt2_config(cfg))).eval()
+    state = to_hf_gpt2_state_dict(ours.state_dict(), cfg)
+    missing, unexpected = exported.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if tied else set())
+    with torch.no_grad():
+        assert close(exported(ids).logits, hf(ids).logits, 1e-5)
+
+
+def test_each_export_refuses_the_other_shape():
     with pytest.raises(ValueError, match="only the Llama shape"):
         to_hf_llama_config(tiny(**SHAPES["gpt2"]))
+    with pytest.raises(ValueError, match="only the GPT-2 shape"):
+        to_hf_gpt2_config(tiny(n_kv_head=2))
