@@ -7,6 +7,7 @@ and finish in bounded time. Limits are kept small (timeouts of a second or two, 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -262,3 +263,41 @@ def test_programs_run_in_parallel_threads_stay_apart():
     with ThreadPoolExecutor(max_workers=2) as pool:
         statuses = list(pool.map(lambda source: run_program(source, LIMITS).status, programs))
     assert statuses == [PASSED] * 6 + [FAILED] * 2
+
+
+AS_ORDINARY_USER = """
+import json, os
+from llmctl.eval.sandbox import SandboxLimits, run_program, sandbox_profile
+limits = SandboxLimits(timeout_s=1.0, memory_bytes=256 << 20, max_processes=8)
+programs = {
+    "pass": "assert True",
+    "fork_bomb": "import ctypes\\nlibc = ctypes.CDLL(None)\\nwhile True:\\n    libc.fork()",
+    "network": "import socket; socket.create_connection(('127.0.0.1', 9), timeout=1)",
+    "locked_dir": "import ctypes, os; os.mkdir('d'); libc = ctypes.CDLL(None); "
+                  "libc.chmod(b'd', 0); libc.chmod(b'.', 0)",
+}
+print(json.dumps({"profile": sandbox_profile().as_dict(),
+                  **{name: run_program(source, limits).status for name, source in programs.items()}}))
+"""
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+ORDINARY_UID = 54321  # no account: the sandbox must cope with a bare uid, as in containers
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not SYSTEM_PYTHON.exists(),
+                    reason="needs root, setpriv and a system Python to run the harness as an ordinary user")
+def test_as_an_ordinary_user_limits_still_hold():
+    """The path users without root take: a user namespace for the network, RLIMIT_NPROC on the user."""
+    repo = Path(__file__).resolve().parent.parent
+    command = ["setpriv", f"--reuid={ORDINARY_UID}", f"--regid={ORDINARY_UID}", "--clear-groups",
+               "env", "HOME=/tmp", f"PYTHONPATH={repo}", str(SYSTEM_PYTHON), "-c", AS_ORDINARY_USER]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0 and "ModuleNotFoundError" in done.stderr:
+        pytest.skip(f"the system Python cannot import llmctl's dependencies: {done.stderr.splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["profile"]["user"] == str(ORDINARY_UID) and not report["profile"]["private_tmp"]
+    assert report["pass"] == PASSED
+    assert report["fork_bomb"] in (FAILED, TIMED_OUT)
+    assert report["locked_dir"] == PASSED  # and the fixture checks its directory was still removed
+    if report["profile"]["network_isolation"] == "namespace":
+        assert report["network"] == FAILED

@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import os
-import pwd
 import select
 import shutil
 import signal
@@ -88,6 +87,8 @@ class ExecutionResult:
 @functools.cache
 def sandbox_profile() -> SandboxProfile:
     """Probe once what confinement this machine allows; raise if root cannot drop to nobody."""
+    if os.name != "posix":
+        raise SandboxError("the sandbox needs Linux (or another Unix); on Windows, run llmctl under WSL")
     drop_to = _nobody_ids() if os.geteuid() == 0 else None
     findings = _start_and_collect({"probe": True, "drop_to": drop_to}, Path(tempfile.gettempdir()),
                                   PROBE_TIMEOUT_S)[1]
@@ -101,7 +102,7 @@ def sandbox_profile() -> SandboxProfile:
         )
     return SandboxProfile(
         network_isolation="namespace" if findings["network_namespace"] else "best-effort",
-        user="nobody" if drop_to else pwd.getpwuid(os.getuid()).pw_name,
+        user="nobody" if drop_to else _user_name(os.getuid()),
         private_tmp=findings["private_tmp"],
         drop_to=drop_to,
     )
@@ -221,7 +222,18 @@ def _child_environment(workdir: Path) -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir), "LANG": "C.UTF-8"}
 
 
+def _user_name(uid: int) -> str:
+    import pwd  # POSIX only, like the rest of the sandbox; Windows gets the error above
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # containers often run as a uid with no account
+        return str(uid)
+
+
 def _nobody_ids() -> tuple[int, int]:
+    import pwd
+
     try:
         entry = pwd.getpwnam("nobody")
     except KeyError:

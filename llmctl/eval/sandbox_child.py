@@ -149,6 +149,8 @@ def enter_network_namespace() -> None:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "unshare"):
+        raise OSError("this system has no unshare() (namespaces are Linux's)")
     # An ordinary user may create a network namespace only inside a user namespace of its own.
     flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET
     if libc.unshare(flags) != 0:
@@ -165,6 +167,8 @@ def enter_private_tmp() -> None:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "unshare"):
+        raise OSError("this system has no unshare() (namespaces are Linux's)")
 
     def check(status: int, what: str) -> None:
         if status != 0:
