@@ -213,7 +213,10 @@ def _read_report(read_fd: int) -> dict:
 
 def _describe_exit(exit_status: int) -> str:
     if exit_status < 0:
-        name = signal.Signals(-exit_status).name
+        try:
+            name = signal.Signals(-exit_status).name
+        except ValueError:  # a real-time signal has no name
+            return f"killed by signal {-exit_status}"
         return f"killed by {name} (CPU time limit)" if name == "SIGXCPU" else f"killed by {name}"
     return f"exited with status {exit_status} before the test finished"
 

@@ -184,6 +184,7 @@ def enter_private_tmp() -> None:
             status = libc.mount(b"tmpfs", directory.encode(), b"tmpfs", flags, PRIVATE_TMP_OPTIONS)
             check(status, f"mounting a private tmpfs on {directory}")
     os.chdir("/tmp")
+    os.environ.update(HOME="/tmp", TMPDIR="/tmp")  # the harness's directory is hidden under the mount
 
 
 def standard_modules_imported_by(source: str) -> list[str]:
