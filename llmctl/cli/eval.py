@@ -38,7 +38,14 @@ def humaneval(
     Example: llmctl eval humaneval --completions samples.jsonl --k 1,10 --workers 4
     """
     from llmctl.cli.common import workspace
-    from llmctl.eval.humaneval import evaluate, load_completions, load_problems, parse_ks, write_results
+    from llmctl.eval.humaneval import (
+        evaluate,
+        humaneval_path,
+        load_completions,
+        load_problems,
+        parse_ks,
+        write_results,
+    )
     from llmctl.eval.sandbox import SandboxLimits, sandbox_profile
 
     ks = parse_ks(k)
@@ -50,9 +57,9 @@ def humaneval(
     _say_what_was_left_out(report)
 
     ws = workspace()
-    directory = out_dir or _new_eval_dir(ws.root / "evals")
+    directory = out_dir.resolve() if out_dir else _new_eval_dir(ws.root / "evals")
     source = {"completions_file": str(completions.resolve()),
-              "problems_file": str((problems_file or _humaneval_file()).resolve())}
+              "problems_file": str((problems_file or humaneval_path()).resolve())}
     summary = write_results(report, directory, source)
     if out_dir is None or ws.exists:
         summary["eval_id"] = ws.registry().add_eval(None, "humaneval", summary)
@@ -60,12 +67,6 @@ def humaneval(
         print_json(summary)
     else:
         _render(summary)
-
-
-def _humaneval_file() -> Path:
-    from llmctl.eval.humaneval import humaneval_path
-
-    return humaneval_path()
 
 
 def _new_eval_dir(evals: Path) -> Path:
