@@ -45,7 +45,7 @@ PROBLEM_KEYS = ("task_id", "prompt", "entry_point", "test")
 INSTALL_HINT = "pip install 'llmctl\\[eval]'"  # error messages are printed as Rich markup
 
 
-def truncate_completion(completion: str, stop_sequences: tuple[str, ...] = STOP_SEQUENCES) -> str:
+def truncate_completion(completion: str, stop_sequences: Sequence[str] = STOP_SEQUENCES) -> str:
     """The completion up to the first stop sequence (the generation side cuts with this too)."""
     cuts = [index for stop in stop_sequences if (index := completion.find(stop)) != -1]
     return completion[:min(cuts, default=len(completion))]
