@@ -208,6 +208,14 @@ def test_packed_documents_do_not_attend_to_each_other(shape: str):
     assert not close(repacked[:, :5], packed[:, :5], 1e-3)
 
 
+def test_a_document_is_a_run_of_equal_ids_even_when_an_id_recurs():
+    model = build(tiny(n_kv_head=2))
+    first, second, third = tokens(1, 4, seed=2), tokens(1, 3, seed=3), tokens(1, 5, seed=4)
+    doc_ids = torch.tensor([[0] * 4 + [1] * 3 + [0] * 5])
+    packed = model(torch.cat((first, second, third), dim=1), doc_ids=doc_ids)
+    assert close(packed[:, 7:], model(third))
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_left_padded_batch_matches_each_sequence_alone(shape: str):
     model = build(tiny(**SHAPES[shape]))

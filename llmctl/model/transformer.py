@@ -216,12 +216,16 @@ class DecoderLayer(nn.Module):
 # ---------------------------------------------------------------- the model
 
 
-def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Each token's position within its document; a document starts wherever the id changes."""
-    index = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """True where a document begins: a document is a run of equal ids, so an id may recur later."""
     first = torch.ones_like(doc_ids[:, :1], dtype=torch.bool)
-    starts = torch.cat((first, doc_ids[:, 1:] != doc_ids[:, :-1]), dim=1)
-    start_index = torch.where(starts, index, 0).cummax(dim=1).values
+    return torch.cat((first, doc_ids[:, 1:] != doc_ids[:, :-1]), dim=1)
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its document."""
+    index = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    start_index = torch.where(document_starts(doc_ids), index, 0).cummax(dim=1).values
     return index - start_index
 
 
@@ -372,7 +376,8 @@ class Transformer(nn.Module):
         key_pos = torch.arange(cache_position + T, device=device)[None]
         mask = key_pos <= query_pos
         if doc_ids is not None:
-            mask = (mask & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+            document = document_starts(doc_ids).cumsum(dim=1)
+            mask = (mask & (document[:, :, None] == document[:, None, :]))[:, None]
         if attn_mask is not None:
             # a query allowed no key (a left-pad position) would turn softmax into NaN, and 0 · NaN
             # in later layers would spread it to real tokens; letting every query see itself keeps it finite
