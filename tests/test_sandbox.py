@@ -245,8 +245,10 @@ KILL_PARENT_AROUND_THE_GUARD = [
     pytest.param(attack, marks=needs_nobody) for attack in KILL_PARENT_AROUND_THE_GUARD
 ])
 def test_the_harness_survives_a_program_that_kills_its_parent(attack):
-    # The harness runs in its own process here, so that if it died we would see it die.
-    done = subprocess.run([sys.executable, "-c", HARNESS, attack], capture_output=True, text=True, timeout=30)
+    # The harness runs in a process (and session) of its own here, so that if it died we would see
+    # it die, and a group kill that got through would not reach pytest.
+    done = subprocess.run([sys.executable, "-c", HARNESS, attack], capture_output=True, text=True, timeout=30,
+                          start_new_session=True)
     assert done.returncode == 0, done.stderr
     assert '"status": "failed"' in done.stdout
 
