@@ -15,9 +15,11 @@ from llmctl.generate.engine import (
     Generation,
     GenerationStats,
     Prompt,
+    in_row_order,
     resolve_device,
     resolve_dtype,
 )
+from llmctl.generate.loading import LoadedEngine, load_engine, override_generation
 from llmctl.generate.sampling import choose_tokens, filter_logits
 from llmctl.generate.text import IncrementalDecoder, StopMatcher
 
@@ -28,10 +30,14 @@ __all__ = [
     "Generation",
     "GenerationStats",
     "IncrementalDecoder",
+    "LoadedEngine",
     "Prompt",
     "StopMatcher",
     "choose_tokens",
     "filter_logits",
+    "in_row_order",
+    "load_engine",
+    "override_generation",
     "resolve_device",
     "resolve_dtype",
 ]

@@ -9,6 +9,7 @@ A row that finishes leaves the batch and the cache, so short answers stop costin
 from __future__ import annotations
 
 import time
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -108,6 +109,21 @@ class Generation:
     def close(self) -> None:
         """Stop generating (the rows still running are abandoned)."""
         self.chunks.close()
+
+
+def in_row_order(chunks: Iterable[Chunk]) -> Iterator[Chunk]:
+    """A batched generation's chunks regrouped so rows come whole, one after another: row 0
+    streams live, and each later row is held until every row before it has finished."""
+    held: dict[int, deque[Chunk]] = defaultdict(deque)
+    current = 0
+    for chunk in chunks:
+        held[chunk.row].append(chunk)
+        while held[current]:
+            chunk = held[current].popleft()
+            yield chunk
+            if chunk.completion is not None:
+                del held[current]
+                current += 1
 
 
 def resolve_device(name: str = "auto") -> torch.device:
