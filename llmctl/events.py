@@ -76,9 +76,14 @@ class EventTail:
     A file truncated and rewritten past the old offset between two polls is caught by its first
     bytes changing. `poll(max_bytes=...)` reads at most that much, so a reader catching up on a
     huge log can draw between slices; `size - offset` is what is left to read.
+
+    `skim` names event kinds a reader needs only the latest of (status wants the last `train`
+    line, not a million of them): their lines are recognised by bytes, not parsed, except the last
+    one of each chunk read, which keeps its place in the order.
     """
 
     path: Path
+    skim: tuple[str, ...] = ()
     offset: int = 0
     size: int = 0
     restarted: bool = False
@@ -89,6 +94,10 @@ class EventTail:
     _chunk: int = field(default=8 << 20, repr=False)
 
     _HEAD_BYTES = 64
+
+    def __post_init__(self) -> None:
+        # the writer's compact separators; a line written otherwise is simply parsed
+        self._skim_markers = tuple(f'"event":"{kind}"'.encode() for kind in self.skim)
 
     def poll(self, max_bytes: int | None = None) -> list[dict[str, Any]]:
         self.restarted = False
@@ -127,20 +136,33 @@ class EventTail:
         self.offset, self._head, self._partial, self.restarted = 0, b"", b"", True
 
     def _parse(self, lines: list[bytes]) -> list[dict[str, Any]]:
-        parsed = []
-        for line in lines:
-            if not line.strip():
+        parsed: list[dict[str, Any]] = []
+        skimmed: dict[bytes, tuple[int, int, bytes]] = {}  # per kind: where its latest line belongs
+        for number, line in enumerate(lines):
+            marker = next((m for m in self._skim_markers if m in line), None) if self._skim_markers else None
+            if marker is not None:
+                skimmed[marker] = (len(parsed), number, line)
                 continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                self.malformed_lines += 1
-                continue
-            if isinstance(record, dict) and "event" in record:
-                parsed.append(record)
-            else:
-                self.malformed_lines += 1
+            self._parse_line(line, parsed)
+        # insert from the back so earlier positions stay valid
+        for position, _, line in sorted(skimmed.values(), reverse=True):
+            kept: list[dict[str, Any]] = []
+            self._parse_line(line, kept)
+            parsed[position:position] = kept
         return parsed
+
+    def _parse_line(self, line: bytes, into: list[dict[str, Any]]) -> None:
+        if not line.strip():
+            return
+        try:
+            record = json.loads(line)
+        except ValueError:
+            self.malformed_lines += 1
+            return
+        if isinstance(record, dict) and "event" in record:
+            into.append(record)
+        else:
+            self.malformed_lines += 1
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

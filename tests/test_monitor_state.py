@@ -259,3 +259,35 @@ def test_big_log_read_in_slices_gives_the_same_state(tmp_path: Path):
     assert slices > 10
     assert sliced.state.events == whole.events == 5001
     assert sliced.state.train_loss.points() == whole.train_loss.points()
+
+
+def test_skimming_train_lines_gives_the_same_status_row(tmp_path: Path):
+    log = tmp_path / "events.jsonl"
+    with EventWriter(log) as writer:
+        start(writer)
+        for step in range(1, 3001):
+            writer.write("train", step, loss=4.0 - step / 1000, tokens_per_s=1000.0 + step)
+            if step % 500 == 0:
+                writer.write("eval", step, val_loss=4.1 - step / 1000, val_ppl=60.0 - step / 100, val_bpb=1.5)
+            if step % 1000 == 0:
+                writer.write("checkpoint", step, path=f"ckpt-{step}", kind="full", best=True, val_loss=1.0)
+        writer.write("heartbeat", 3000)
+    full, skimmed = RunWatch(log), RunWatch(log, skim=True)
+    full.refresh()
+    skimmed.refresh()
+    now = full.state.last_ts + 1
+    a, b = full.state.summary(now), skimmed.state.summary(now)
+    for key in (
+        "state",
+        "step",
+        "max_steps",
+        "elapsed_s",
+        "last_event_age_s",
+        "best_eval",
+        "last_eval",
+        "best_checkpoint",
+        "latest_checkpoint",
+    ):
+        assert a[key] == b[key], key
+    assert b["train"]["loss"] == a["train"]["loss"] == 1.0 and b["train"]["tokens_per_s"] == 4000.0
+    assert skimmed.state.events < 20 < full.state.events

@@ -107,7 +107,7 @@ def plot_runs(logs: dict[str, Path], out: Path) -> Path:
     for ax in (loss_ax, ppl_ax, lr_ax):
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="upper right")
+            ax.legend(fontsize=8, loc="best")
     figure.suptitle(" vs ".join(states) if len(states) > 1 else next(iter(states)), fontsize=12)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

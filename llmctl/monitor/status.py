@@ -117,17 +117,18 @@ def _best_and_latest(checkpoints: list[dict[str, Any]]) -> tuple[dict | None, di
 
 
 def run_summary(
-    workspace: Workspace, name: str, log: Path | None = None, now: float | None = None
+    workspace: Workspace, name: str, log: Path | None = None, now: float | None = None, skim: bool = False
 ) -> dict[str, Any]:
     """One run's row: identity, state, progress, best evaluation and checkpoints.
 
-    `log` defaults to the run's events.jsonl in the workspace (pass it for a copied log).
+    `log` defaults to the run's events.jsonl in the workspace (pass it for a copied log). With
+    `skim`, train lines are skipped but the latest (see RunWatch): fast, but no derived alerts.
     """
     now = time.time() if now is None else now
     log = log or workspace.run_dir(name) / LOG_NAME
     registry = workspace.registry(create=False)
     row = registry.run(name) or {}
-    watch = RunWatch(log, history_points=2)
+    watch = RunWatch(log, history_points=2, skim=skim)
     watch.refresh()
     summary = watch.state.summary(now)
     checkpoints = [_checkpoint_entry(c) for c in registry.checkpoints(name)]
@@ -163,7 +164,7 @@ def run_summary(
 def workspace_status(workspace: Workspace) -> dict[str, Any]:
     registry = workspace.registry(create=False)
     now = time.time()
-    runs = [run_summary(workspace, name, now=now) for name in known_runs(workspace)]
+    runs = [run_summary(workspace, name, now=now, skim=True) for name in known_runs(workspace)]
     for run in runs:
         del run["live"]
     return jsonable(
