@@ -68,7 +68,6 @@ def _register_optional_groups() -> None:
     from llmctl.cli import status as status_cmd
     from llmctl.cli import tokenizer as tokenizer_cmd
     from llmctl.cli import pretrain as pretrain_cmd
-    from llmctl.cli import finetune as finetune_cmd
     from llmctl.cli import sample as sample_cmd
 
     app.add_typer(corpus_cmd.app, name="corpus")
@@ -77,9 +76,6 @@ def _register_optional_groups() -> None:
     app.command("monitor")(monitor_cmd.monitor)
     app.command("plot", no_args_is_help=True)(plot_cmd.plot)
     app.command("pretrain", no_args_is_help=True)(pretrain_cmd.pretrain)
-    app.command("finetune", no_args_is_help=True)(finetune_cmd.finetune)
-    app.command("qlora", no_args_is_help=True)(finetune_cmd.qlora)
-    app.command("merge", no_args_is_help=True)(finetune_cmd.merge)
     app.add_typer(eval_cmd.app, name="eval")
     app.command("sample", no_args_is_help=True)(sample_cmd.sample)
 
