@@ -12,15 +12,17 @@ from llmctl.cli.common import out, workspace
 
 def monitor(
     run: str = typer.Argument(
-        None, help="Run name, run directory or events.jsonl [default: the most recently active run]."
+        None, help="Run name, run directory or events.jsonl \\[default: the most recently active run]."
     ),
     once: bool = typer.Option(
         None,
         "--once/--live",
         show_default=False,
-        help="Print one frame and exit [default: --once when stdout is not a terminal].",
+        help="Print one frame and exit \\[default: --once when stdout is not a terminal].",
     ),
-    width: int = typer.Option(None, "--width", min=60, help="Columns for --once [default: the terminal's]."),
+    width: int = typer.Option(
+        None, "--width", min=60, help="Columns for --once \\[default: the terminal's]."
+    ),
 ) -> None:
     """Loss chart, throughput, evaluations, checkpoints, samples and alerts, redrawn twice a second.
 
