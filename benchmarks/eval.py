@@ -4,8 +4,10 @@
 
 Measures seconds to score all 164 canonical HumanEval solutions (one sample each, so 164
 sandboxed processes) with each worker count, and the mean seconds per program as the harness
-saw them. Every run must give pass@1 = 1.0, or the figures mean nothing. Worker counts are
-interleaved across repeats and the best time kept, so a busy neighbour inflates each alike.
+saw them; and, for scale, the median seconds of an empty program: the sandbox's own cost
+(interpreter start-up, namespaces, limits, clean-up). Every run must give pass@1 = 1.0, or the
+figures mean nothing. Worker counts are interleaved across repeats and the best time kept, so a
+busy neighbour inflates each alike.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import statistics
 import time
 
 from llmctl.eval.humaneval import Sample, evaluate, load_problems
-from llmctl.eval.sandbox import SandboxLimits, sandbox_profile
+from llmctl.eval.sandbox import SandboxLimits, run_program, sandbox_profile
+
+EMPTY_PROGRAM_RUNS = 20
 
 
 def main() -> None:
@@ -37,7 +41,9 @@ def main() -> None:
 
     best: dict[int, float] = {}
     per_program: dict[int, float] = {}
+    empty = float("inf")
     for _ in range(args.repeats):
+        empty = min(empty, statistics.median(run_program("pass").seconds for _ in range(EMPTY_PROGRAM_RUNS)))
         for workers in worker_counts:
             started = time.perf_counter()
             report = evaluate(problems, samples, ks=[1], limits=SandboxLimits(), workers=workers)
@@ -52,6 +58,7 @@ def main() -> None:
     for workers in worker_counts:
         print(f"{workers:>7}  {best[workers]:>22.2f}  {len(samples) / best[workers]:>10.1f}  "
               f"{per_program[workers]:>14.3f}")
+    print(f"empty program, one at a time: {empty:.3f} s (median of {EMPTY_PROGRAM_RUNS}, best repeat)")
     if 1 in best and len(best) > 1:
         for workers in worker_counts:
             if workers != 1:
