@@ -236,7 +236,7 @@ def test_resumed_run_continues_the_curve_from_its_checkpoint(tmp_path: Path):
             writer.write("train", step, loss=2.0)
     state = watched(log)
     steps = [step for step, _ in state.train_loss.points()]
-    assert state.starts == 2 and state.resumed and state.step == 250
+    assert state.starts == 2 and state.step == 250
     assert steps == sorted(steps) and steps[-1] == 250  # the old steps 210-300 were dropped
     assert [step for step, _ in state.val_loss.points()] == []
     assert state.liveness() == "running"

@@ -169,7 +169,10 @@ def _title(state: RunState, view: View) -> Text:
     name = state.run or view.log.parent.name
     title = Text()
     title.append(name, style="bold")
-    for part in (state.stage, state.preset, state.device):
+    ranks = f" ×{state.world_size}" if state.world_size > 1 else ""
+    device = f"{state.device}{ranks}" if state.device else None
+    resumed = f"resumed ×{state.starts - 1}" if state.starts > 1 else None
+    for part in (state.stage, state.preset, device, state.precision, resumed):
         if part:
             title.append(" · ", style=BORDER)
             title.append(part)
@@ -270,10 +273,18 @@ def _throughput(state: RunState, view: View) -> list[Text]:
         _pair(
             "speed",
             f"{speed:.3g} steps/s" if speed else units.DASH,
-            f"{units.count(state.params)} params" if state.params else None,
+            _params(state),
         ),
     ]
     return lines
+
+
+def _params(state: RunState) -> str | None:
+    if not state.params:
+        return None
+    if state.trainable_params and state.trainable_params < state.params:
+        return f"{units.count(state.trainable_params)} of {units.count(state.params)} params trained"
+    return f"{units.count(state.params)} params"
 
 
 def _eval(state: RunState, now: float) -> list[Text]:

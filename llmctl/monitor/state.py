@@ -88,16 +88,13 @@ class RunState:
         self.precision: str | None = None
         self.pid: int | None = None
         self.max_steps: int | None = None
-        self.tokens_per_step: int | None = None
         self.params: int | None = None
         self.trainable_params: int | None = None
         self.device_memory_bytes: float | None = None
         self.world_size = 1
-        self.resumed = False
         self.starts = 0
         self.events = 0
         # clock: a resumed run's elapsed time adds up its segments
-        self.first_ts: float | None = None
         self.segment_ts: float | None = None
         self.last_ts: float | None = None
         self.previous_segments_s = 0.0
@@ -159,16 +156,14 @@ class RunState:
             self.previous_segments_s += max(0.0, self.last_ts - self.segment_ts)
         self.starts += 1
         self.segment_ts = ts
-        self.first_ts = self.first_ts if self.first_ts is not None else ts
         for name in ("run", "stage", "preset", "device", "host", "precision"):
             if event.get(name) is not None:
                 setattr(self, name, str(event[name]))
-        for name in ("pid", "max_steps", "tokens_per_step", "params", "trainable_params"):
+        for name in ("pid", "max_steps", "params", "trainable_params"):
             value = as_float(event.get(name))
             setattr(self, name, int(value) if value is not None and math.isfinite(value) else None)
         self.device_memory_bytes = as_float(event.get("device_memory_bytes"))
         self.world_size = _int(event.get("world_size")) or 1
-        self.resumed = bool(event.get("resumed"))
         self.end = None
         self.step = step
         # A resumed run repeats the steps after its checkpoint: the curve continues from there.
