@@ -272,7 +272,7 @@ def _throughput(state: RunState, view: View) -> list[Text]:
         ),
         _pair(
             "speed",
-            f"{speed:.3g} steps/s" if speed else units.DASH,
+            (f"{speed:.3g}" if speed < 1000 else units.count(speed)) + " steps/s" if speed else units.DASH,
             _params(state),
         ),
     ]
@@ -415,7 +415,7 @@ def render_lines(
     chart = braille_chart(
         [
             Line(state.train_loss.points(), TRAIN_STYLE),
-            Line(val_points, VAL_STYLE, markers=len(val_points) <= (split_at - 11) // 2),
+            Line(val_points, VAL_STYLE, markers=len(val_points) <= split_at - 11),
         ],
         split_at - 3,
         chart_rows,
