@@ -7,88 +7,42 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from pretrain_helpers import (
+    BASE,
+    build_template,
+    events_of,
+    llmctl_process,
+    nothing_written,
+    one_thread,
+    wait_for_event,
+)
 from safetensors.torch import load_file
 
 from llmctl.checkpoints import load_model, resolve_model_ref
-from llmctl.data.build import BuildOptions, build_corpus
-from llmctl.data.store import CorpusStore
-from llmctl.data.tokencache import build_token_cache
 from llmctl.errors import UsageError
-from llmctl.events import read_events
-from llmctl.tokenizer import load_tokenizer, train_tokenizer
 from llmctl.workspace import Workspace
-
-# a model small enough that a few hundred steps take seconds on one core
-TINY = [
-    "--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.d_model=32",
-    "--set", "model.context_length=32", "--set", "train.micro_batch_size=4", "--set", "train.eval_batches=2",
-    "--set", "train.warmup_steps=5", "--set", "train.log_every=5",
-]
-BASE = ["pretrain", "--corpus", "code", "--tokenizer", "tok", "--preset", "cpu-debug", *TINY]
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny models on two OpenMP threads stall whenever other processes busy the cores; one is steady.
-    Subprocesses get the same through OMP_NUM_THREADS, so their arithmetic matches in-process runs."""
+def single_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    """A workspace with a stdlib code corpus, a 512-token BPE tokenizer and its token cache."""
-    root = tmp_path_factory.mktemp("template") / "workspace"
-    workspace = Workspace(root)
-    build_corpus(workspace, "code", ["stdlib"], BuildOptions(limit=40, val_fraction=0.1))
-    train_tokenizer(workspace, "tok", "code", vocab_size=512)
-    tokenizer = load_tokenizer(workspace, "tok")
-    build_token_cache(CorpusStore.open(workspace, "code"), tokenizer.tokenizer, tokenizer.sha256, tokenizer.eot_id)
-    return root
+    return build_template(tmp_path_factory.mktemp("template") / "workspace")
 
 
 @pytest.fixture
 def ws(template: Path, workspace_dir: Path) -> Path:
     shutil.copytree(template, workspace_dir)
     return workspace_dir
-
-
-def events_of(ws: Path, run: str) -> list[dict]:
-    return read_events(ws / "runs" / run / "events.jsonl")
-
-
-def nothing_written(ws: Path, run: str) -> bool:
-    registry = Workspace(ws).registry(create=False)
-    return not (ws / "runs" / run).exists() and registry.run(run) is None
-
-
-def llmctl_process(ws: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "LLMCTL_HOME": str(ws), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "llmctl", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_event(ws: Path, run: str, kind: str, process: subprocess.Popen, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        path = ws / "runs" / run / "events.jsonl"
-        for event in read_events(path) if path.exists() else []:
-            if event["event"] == kind:
-                return event
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.01)
-    raise AssertionError(f"no {kind} event within {timeout} s")
-
 
 # ---------------------------------------------------------------- a whole run
 
@@ -105,7 +59,8 @@ def test_pretrain_trains_and_records_the_run(cli, ws):
     assert start["device"] == "cpu" and start["max_steps"] == 60 and start["world_size"] == 1
     assert start["tokens_per_step"] == 4 * 32 and start["params"] > 0 and not start["resumed"]
     train = [event for event in events if event["event"] == "train"]
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_bytes", "tokens", "elapsed_s"} <= set(train[0])
+    figures = {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_bytes", "tokens", "elapsed_s"}
+    assert figures <= set(train[0])
     evals = [event for event in events if event["event"] == "eval"]
     assert [event["step"] for event in evals] == [20, 40, 60]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[-1]["val_bpb"] < evals[0]["val_bpb"]
@@ -123,7 +78,8 @@ def test_pretrain_trains_and_records_the_run(cli, ws):
     assert checkpoints[-1]["step"] == 60 and checkpoints[-1]["meta"]["val_loss"] == pytest.approx(
         evals[-1]["val_loss"], abs=1e-5)
     on_disk = sorted(path.name for path in (ws / "runs" / "base" / "checkpoints").iterdir())
-    assert on_disk == [Path(c["path"]).name for c in checkpoints]  # keep_last pruned rows and directories alike
+    # keep_last pruned rows and directories alike
+    assert on_disk == [Path(c["path"]).name for c in checkpoints]
 
     # model references resolve to those checkpoints and load the model that wrote them
     assert resolve_model_ref(Workspace(ws), "base:latest").name == "step-00000060"
@@ -149,7 +105,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(cli, ws):
 
     table = cli("pretrain", "--corpus", "code", "--tokenizer", "tok", "--preset", "gpt2-124m", "--dry-run")
     assert table.exit_code == 0, table.stderr
-    assert "parameters" in table.stdout and "tokens per step" in table.stdout and "device memory" in table.stdout
+    for line in ("parameters", "tokens per step", "device memory"):
+        assert line in table.stdout
 
 
 # ---------------------------------------------------------------- bad input

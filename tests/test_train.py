@@ -30,6 +30,7 @@ from llmctl.train.optim import CosineSchedule, param_groups
 from llmctl.train.precision import Precision, resolve_precision
 from llmctl.train.trainer import NONFINITE_STOP_AFTER, RunInfo, Trainer, lm_loss
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models on two OpenMP threads stall whenever other processes busy the cores; one is steady."""
@@ -43,8 +44,17 @@ TINY = {"n_layer": 1, "n_head": 2, "d_model": 32, "context_length": 16, "vocab_s
 
 
 def tiny_config(**train) -> RunConfig:
-    settings = {"micro_batch_size": 4, "max_steps": 20, "warmup_steps": 2, "eval_every": 10, "eval_batches": 2,
-                "save_every": 5, "log_every": 5, "precision": "fp32", **train}
+    settings = {
+        "micro_batch_size": 4,
+        "max_steps": 20,
+        "warmup_steps": 2,
+        "eval_every": 10,
+        "eval_batches": 2,
+        "save_every": 5,
+        "log_every": 5,
+        "precision": "fp32",
+        **train,
+    }
     return RunConfig(model=ModelConfig(**TINY), train=TrainConfig(**settings))
 
 
@@ -59,9 +69,15 @@ def pattern_tokens(n: int, seed: int = 0) -> np.ndarray:
 
 def windows(config: RunConfig, rank: int = 0, world_size: int = 1, micro: int | None = None) -> TokenWindows:
     return TokenWindows(
-        pattern_tokens(4000), pattern_tokens(600, seed=1), context_length=config.model.context_length,
-        micro_batch_size=micro or config.train.micro_batch_size, eval_batches=config.train.eval_batches,
-        seed=config.train.seed, device=torch.device("cpu"), val_bytes_per_token=2.0, rank=rank,
+        pattern_tokens(4000),
+        pattern_tokens(600, seed=1),
+        context_length=config.model.context_length,
+        micro_batch_size=micro or config.train.micro_batch_size,
+        eval_batches=config.train.eval_batches,
+        seed=config.train.seed,
+        device=torch.device("cpu"),
+        val_bytes_per_token=2.0,
+        rank=rank,
         world_size=world_size,
     )
 
@@ -69,8 +85,16 @@ def windows(config: RunConfig, rank: int = 0, world_size: int = 1, micro: int | 
 def make_trainer(tmp_path: Path, config: RunConfig, **kwargs) -> Trainer:
     torch.manual_seed(0)
     run = RunInfo(name="t", stage="pretrain", dir=tmp_path / "run", registry=None)
-    return Trainer(config, Transformer(config.model), windows(config), run, device=torch.device("cpu"),
-                   precision=Precision("fp32", "cpu"), show_progress=False, **kwargs)
+    return Trainer(
+        config,
+        Transformer(config.model),
+        windows(config),
+        run,
+        device=torch.device("cpu"),
+        precision=Precision("fp32", "cpu"),
+        show_progress=False,
+        **kwargs,
+    )
 
 
 # ---------------------------------------------------------------- schedule and optimizer
@@ -107,8 +131,12 @@ def test_norms_biases_and_embeddings_take_no_weight_decay():
     decayed = {names[id(p)] for p in decay["params"]}
     exempt = {names[id(p)] for p in no_decay["params"]}
     assert "layers.0.self_attn.q_proj.weight" in decayed and "layers.0.mlp.down_proj.weight" in decayed
-    assert {"embed_tokens.weight", "norm.weight", "layers.0.input_layernorm.weight",
-            "layers.0.self_attn.q_proj.bias"} <= exempt
+    assert {
+        "embed_tokens.weight",
+        "norm.weight",
+        "layers.0.input_layernorm.weight",
+        "layers.0.self_attn.q_proj.bias",
+    } <= exempt
     assert not any(name.endswith("bias") or "norm" in name or "embed" in name for name in decayed)
     assert "layers.0.mlp.up_proj.weight" not in decayed | exempt
     # the tied lm_head is the embedding tensor: counted once, undecayed
@@ -147,8 +175,14 @@ def test_checkpoint_round_trip_gives_identical_logits_and_rng(tmp_path):
     model = Transformer(config.model)
     torch.manual_seed(5)
     rng = capture_rng_state()
-    path = write_checkpoint(tmp_path / "step-00000001", model=model, model_io=FullModelIO(), config=config,
-                            trainer_state={"rng": [rng]}, meta={"step": 1})
+    path = write_checkpoint(
+        tmp_path / "step-00000001",
+        model=model,
+        model_io=FullModelIO(),
+        config=config,
+        trainer_state={"rng": [rng]},
+        meta={"step": 1},
+    )
     torch.rand(3)
     restore_rng_state(load_trainer_state(path)["rng"][0])
     after_restore = torch.rand(3)
@@ -168,8 +202,14 @@ def test_damaged_checkpoints_are_named_and_skipped_only_when_asked(tmp_path):
     config = tiny_config()
     run_dir = tmp_path / "run"
     for step in (5, 10):
-        write_checkpoint(run_dir / "checkpoints" / f"step-{step:08d}", model=Transformer(config.model),
-                         model_io=FullModelIO(), config=config, trainer_state={"step": step}, meta={"step": step})
+        write_checkpoint(
+            run_dir / "checkpoints" / f"step-{step:08d}",
+            model=Transformer(config.model),
+            model_io=FullModelIO(),
+            config=config,
+            trainer_state={"step": step},
+            meta={"step": step},
+        )
     state = run_dir / "checkpoints" / "step-00000010" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:100])  # truncated, as by a full disk
     with pytest.raises(CheckpointError, match=f"'{state}' is corrupt or truncated"):
@@ -232,8 +272,15 @@ def test_a_non_finite_loss_is_skipped_then_stops_the_run_keeping_the_last_good_c
 
 def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path):
     # lr 0 (after a zero warmup) keeps the val loss flat, so every evaluation after the first fails to improve
-    config = tiny_config(max_steps=100, lr=1e-9, min_lr=0, warmup_steps=0, eval_every=5,
-                         early_stopping_patience=2, early_stopping_min_delta=0.01)
+    config = tiny_config(
+        max_steps=100,
+        lr=1e-9,
+        min_lr=0,
+        warmup_steps=0,
+        eval_every=5,
+        early_stopping_patience=2,
+        early_stopping_min_delta=0.01,
+    )
     result = make_trainer(tmp_path, config).fit()
     assert result.reason == "early_stopping" and result.step == 15 and result.exit_code == 0
 
@@ -251,14 +298,17 @@ def test_precision_choices():
         resolve_precision("fp16", cpu)
 
 
-@pytest.mark.parametrize(("name", "sixteen_bit", "expected"), [
-    ("NVIDIA H100 80GB HBM3", True, 989e12),
-    ("NVIDIA H100 PCIe", True, 756e12),
-    ("NVIDIA A100-SXM4-40GB", False, 156e12),
-    ("NVIDIA GeForce RTX 4060 Ti", True, 44e12),
-    ("NVIDIA GeForce RTX 4060", True, 30.2e12),
-    ("NVIDIA L4", True, 121e12),
-    ("Some Future GPU", True, None),
-])
+@pytest.mark.parametrize(
+    ("name", "sixteen_bit", "expected"),
+    [
+        ("NVIDIA H100 80GB HBM3", True, 989e12),
+        ("NVIDIA H100 PCIe", True, 756e12),
+        ("NVIDIA A100-SXM4-40GB", False, 156e12),
+        ("NVIDIA GeForce RTX 4060 Ti", True, 44e12),
+        ("NVIDIA GeForce RTX 4060", True, 30.2e12),
+        ("NVIDIA L4", True, 121e12),
+        ("Some Future GPU", True, None),
+    ],
+)
 def test_gpu_peak_flops_table(name, sixteen_bit, expected):
     assert gpu_peak_flops(name, sixteen_bit) == expected

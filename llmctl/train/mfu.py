@@ -114,8 +114,25 @@ def _measured_peaks(key: str) -> dict[str, float]:
     return entry
 
 
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (x86 'flags', ARM 'Features'); None elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
 def cpu_has_fast_bf16() -> bool:
-    """bf16 pays off on CPUs with bf16 matrix units (AVX512-BF16, AMX): about 2x fp32 there."""
+    """bf16 pays off on CPUs with bf16 matrix instructions (AVX512-BF16, AMX, ARM BF16): about 2x
+    fp32 there, while elsewhere it is emulated and slower. The flags decide where the OS lists them,
+    because a timing taken on a busy machine could decide differently from one run to the next;
+    elsewhere the measured peaks decide."""
+    flags = _cpu_flags()
+    if flags is not None:
+        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
     peaks = cpu_matmul_peaks()
     return peaks["bf16"] >= 1.3 * peaks["fp32"]
 

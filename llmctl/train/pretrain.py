@@ -461,8 +461,9 @@ def build_trainer(
 
 def child_arguments(options: PretrainOptions, run: str, workspace_root: Path, debug: bool) -> list[str]:
     """The `llmctl ...` arguments each torchrun process gets: this command without the launch flags,
-    with the run name fixed so every process (and node) agrees on it."""
-    args = ["--workspace", str(workspace_root), *(["--debug"] if debug else []), "pretrain", "--run", run]
+    with the run name fixed so every process (and node) agrees on it. The run goes as --run-name:
+    torchrun's parser reads '--run' as an ambiguous abbreviation of its own --run-path."""
+    args = ["--workspace", str(workspace_root), *(["--debug"] if debug else []), "pretrain", "--run-name", run]
     valued = {
         "--corpus": options.corpus,
         "--tokenizer": options.tokenizer,

@@ -1,0 +1,53 @@
+"""`llmctl pretrain --nproc 2` on CPU: torch.distributed.run, gloo, DDP, rank-0 checkpoints, resume."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from pretrain_helpers import BASE, build_template, events_of, llmctl_process, one_thread
+
+from llmctl.workspace import Workspace
+
+
+@pytest.fixture(autouse=True)
+def single_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    return build_template(tmp_path_factory.mktemp("template") / "workspace")
+
+
+@pytest.fixture
+def ws(template: Path, workspace_dir: Path) -> Path:
+    shutil.copytree(template, workspace_dir)
+    return workspace_dir
+
+
+def test_two_gloo_processes_with_half_the_batch_follow_the_single_process_curve(cli, ws):
+    schedule = ["--max-steps", "30", "--precision", "fp32", "--set", "train.eval_every=10",
+                "--set", "train.save_every=10"]
+    assert cli(*BASE, "--run", "one", *schedule, "--set", "train.micro_batch_size=8").exit_code == 0
+    process = llmctl_process(ws, *BASE, "--run", "two", *schedule, "--set", "train.micro_batch_size=4",
+                             "--nproc", "2")
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+
+    def curve(run: str, kind: str, figure: str) -> list[float]:
+        return [event[figure] for event in events_of(ws, run) if event["event"] == kind]
+
+    assert curve("two", "start", "world_size") == [2] and curve("two", "start", "tokens_per_step") == [8 * 32]
+    assert curve("two", "train", "loss") == pytest.approx(curve("one", "train", "loss"), abs=1e-4)
+    assert curve("two", "eval", "val_loss") == pytest.approx(curve("one", "eval", "val_loss"), abs=1e-4)
+    assert len(Workspace(ws).registry().checkpoints("two")) == 3  # rank 0 alone registered them
+
+    process = llmctl_process(ws, "pretrain", "--run", "two", "--resume", "--max-steps", "35", "--nproc", "2")
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    starts = [event for event in events_of(ws, "two") if event["event"] == "start"]
+    assert starts[-1]["resumed"] and starts[-1]["step"] == 30 and events_of(ws, "two")[-1]["step"] == 35
