@@ -335,12 +335,7 @@ def _checkpoints(state: RunState, now: float) -> list[Text]:
         )
     lines.append(describe("latest", latest, units.ago(now - latest["ts"]) if latest.get("ts") else ""))
     lines.append(
-        Text(
-            f"{len(state.checkpoints)} saved in this log"
-            if len(state.checkpoints) < 20
-            else "20+ saved in this log",
-            style="dim",
-        )
+        Text(f"{state.checkpoint_count:,} written so far", style="dim")
     )
     return lines
 

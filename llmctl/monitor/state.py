@@ -123,6 +123,7 @@ class RunState:
         self._val_window: deque[tuple[int, float, float | None]] = deque(maxlen=OVERFIT_EVALS + 1)
         self._overfit_reported = False
         self.checkpoints: deque[dict[str, Any]] = deque(maxlen=20)
+        self.checkpoint_count = 0
         self.best_checkpoint: dict[str, Any] | None = None
         self.sample: dict[str, Any] | None = None
         self.alerts: deque[Alert] = deque(maxlen=50)
@@ -269,6 +270,7 @@ class RunState:
             "val_loss": as_float(event.get("val_loss")),
         }
         self.checkpoints.append(record)
+        self.checkpoint_count += 1
         best_so_far = self.best_checkpoint and self.best_checkpoint["val_loss"]
         # The trainer marks its best checkpoint; an older log without the flag is judged by val loss.
         if record["best"] or ("best" not in event and _is_lower(record["val_loss"], best_so_far)):
