@@ -55,9 +55,13 @@ def resolve_model_ref(workspace: Workspace, ref: str) -> Path:
         if (as_path / "meta.json").is_file() and (as_path / "config.yaml").is_file():
             return as_path.resolve()
         if (as_path / "config.json").is_file():
-            raise UsageError(f"'{ref}' is a Hugging Face model directory; importing those is not supported yet "
-                             "(give an llmctl run or checkpoint directory)")
-        raise UsageError(f"'{ref}' is a directory but not an llmctl checkpoint (no meta.json and config.yaml)")
+            raise UsageError(
+                f"'{ref}' is a Hugging Face model directory; importing those is not supported yet "
+                "(give an llmctl run or checkpoint directory)"
+            )
+        raise UsageError(
+            f"'{ref}' is a directory but not an llmctl checkpoint (no meta.json and config.yaml)"
+        )
 
     run, _, selector = ref.partition(":")
     run_dir = workspace.run_dir(run)
@@ -73,7 +77,9 @@ def resolve_model_ref(workspace: Workspace, ref: str) -> Path:
     if selector == "latest":
         return checkpoints[-1][1]
     if selector == "best":
-        evaluated = [(loss, step, path) for step, path in checkpoints if (loss := _val_loss(path)) is not None]
+        evaluated = [
+            (loss, step, path) for step, path in checkpoints if (loss := _val_loss(path)) is not None
+        ]
         return min(evaluated)[2] if evaluated else checkpoints[-1][1]
     digits = selector.removeprefix("step-")
     if not (selector.startswith("step-") and digits.isdigit()):
@@ -103,8 +109,10 @@ def load_model(workspace: Workspace, ref: str, device: torch.device | str = "cpu
     path = resolve_model_ref(workspace, ref)
     meta = read_meta(path)
     if meta.get("kind", "full") != "full":
-        raise LlmctlError(f"'{path}' holds {meta['kind']} weights, which load with their base model "
-                          "(not supported by this command yet)")
+        raise LlmctlError(
+            f"'{path}' holds {meta['kind']} weights, which load with their base model "
+            "(not supported by this command yet)"
+        )
     config = read_config(path)
     model = Transformer(config.model)
     model_io_for(path).load(model, path)

@@ -107,7 +107,11 @@ def _measured_peaks(key: str) -> dict[str, float]:
     entry = cached.get(key)
     if entry is None or not entry.get("quiet"):
         busy = os.getloadavg()[0] / (os.cpu_count() or 1)
-        entry = {"fp32": _matmul_flops(torch.float32), "bf16": _matmul_flops(torch.bfloat16), "quiet": busy < 0.5}
+        entry = {
+            "fp32": _matmul_flops(torch.float32),
+            "bf16": _matmul_flops(torch.bfloat16),
+            "quiet": busy < 0.5,
+        }
         cached[key] = entry
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, cached)

@@ -463,7 +463,14 @@ def child_arguments(options: PretrainOptions, run: str, workspace_root: Path, de
     """The `llmctl ...` arguments each torchrun process gets: this command without the launch flags,
     with the run name fixed so every process (and node) agrees on it. The run goes as --run-name:
     torchrun's parser reads '--run' as an ambiguous abbreviation of its own --run-path."""
-    args = ["--workspace", str(workspace_root), *(["--debug"] if debug else []), "pretrain", "--run-name", run]
+    args = [
+        "--workspace",
+        str(workspace_root),
+        *(["--debug"] if debug else []),
+        "pretrain",
+        "--run-name",
+        run,
+    ]
     valued = {
         "--corpus": options.corpus,
         "--tokenizer": options.tokenizer,
