@@ -111,10 +111,15 @@ def _rule(
     return line
 
 
+def _split_column(width: int) -> int:
+    """Where a two-section row divides: the left section gets 55% of the inside."""
+    return 2 + (width - 7) * 11 // 20 + 1
+
+
 def frame(
     width: int, title: Text, title_right: Text, top: list[Text], rows: list[Row], footer: Text
 ) -> list[Text]:
-    split_at = 2 + (width - 7) * 11 // 20 + 1  # the left section gets 55% of the inside
+    split_at = _split_column(width)
     left_width, right_width = split_at - 3, width - split_at - 4
     bar = Text("│", style=BORDER)
     lines = [
@@ -334,9 +339,7 @@ def _checkpoints(state: RunState, now: float) -> list[Text]:
             describe("best", state.best_checkpoint, f"val {units.fixed(state.best_checkpoint['val_loss'])}")
         )
     lines.append(describe("latest", latest, units.ago(now - latest["ts"]) if latest.get("ts") else ""))
-    lines.append(
-        Text(f"{state.checkpoint_count:,} written so far", style="dim")
-    )
+    lines.append(Text(f"{state.checkpoint_count:,} written so far", style="dim"))
     return lines
 
 
@@ -402,10 +405,11 @@ def render_lines(
     right = _throughput(state, view)
     chart_rows = max(MIN_CHART_ROWS, len(right) - 2)
     if height is not None:
-        # everything but the chart: borders and rules 6, progress 1, chart axis 2, eval 3, alerts, sample
+        # besides the chart: 11 lines of borders, rules, progress, axis and eval, then the alerts and
+        # the sample, and one spare so the screen never scrolls
         others = 12 + min(alert_rows, max(1, len(alerts))) + (1 + len(sample.lines) if sample else 0)
         chart_rows = max(chart_rows, height - others)
-    split_at = 2 + (width - 7) * 11 // 20 + 1
+    split_at = _split_column(width)
     val_points = state.val_loss.points()
     chart = braille_chart(
         [
