@@ -54,3 +54,9 @@ def test_no_traceback_without_debug_and_one_with_it(tmp_path):
 
     debug = subprocess.run(command[:3] + ["--debug"] + command[3:], capture_output=True, text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_error_messages_print_brackets_literally(cli):
+    # a preset name with brackets would be eaten by Rich markup if errors were not escaped
+    result = cli("config", "show", "--preset", "[bold]x")
+    assert result.exit_code == 2 and "'[bold]x'" in result.stderr

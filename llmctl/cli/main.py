@@ -68,7 +68,9 @@ def _register_optional_groups() -> None:
     from llmctl.cli import status as status_cmd
     from llmctl.cli import tokenizer as tokenizer_cmd
     from llmctl.cli import pretrain as pretrain_cmd
+    from llmctl.cli import finetune as finetune_cmd
     from llmctl.cli import sample as sample_cmd
+    from llmctl.cli import chat as chat_cmd
 
     app.add_typer(corpus_cmd.app, name="corpus")
     app.add_typer(tokenizer_cmd.app, name="tokenizer")
@@ -76,8 +78,12 @@ def _register_optional_groups() -> None:
     app.command("monitor")(monitor_cmd.monitor)
     app.command("plot", no_args_is_help=True)(plot_cmd.plot)
     app.command("pretrain", no_args_is_help=True)(pretrain_cmd.pretrain)
+    app.command("finetune", no_args_is_help=True)(finetune_cmd.finetune)
+    app.command("qlora", no_args_is_help=True)(finetune_cmd.qlora)
+    app.command("merge", no_args_is_help=True)(finetune_cmd.merge)
     app.add_typer(eval_cmd.app, name="eval")
     app.command("sample", no_args_is_help=True)(sample_cmd.sample)
+    app.command("chat", no_args_is_help=True)(chat_cmd.chat)
 
 
 _register_optional_groups()
@@ -85,6 +91,8 @@ _register_optional_groups()
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; errors become one line on stderr."""
+    from rich.markup import escape
+
     from llmctl.errors import LlmctlError
 
     command = typer.main.get_command(app)
@@ -94,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     except LlmctlError as exc:
         if state.debug:
             raise
-        err.print(f"[red]error:[/red] {exc.message}", soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(exc.message)}", soft_wrap=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -110,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: keep the traceback behind --debug
         if state.debug:
             raise
-        err.print(f"[red]error:[/red] internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                  soft_wrap=True)
+        err.print(f"[red]error:[/red] internal error: {type(exc).__name__}: {escape(str(exc))} "
+                  "(rerun with --debug for the traceback)", soft_wrap=True)
         return 1
 
 

@@ -42,7 +42,7 @@ from llmctl.eval.sandbox import (
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
 DEFAULT_KS = (1, 10, 100)
 PROBLEM_KEYS = ("task_id", "prompt", "entry_point", "test")
-INSTALL_HINT = "pip install 'llmctl\\[eval]'"  # error messages are printed as Rich markup
+INSTALL_HINT = "pip install 'llmctl[eval]'"
 
 
 def truncate_completion(completion: str, stop_sequences: Sequence[str] = STOP_SEQUENCES) -> str:
