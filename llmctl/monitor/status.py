@@ -124,6 +124,13 @@ def run_summary(
     `log` defaults to the run's events.jsonl in the workspace (pass it for a copied log). With
     `skim`, train lines are skipped but the latest (see RunWatch): fast, but no derived alerts.
     """
+    return _row_and_state(workspace, name, log, now, skim)[0]
+
+
+def _row_and_state(
+    workspace: Workspace, name: str, log: Path | None, now: float | None, skim: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's row, and the summary of its folded log the row was made from."""
     now = time.time() if now is None else now
     log = log or workspace.run_dir(name) / LOG_NAME
     registry = workspace.registry(create=False)
@@ -139,7 +146,7 @@ def run_summary(
     best_eval = summary["best_eval"]
     if best_eval is None and best_checkpoint is not None:
         best_eval = {key: best_checkpoint.get(key) for key in ("step", "val_loss", "val_ppl", "val_bpb")}
-    return {
+    run_row = {
         "name": name,
         "stage": row.get("stage") or summary["stage"],
         "state": summary["state"] if summary["starts"] else ("registered" if row else "waiting"),
@@ -157,16 +164,14 @@ def run_summary(
         "corpus": row.get("corpus"),
         "tokenizer": row.get("tokenizer"),
         "path": str(log.parent),
-        "live": summary,
     }
+    return run_row, summary
 
 
 def workspace_status(workspace: Workspace) -> dict[str, Any]:
     registry = workspace.registry(create=False)
     now = time.time()
     runs = [run_summary(workspace, name, now=now, skim=True) for name in known_runs(workspace)]
-    for run in runs:
-        del run["live"]
     return jsonable(
         {
             "workspace": str(workspace.root),
@@ -208,8 +213,7 @@ def _tokenizer_entry(row: dict[str, Any]) -> dict[str, Any]:
 def run_status(workspace: Workspace, name: str, log: Path | None = None) -> dict[str, Any]:
     """A run's summary plus its config, lineage, checkpoints, evaluations and last alerts."""
     registry = workspace.registry(create=False)
-    summary = run_summary(workspace, name, log)
-    live = summary.pop("live")
+    summary, live = _row_and_state(workspace, name, log, None, skim=False)
     config = read_run_config(Path(summary["path"]))
     checkpoint_ids = {row["id"]: row["step"] for row in registry.checkpoints(name)}
     evals = [
