@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from llmctl.events import as_float
+
 DASH = "—"
 
 
@@ -51,8 +53,10 @@ def size(value: float | None) -> str:
     return f"{value:.0f} B"
 
 
-def figure(value: float | None, digits: int = 4) -> str:
-    """A loss-like figure: 4 significant digits, 'nan' and 'inf' as themselves."""
+def figure(value: float | str | None, digits: int = 4) -> str:
+    """A perplexity-like figure: 4 significant digits, 'nan' and 'inf' as themselves (JSON
+    documents carry them as strings, as the event log does)."""
+    value = as_float(value)
     if value is None:
         return DASH
     if not math.isfinite(value):
@@ -60,8 +64,9 @@ def figure(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:,.0f}"
 
 
-def fixed(value: float | None, decimals: int = 3) -> str:
+def fixed(value: float | str | None, decimals: int = 3) -> str:
     """A loss or bits-per-byte figure: 2.031, 'nan' and 'inf' as themselves."""
+    value = as_float(value)
     if value is None:
         return DASH
     return f"{value:.{decimals}f}" if math.isfinite(value) else str(value)
