@@ -108,13 +108,13 @@ def load_model(workspace: Workspace, ref: str, device: torch.device | str = "cpu
 
     path = resolve_model_ref(workspace, ref)
     meta = read_meta(path)
-    if meta.get("kind", "full") != "full":
-        raise LlmctlError(
-            f"'{path}' holds {meta['kind']} weights, which load with their base model "
-            "(not supported by this command yet)"
-        )
     config = read_config(path)
-    model = Transformer(config.model)
-    model_io_for(path).load(model, path)
+    if meta.get("kind", "full") == "adapter":
+        from llmctl.train.adapters import load_checkpoint_model
+
+        model = load_checkpoint_model(path, meta)  # the base named in meta.json, the adapter merged in
+    else:
+        model = Transformer(config.model)
+        model_io_for(path).load(model, path)
     tokenizer = load_tokenizer_file(path / "tokenizer.json")
     return LoadedModel(model.to(device).eval(), tokenizer, config, path, meta)
