@@ -80,7 +80,7 @@ def test_figures_are_the_figures_written(tmp_path: Path):
     assert state.step == 10 and state.latest["loss"] == 3.25 and state.latest["tokens_per_s"] == 5120.0
     assert state.last_eval["val_ppl"] == 33.1 and state.best_eval["val_bpb"] == 1.25
     assert state.best_checkpoint["step"] == 10 and state.sample["text"].startswith("x):")
-    assert state.liveness() == "running" and state.progress() == 0.01
+    assert state.liveness() == "running" and state.progress(state.last_ts, "running") == 0.01
 
 
 def test_nonfinite_loss_alerts_once_even_when_the_trainer_reports_it_too(tmp_path: Path):
@@ -291,3 +291,18 @@ def test_skimming_train_lines_gives_the_same_status_row(tmp_path: Path):
         assert a[key] == b[key], key
     assert b["train"]["loss"] == a["train"]["loss"] == 1.0 and b["train"]["tokens_per_s"] == 4000.0
     assert skimmed.state.events < 20 < full.state.events
+
+
+def test_progress_and_eta_follow_the_limit_reached_first(tmp_path: Path):
+    log = tmp_path / "events.jsonl"
+    with EventWriter(log) as writer:
+        start(writer, max_steps=100_000, max_time_s=100.0, max_tokens=None)
+        writer.write("train", 10, loss=3.0, elapsed_s=20.0, tokens=1000, tokens_per_s=50.0)
+        writer.write("train", 20, loss=2.9, elapsed_s=25.0, tokens=2000, tokens_per_s=50.0)
+    state = watched(log)
+    now = state.last_ts
+    assert [limit.kind for limit in state.limits(now, "running")] == ["steps", "time"]
+    assert state.progress(now, "running") == 0.25  # 25 s of 100 s, far ahead of 20 of 100,000 steps
+    assert state.eta_s(now, "running") == 75.0
+    assert state.progress(now + 10, "running") == 0.35  # the trainer's clock runs on between events
+    assert state.eta_s(now, "finished") is None

@@ -190,13 +190,13 @@ def _title_right(state: RunState, status: str, now: float) -> Text:
     elapsed = state.elapsed_s(now, status)
     if elapsed is not None:
         right.append(f" · {units.duration(elapsed)}")
-    eta = state.eta_s(status)
+    eta = state.eta_s(now, status)
     if eta is not None:
         right.append(f" · ETA {units.duration(eta)}")
     return right
 
 
-def _progress(state: RunState, status: str, width: int) -> Text:
+def _progress(state: RunState, status: str, now: float, width: int) -> Text:
     if state.end is not None:
         outcome = Text()
         outcome.append(
@@ -212,19 +212,22 @@ def _progress(state: RunState, status: str, width: int) -> Text:
         if best is not None:
             outcome.append(f" · checkpoint step-{best['step']:08d}")
         return outcome
-    fraction = state.progress()
-    tokens = state.latest.get("tokens")
-    if fraction is None:
-        text = Text()
-        text.append(f"step {state.step:,}", style="bold")
-        if tokens is not None:
-            text.append(f" · {units.count(tokens)} tokens", style="dim")
-        return text
+    limits = {limit.kind: limit for limit in state.limits(now, status)}
     figures = Text()
-    figures.append(f"  step {state.step:,} / {state.max_steps:,}  ", style="bold")
-    figures.append(f"{100 * fraction:3.0f}%")
-    if tokens is not None:
+    figures.append(
+        f"step {state.step:,}" + (f" / {state.max_steps:,}" if "steps" in limits else ""), style="bold"
+    )
+    if "time" in limits:
+        figures.append(f" · {units.duration(limits['time'].done)} of {units.duration(limits['time'].total)}")
+    tokens = state.latest.get("tokens")
+    if "tokens" in limits:
+        figures.append(f" · {units.count(tokens)} of {units.count(state.max_tokens)} tokens")
+    elif tokens is not None:
         figures.append(f" · {units.count(tokens)} tokens", style="dim")
+    if not limits:
+        return figures
+    fraction = max(limit.fraction for limit in limits.values())
+    figures = Text.assemble("  ", figures, f"  {100 * fraction:3.0f}%")
     bar_width = max(10, width - figures.cell_len)
     filled = round(bar_width * fraction)
     bar = Text()
@@ -435,7 +438,7 @@ def render_lines(
         width,
         _title(state, view),
         _title_right(state, status, now),
-        [_progress(state, status, width - 4)],
+        [_progress(state, status, now, width - 4)],
         rows,
         footer,
     )

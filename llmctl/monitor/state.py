@@ -54,6 +54,20 @@ class Alert:
     source: str  # "trainer" (an alert event) or "monitor" (derived here)
 
 
+@dataclass
+class Limit:
+    """One of the run's stopping limits (steps, time or tokens) and how far along it is."""
+
+    kind: str
+    done: float
+    total: float
+    remaining_s: float | None  # at the recent pace; None when unknown or the run is not active
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total)
+
+
 class Ema:
     """Exponential moving average."""
 
@@ -88,6 +102,8 @@ class RunState:
         self.precision: str | None = None
         self.pid: int | None = None
         self.max_steps: int | None = None
+        self.max_time_s: float | None = None
+        self.max_tokens: int | None = None
         self.params: int | None = None
         self.trainable_params: int | None = None
         self.device_memory_bytes: float | None = None
@@ -160,10 +176,11 @@ class RunState:
         for name in ("run", "stage", "preset", "device", "host", "precision"):
             if event.get(name) is not None:
                 setattr(self, name, str(event[name]))
-        for name in ("pid", "max_steps", "params", "trainable_params"):
+        for name in ("pid", "max_steps", "max_tokens", "params", "trainable_params"):
             value = as_float(event.get(name))
             setattr(self, name, int(value) if value is not None and math.isfinite(value) else None)
         self.device_memory_bytes = as_float(event.get("device_memory_bytes"))
+        self.max_time_s = as_float(event.get("max_time_s"))
         self.world_size = _int(event.get("world_size")) or 1
         self.end = None
         self.step = step
@@ -341,16 +358,36 @@ class RunState:
             return None
         return (last_step - first_step) / (last_ts - first_ts)
 
-    def eta_s(self, state: str) -> float | None:
-        speed = self.steps_per_s()
-        if state not in ACTIVE_STATES or not self.max_steps or not speed:
-            return None
-        return max(0, self.max_steps - self.step) / speed
+    def limits(self, now: float | None, state: str) -> list[Limit]:
+        """The limits the run stops at (max steps, max time, max tokens), as far as it has got."""
+        active = state in ACTIVE_STATES
+        limits = []
+        if self.max_steps:
+            speed = self.steps_per_s()
+            remaining = (self.max_steps - self.step) / speed if active and speed else None
+            limits.append(Limit("steps", self.step, self.max_steps, remaining))
+        trained_s, tokens = self.latest.get("elapsed_s"), self.latest.get("tokens")
+        if self.max_time_s and trained_s is not None:
+            # the trainer's own clock at its last train event, run on to now while it trains
+            last_train_ts = self._recent_progress[-1][0] if self._recent_progress else None
+            if active and last_train_ts is not None:
+                trained_s += max(0.0, (time.time() if now is None else now) - last_train_ts)
+            remaining = max(0.0, self.max_time_s - trained_s) if active else None
+            limits.append(Limit("time", trained_s, self.max_time_s, remaining))
+        if self.max_tokens and tokens is not None:
+            rate = self.tokens_per_s_smoothed.value
+            remaining = (self.max_tokens - tokens) / rate if active and rate else None
+            limits.append(Limit("tokens", tokens, self.max_tokens, remaining))
+        return limits
 
-    def progress(self) -> float | None:
-        if not self.max_steps:
-            return None
-        return min(1.0, self.step / self.max_steps)
+    def progress(self, now: float | None, state: str) -> float | None:
+        """How far along the run is: by the limit it is closest to reaching."""
+        limits = self.limits(now, state)
+        return max(limit.fraction for limit in limits) if limits else None
+
+    def eta_s(self, now: float | None, state: str) -> float | None:
+        remaining = [limit.remaining_s for limit in self.limits(now, state) if limit.remaining_s is not None]
+        return max(0.0, min(remaining)) if remaining else None
 
     def current_alerts(self, now: float | None, state: str) -> list[Alert]:
         """The alerts folded from the log, plus the one the clock tells: stalled or crashed."""
@@ -403,10 +440,10 @@ class RunState:
                 "state": state,
                 "step": self.step,
                 "max_steps": self.max_steps,
-                "progress": self.progress(),
+                "progress": self.progress(now, state),
                 "starts": self.starts,
                 "elapsed_s": self.elapsed_s(now, state),
-                "eta_s": self.eta_s(state),
+                "eta_s": self.eta_s(now, state),
                 "last_event_age_s": None if self.last_ts is None else max(0.0, now - self.last_ts),
                 "train": {
                     **self.latest,
