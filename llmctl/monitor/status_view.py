@@ -121,6 +121,7 @@ RUN_COLUMNS = (
     "stage",
     "state",
     "step",
+    "done",
     "elapsed",
     "val loss",
     "ppl",
@@ -129,9 +130,19 @@ RUN_COLUMNS = (
     "best ckpt",
     "latest ckpt",
 )
-NUMERIC_COLUMNS = ("step", "elapsed", "val loss", "ppl", "bpb", "last event", "best ckpt", "latest ckpt")
+NUMERIC_COLUMNS = (
+    "step",
+    "done",
+    "elapsed",
+    "val loss",
+    "ppl",
+    "bpb",
+    "last event",
+    "best ckpt",
+    "latest ckpt",
+)
 # Columns a narrow terminal gives up first: truncating every column a little helps no one.
-DROPPED_FIRST = ("latest ckpt", "bpb", "ppl", "elapsed", "best ckpt", "stage")
+DROPPED_FIRST = ("latest ckpt", "bpb", "ppl", "done", "elapsed", "best ckpt", "stage")
 
 
 def _runs_table(runs: list[dict[str, Any]], width: int) -> Table:
@@ -144,6 +155,7 @@ def _runs_table(runs: list[dict[str, Any]], width: int) -> Table:
                 "stage": run["stage"] or units.DASH,
                 "state": _state(run),
                 "step": _step(run),
+                "done": units.DASH if run["progress"] is None else f"{100 * run['progress']:.0f}%",
                 "elapsed": units.duration(run["elapsed_s"]),
                 "val loss": units.fixed(best.get("val_loss")),
                 "ppl": units.figure(best.get("val_ppl")),
