@@ -107,16 +107,16 @@ def test_prompt_file_and_stdin(cli, run, tmp_path, monkeypatch):
 
 
 def test_a_prompt_longer_than_the_context_window_keeps_its_end_with_a_warning(cli, run, tokenizer):
-    long_prompt = "x" * 400 + CHAT_PROMPT
+    long_prompt = "x" * 600 + CHAT_PROMPT
     result = cli("sample", "-m", run, "-p", long_prompt, "--max-new-tokens", "30", "--json")
     assert result.exit_code == 0
     assert "context window" in result.stderr and "dropped" in result.stderr
     document = result.json()
-    # context 160 keeps 160 - min(30, 80) tokens: the end of the prompt, chat turn included
-    assert document["prompt_tokens"] == 130
-    assert document["dropped_prompt_tokens"] == len(tokenizer.encode(long_prompt)) - 130
+    # context 256 keeps 256 - min(30, 128) tokens: the end of the prompt, chat turn included
+    assert document["prompt_tokens"] == 226
+    assert document["dropped_prompt_tokens"] == len(tokenizer.encode(long_prompt)) - 226
     streamed = cli("sample", "-m", run, "-p", long_prompt, "--max-new-tokens", "30")
-    kept_x = 130 - len(tokenizer.encode(CHAT_PROMPT))
+    kept_x = 226 - len(tokenizer.encode(CHAT_PROMPT))
     assert streamed.stdout.startswith("x" * kept_x + CHAT_PROMPT)
 
 

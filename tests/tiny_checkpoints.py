@@ -4,11 +4,11 @@ handful of chats rendered with the tokenizer's chat template, saved by the train
 from __future__ import annotations
 
 import functools
-import random
 from pathlib import Path
 
 import torch
 
+from llmctl.chat import CODE_SYSTEM_PROMPT
 from llmctl.config import GenerationConfig, ModelConfig, RunConfig
 from llmctl.model.transformer import Transformer
 from llmctl.tokenizer import EOT_TOKEN, build_byte_tokenizer, render_chat
@@ -22,8 +22,13 @@ CHATS = [
      {"role": "assistant", "content": ADD_REPLY}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
      {"role": "assistant", "content": GREETING}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": GREETING},
+     {"role": "user", "content": "hi"}, {"role": "assistant", "content": GREETING}],
+    [{"role": "system", "content": CODE_SYSTEM_PROMPT},
+     {"role": "user", "content": "write a function that adds two numbers"},
+     {"role": "assistant", "content": ADD_REPLY}],
 ]
-MODEL = ModelConfig(n_layer=2, n_head=4, d_model=64, context_length=160, vocab_size=262)
+MODEL = ModelConfig(n_layer=2, n_head=4, d_model=64, context_length=256, vocab_size=262)
 GENERATION = GenerationConfig(max_new_tokens=60, temperature=0.0)
 
 
@@ -35,7 +40,7 @@ def byte_tokenizer_file(directory: Path) -> Path:
 
 
 @functools.cache
-def chat_model_state(steps: int = 120) -> dict[str, torch.Tensor]:
+def chat_model_state(steps: int = 150) -> dict[str, torch.Tensor]:
     """Weights of a model that answers CHATS' user turns with their replies (trained once per session)."""
     tokenizer = build_byte_tokenizer()
     eot_id = tokenizer.token_to_id(EOT_TOKEN)
@@ -49,11 +54,9 @@ def chat_model_state(steps: int = 120) -> dict[str, torch.Tensor]:
         width = max(len(ids) for ids in sequences)
         batch = torch.tensor([ids + [eot_id] * (width - len(ids)) for ids in sequences])
         optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3)
-        rng = random.Random(0)
         for _ in range(steps):
-            rows = batch[[rng.randrange(len(CHATS)) for _ in range(8)]]
-            logits = model(rows[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten())
+            logits = model(batch[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

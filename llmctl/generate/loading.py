@@ -39,14 +39,18 @@ def load_engine(
     return LoadedEngine(engine, ref, loaded.path, loaded.config)
 
 
-def override_generation(base: GenerationConfig, overrides: Mapping[str, Any]) -> GenerationConfig:
-    """`base` with the overrides that are not None, checked; an error names the flag (--top-p)."""
+def override_generation(
+    base: GenerationConfig, overrides: Mapping[str, Any], names: Mapping[str, str] | None = None
+) -> GenerationConfig:
+    """`base` with the overrides that are not None, checked. An error names the setting as the user
+    typed it: `names` maps fields to that (chat's `/temp`), else the flag (`--top-p`)."""
     given = {key: value for key, value in overrides.items() if value is not None}
     try:
         return GenerationConfig.model_validate({**base.model_dump(), **given})
     except ValidationError as exc:
         error = exc.errors()[0]
         field = str(error["loc"][0]) if error["loc"] else "value"
+        name = (names or {}).get(field, f"--{field.replace('_', '-')}")
         message = error["msg"].removeprefix("Value error, ")
         message = message[:1].lower() + message[1:]
-        raise UsageError(f"invalid --{field.replace('_', '-')} {given.get(field)!r}: {message}") from exc
+        raise UsageError(f"invalid {name} {given.get(field)!r}: {message}") from exc
