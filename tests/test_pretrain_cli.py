@@ -44,12 +44,17 @@ def ws(template: Path, workspace_dir: Path) -> Path:
     shutil.copytree(template, workspace_dir)
     return workspace_dir
 
+def sets(assignments: str) -> list[str]:
+    """'a=1 b=2' -> ['--set', 'a=1', '--set', 'b=2']"""
+    return [part for assignment in assignments.split() for part in ("--set", assignment)]
+
+
 # ---------------------------------------------------------------- a whole run
 
 
 def test_pretrain_trains_and_records_the_run(cli, ws):
-    result = cli(*BASE, "--run", "base", "--max-steps", "60", "--set", "train.eval_every=20",
-                 "--set", "train.save_every=20", "--set", "train.keep_last=1", "--set", "train.lr=3e-3")
+    settings = "train.eval_every=20 train.save_every=20 train.keep_last=1 train.lr=3e-3 train.sample_every=30"
+    result = cli(*BASE, "--run", "base", "--max-steps", "60", *sets(settings))
     assert result.exit_code == 0, result.stderr
     assert "run 'base' ended (finished) at step 60" in result.stderr
 
@@ -65,6 +70,9 @@ def test_pretrain_trains_and_records_the_run(cli, ws):
     assert [event["step"] for event in evals] == [20, 40, 60]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[-1]["val_bpb"] < evals[0]["val_bpb"]
     assert events[-1]["event"] == "end" and events[-1]["reason"] == "finished"
+    samples = [event for event in events if event["event"] == "sample"]
+    assert [event["step"] for event in samples] == [30, 60]
+    assert all(event["prompt"] == "" and isinstance(event["text"], str) for event in samples)
 
     saved = (ws / "runs" / "base" / "config.yaml").read_text()
     assert "vocab_size: 512" in saved  # the tokenizer's vocabulary replaced the preset's 8192

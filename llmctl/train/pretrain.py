@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from llmctl.config import RunConfig, load_yaml_file, parse_assignment, resolve_config
+from llmctl.config import GenerationConfig, RunConfig, load_yaml_file, parse_assignment, resolve_config
 from llmctl.data.store import CorpusStore
 from llmctl.data.tokencache import TokenCache, build_token_cache, load_token_cache
 from llmctl.errors import LlmctlError, UsageError
+from llmctl.generate import Engine
 from llmctl.model.sizing import (
     MemoryEstimate,
     count_parameters,
@@ -43,7 +44,7 @@ from llmctl.train.precision import (
     resolve_device,
     resolve_precision,
 )
-from llmctl.train.trainer import RunInfo, Trainer, planned_steps
+from llmctl.train.trainer import RunInfo, Sampler, Trainer, planned_steps
 from llmctl.workspace import Workspace, check_name
 
 STAGE = "pretrain"
@@ -402,6 +403,24 @@ def start_run(workspace: Workspace, plan: PretrainPlan, overwrite: bool) -> Path
     return run_dir
 
 
+SAMPLE_MAX_NEW_TOKENS = 96
+
+
+def text_sampler(tokenizer: LoadedTokenizer, generation: GenerationConfig, seed: int) -> Sampler:
+    """Samples for the event stream: one continuation of a document start (the end-of-text token),
+    with the run's generation settings, at most SAMPLE_MAX_NEW_TOKENS tokens, and a fixed seed in a
+    generator of its own, so sampling never disturbs the training RNG."""
+    config = generation.model_copy(
+        update={"max_new_tokens": min(generation.max_new_tokens, SAMPLE_MAX_NEW_TOKENS), "seed": seed}
+    )
+
+    def sample(model: torch.nn.Module) -> list[tuple[str, str]]:
+        (completion,) = Engine(model, tokenizer).generate([""], config)
+        return [("", completion.text)]
+
+    return sample
+
+
 def build_trainer(
     workspace: Workspace,
     plan: PretrainPlan,
@@ -451,6 +470,7 @@ def build_trainer(
         compile_model=plan.compile,
         dist_env=dist,
         flops_per_token=plan.flops_per_token,
+        sampler=text_sampler(plan.tokenizer, cfg.generation, cfg.train.seed),
         console=console,
         show_progress=show_progress,
     )

@@ -73,6 +73,8 @@ class LossResult:
 
 
 LossFn = Callable[[nn.Module, Batch], LossResult]
+# the model in, (prompt, generated text) pairs out; run every train.sample_every steps on rank 0
+Sampler = Callable[[nn.Module], list[tuple[str, str]]]
 
 
 def lm_loss(model: nn.Module, batch: Batch) -> LossResult:
@@ -178,6 +180,7 @@ class Trainer:
         loss_fn: LossFn = lm_loss,
         model_io: ModelIO | None = None,
         flops_per_token: int | None = None,
+        sampler: Sampler | None = None,
         console: Console | None = None,
         show_progress: bool = True,
     ):
@@ -189,6 +192,7 @@ class Trainer:
         self.model_io = model_io or FullModelIO()
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops(device, precision.name)
+        self.sampler = sampler
         self.console = console or Console(stderr=True, highlight=False)
         self.show_progress = show_progress and self.dist.is_main
 
@@ -328,6 +332,8 @@ class Trainer:
                     return "early_stopping"
             if self.step % self.train_cfg.save_every == 0 and self._saved_step != self.step:
                 self.save_checkpoint()
+            if self.train_cfg.sample_every and self.step % self.train_cfg.sample_every == 0:
+                self._write_samples()
 
     def _stop_reason(self) -> str | None:
         # every rank must stop at the same step: rank 0's clock and any rank's signal decide
@@ -621,6 +627,15 @@ class Trainer:
         if self.train_cfg.max_time:
             remaining.append(self.train_cfg.max_time - self.elapsed)
         return max(0.0, min(remaining)) if remaining else None
+
+    @torch.no_grad()
+    def _write_samples(self) -> None:
+        if self.sampler is None or not self.dist.is_main:
+            return
+        with self.precision.autocast():
+            samples = self.sampler(self.model)
+        for prompt, text in samples:
+            self.events.write("sample", self.step, prompt=prompt, text=text)
 
     def _heartbeat(self, stop: threading.Event) -> None:
         while not stop.wait(5.0):
