@@ -116,6 +116,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(cli, ws):
     for line in ("parameters", "tokens per step", "device memory"):
         assert line in table.stdout
 
+    huge = cli(*BASE, "--dry-run", "--json", *sets("model.n_layer=64 model.d_model=8192 model.n_head=64"))
+    assert huge.exit_code == 0, huge.stderr  # a dry run shows what does not fit instead of refusing
+    assert not huge.json()["fits"] and huge.json()["suggestion"]
+
 
 # ---------------------------------------------------------------- bad input
 

@@ -104,8 +104,8 @@ def pretrain(
     ws = workspace()
 
     if launching or not dist.enabled:
-        plan = make_plan(ws, options, build_cache=not dry_run, warn=warn)
-        if not plan.fits:
+        plan = make_plan(ws, options, build_cache=not dry_run, enforce_memory=not dry_run, warn=warn)
+        if not plan.fits and not dry_run:
             warn(
                 f"the estimated memory exceeds the device; {plan.suggestion} (continuing because of --force)"
             )

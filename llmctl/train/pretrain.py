@@ -250,12 +250,14 @@ def make_plan(
     *,
     build_cache: bool = True,
     check_new_run: bool = True,
+    enforce_memory: bool = True,
     warn: Callable[[str], None] | None = None,
 ) -> PretrainPlan:
     """Resolve and check everything a run needs, writing nothing but (with build_cache) the token cache.
 
     check_new_run=False skips the 'run exists' check (ranks other than 0 of a distributed run, which
-    plan after rank 0 created the run); warn receives notes such as a damaged checkpoint skipped.
+    plan after rank 0 created the run); enforce_memory=False lets a plan that does not fit through
+    (a dry run shows it); warn receives notes such as a damaged checkpoint skipped.
     """
     if options.run is not None:
         check_name(options.run, "run")
@@ -299,7 +301,7 @@ def make_plan(
         resume_from=resume_from,
         cache=None,
     )
-    if not plan.fits and not options.force:
+    if enforce_memory and not plan.fits and not options.force:
         raise LlmctlError(
             f"the estimated training memory {human_bytes(memory.total)} exceeds {describe_device(device)}'s "
             f"{human_bytes(device_memory)}; {plan.suggestion}, or pass --force to try anyway"
