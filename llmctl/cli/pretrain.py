@@ -29,7 +29,9 @@ def pretrain(
     preset: str = typer.Option(
         None, "--preset", "-p", help="Model and training preset (llmctl presets list)."
     ),
-    run: str = typer.Option(None, "--run", "--run-name", "-r", help="Run name \\[default: CORPUS-PRESET-TIMESTAMP]."),
+    run: str = typer.Option(
+        None, "--run", "--run-name", "-r", help="Run name \\[default: CORPUS-PRESET-TIMESTAMP]."
+    ),
     config: Path = typer.Option(None, "--config", help="YAML config file layered over the preset."),
     overrides: list[str] = typer.Option([], "--set", help="dotted.key=value, repeatable (train.lr=1e-4)."),
     max_steps: int = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps."),
