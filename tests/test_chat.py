@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +21,7 @@ import torch
 from tiny_checkpoints import ADD_REPLY, GREETING, write_run_checkpoint
 
 from llmctl.chat import DECLINE_MESSAGE, ChatSession, extract_code, is_code_request
+from llmctl.config import GenerationConfig, ModelConfig
 from llmctl.generate import load_engine
 from llmctl.tokenizer import EOT_TOKEN, byte_to_unicode
 from llmctl.workspace import Workspace
@@ -264,3 +274,78 @@ def test_extract_code_takes_the_first_block_or_the_bare_reply():
     assert extract_code("a\n```\nx = 1\n```\nthen\n```js\ny\n```") == ("x = 1", None)
     assert extract_code("Sure:\n```rust\nfn main() {}\n") == ("fn main() {}", "rust")  # unclosed fence
     assert extract_code("def f():\n    pass\n") == ("def f():\n    pass", None)
+
+
+# ---------------------------------------------------------------- the terminal REPL
+
+
+class Terminal:
+    """A child process on a pseudo-terminal that is its controlling terminal, so Ctrl-C (\\x03) is a
+    SIGINT and Ctrl-D (\\x04) an end of file, as at a keyboard."""
+
+    ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+
+        def own_terminal() -> None:
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.process = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env,
+                                        preexec_fn=own_terminal, close_fds=True)
+        os.close(slave)
+        self.master = master
+        self.seen = ""  # output since the last expect() matched, escapes removed
+
+    def expect(self, text: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while text not in self.seen:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"{text!r} never appeared; output: {self.seen[-2000:]!r}"
+            if select.select([self.master], [], [], remaining)[0]:
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError:  # the child closed the terminal
+                    data = b""
+                assert data, f"the chat ended before {text!r}; output: {self.seen[-2000:]!r}"
+                self.seen += self.ANSI.sub("", data.decode("utf-8", errors="replace"))
+        before, _, self.seen = self.seen.partition(text)
+        return before
+
+    def send(self, keys: str) -> None:
+        os.write(self.master, keys.encode())
+
+
+def test_the_terminal_repl_streams_renders_stops_on_ctrl_c_and_leaves_on_ctrl_d(run, workspace_dir):
+    # a random model decodes greedily without ever choosing end of text: a reply long enough to interrupt
+    endless = ModelConfig(n_layer=2, n_head=4, d_model=64, context_length=4096, vocab_size=262)
+    write_run_checkpoint(workspace_dir, "endless", model_config=endless,
+                         generation=GenerationConfig(temperature=0.0, max_new_tokens=4000))
+    env = {**os.environ, "LLMCTL_HOME": str(workspace_dir), "TERM": "xterm-256color", "COLUMNS": "120"}
+    terminal = Terminal([sys.executable, "-m", "llmctl", "chat", "-m", run], env)
+    try:
+        terminal.expect("/help for commands")
+        terminal.expect("you› ")
+        terminal.send("hi\r")
+        assert GREETING in terminal.expect("you› ")
+        terminal.send("/temp 0.5\r")
+        assert "temperature 0.5 (was 0.0)" in terminal.expect("you› ")
+        terminal.send("/model endless\r")
+        assert "switched to" in terminal.expect("you› ")
+        terminal.send("go on\r")
+        terminal.expect("go on")
+        time.sleep(1.0)  # let it stream for a while
+        terminal.send("\x03")
+        assert "(stopped)" in terminal.expect("you› ")
+        terminal.send("\x03")  # at the prompt, Ctrl-C only clears the line
+        terminal.expect("you› ")
+        terminal.send("/save transcript.json\r")
+        assert "saved 4 messages" in terminal.expect("you› ")
+        terminal.send("\x04")
+        assert terminal.process.wait(timeout=30) == 0
+    finally:
+        if terminal.process.poll() is None:
+            terminal.process.kill()
+        os.close(terminal.master)

@@ -76,6 +76,7 @@ def write_run_checkpoint(
 ) -> Path:
     """runs/<run>/checkpoints/step-N written by the trainer's writer, with the chat model's weights
     (or random ones when `model_config` is another shape)."""
+    torch.manual_seed(0)
     model = Transformer(model_config)
     if model_config == MODEL:
         model.load_state_dict(chat_model_state())
