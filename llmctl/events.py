@@ -79,7 +79,7 @@ class EventTail:
 
     `skim` names event kinds a reader needs only the latest of (status wants the last `train`
     line, not a million of them): their lines are recognised by bytes, not parsed, except the last
-    one of each chunk read, which keeps its place in the order.
+    one of each chunk read, which keeps its place in the order. It may change between polls.
     """
 
     path: Path
@@ -94,10 +94,6 @@ class EventTail:
     _chunk: int = field(default=8 << 20, repr=False)
 
     _HEAD_BYTES = 64
-
-    def __post_init__(self) -> None:
-        # the writer's compact separators; a line written otherwise is simply parsed
-        self._skim_markers = tuple(f'"event":"{kind}"'.encode() for kind in self.skim)
 
     def poll(self, max_bytes: int | None = None) -> list[dict[str, Any]]:
         self.restarted = False
@@ -137,13 +133,16 @@ class EventTail:
 
     def _parse(self, lines: list[bytes]) -> list[dict[str, Any]]:
         parsed: list[dict[str, Any]] = []
+        # the writer's compact separators; a line written otherwise is simply parsed
+        markers = tuple(f'"event":"{kind}"'.encode() for kind in self.skim)
         skimmed: dict[bytes, tuple[int, int, bytes]] = {}  # per kind: where its latest line belongs
         for number, line in enumerate(lines):
-            marker = next((m for m in self._skim_markers if m in line), None) if self._skim_markers else None
-            if marker is not None:
-                skimmed[marker] = (len(parsed), number, line)
-                continue
-            self._parse_line(line, parsed)
+            for marker in markers:
+                if marker in line:
+                    skimmed[marker] = (len(parsed), number, line)
+                    break
+            else:
+                self._parse_line(line, parsed)
         # insert from the back so earlier positions stay valid
         for position, _, line in sorted(skimmed.values(), reverse=True):
             kept: list[dict[str, Any]] = []

@@ -306,3 +306,29 @@ def test_progress_and_eta_follow_the_limit_reached_first(tmp_path: Path):
     assert state.eta_s(now, "running") == 75.0
     assert state.progress(now + 10, "running") == 0.35  # the trainer's clock runs on between events
     assert state.eta_s(now, "finished") is None
+
+
+def test_a_log_far_behind_is_sampled_then_read_in_full(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(RunWatch, "FULL_READ_BYTES", 64 << 10)
+    monkeypatch.setattr(RunWatch, "MIN_SAMPLE_BYTES", 4 << 10)
+    log = tmp_path / "events.jsonl"
+    with EventWriter(log) as writer:
+        start(writer, max_steps=20_000)
+        for step in range(1, 20_001):
+            writer.write("train", step, loss=9.0 - step / 4000, tokens_per_s=1000.0)
+            if step % 1000 == 0:
+                writer.write("eval", step, val_loss=9.1 - step / 4000, val_ppl=100.0, val_bpb=2.0)
+        writer.write("train", 20_000, loss=float("nan"))
+    full, sampled = RunWatch(log), RunWatch(log)
+    full.FULL_READ_BYTES = 1 << 40  # the reference reads every line
+    full.refresh()
+    sampled.refresh()
+    assert sampled.state.events < full.state.events / 3  # most train lines were never parsed
+    now = full.state.last_ts
+    a, b = full.state.summary(now), sampled.state.summary(now)
+    for key in ("state", "step", "progress", "last_eval", "best_eval", "train", "alerts"):
+        assert a[key] == b[key], key
+    steps = [step for step, _ in sampled.state.train_loss.points()]
+    assert steps[0] < 1000 and steps[-1] > 19_900 and len(steps) > 200
+    assert len(sampled.state.val_loss.points()) == 20  # every evaluation is read
+    assert all(abs(value - (9.0 - step / 4000)) < 0.05 for step, value in sampled.state.train_loss.points())
