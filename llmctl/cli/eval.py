@@ -7,9 +7,11 @@ from pathlib import Path
 
 import typer
 
-from llmctl.cli.common import note, out, print_json, warn
+from llmctl.cli.common import note, out, print_json, warn, workspace
+from llmctl.cli.sample import DEVICE, MODEL
 
-app = typer.Typer(help="Measure models and completions: HumanEval pass@k in a sandbox.", no_args_is_help=True)
+app = typer.Typer(help="Measure models and completions: perplexity and bits per byte, HumanEval pass@k "
+                       "in a sandbox, code probes, checkpoint comparison.", no_args_is_help=True)
 
 # Each worker runs one program at a time, which may use up to the sandbox's memory limit.
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
@@ -37,7 +39,6 @@ def humaneval(
 
     Example: llmctl eval humaneval --completions samples.jsonl --k 1,10 --workers 4
     """
-    from llmctl.cli.common import workspace
     from llmctl.eval.humaneval import (
         evaluate,
         humaneval_path,
@@ -126,3 +127,63 @@ def _render(summary: dict) -> None:
     table.add_row("time", f"{summary['seconds']:.1f} s")
     out.print(table)
     out.print(f"per-problem results: {summary['results_file']}", soft_wrap=True)
+
+
+@app.command("perplexity")
+def perplexity(
+    model: str = MODEL,
+    corpus: str = typer.Option(None, "--corpus", "-c", help="Score this corpus's validation split."),
+    file: Path = typer.Option(None, "--file", "-f", help="Score this UTF-8 text file (one document)."),
+    stride: int = typer.Option(None, "--stride", min=1, show_default=False,
+                               help="Tokens each window moves on in long documents "
+                                    "\\[default: half the context]."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Windows read at once."),
+    device: str = DEVICE,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Loss, perplexity and bits per byte on a corpus's validation split or a text file.
+
+    Example: llmctl eval perplexity --model code-base --corpus code --stride 256
+    """
+    from llmctl.checkpoints import load_model
+    from llmctl.eval.perplexity import measure_perplexity, text_source
+    from llmctl.eval.results import describe_checkpoint, record
+    from llmctl.generate import resolve_device
+
+    ws = workspace()
+    source, texts = text_source(ws, corpus, file)
+    loaded = load_model(ws, model, resolve_device(device))
+    result = measure_perplexity(loaded.model, loaded.tokenizer, texts, stride=stride, batch_size=batch_size,
+                                on_progress=_report_documents)
+    summary = {"kind": "perplexity", **describe_checkpoint(ws, model, loaded.path, loaded.meta),
+               "source": source, **result.as_dict(), "batch_size": batch_size}
+    summary["eval_id"] = record(ws, "perplexity", summary)
+    if as_json:
+        print_json(summary)
+    else:
+        _render_perplexity(summary)
+
+
+def _name_source(source: dict) -> str:
+    return f"{source['corpus']}/{source['split']}" if "corpus" in source else Path(source["file"]).name
+
+
+def _report_documents(documents: int, tokens: int) -> None:
+    note(f"scored {documents} documents, {tokens} tokens")
+
+
+def _render_perplexity(summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"perplexity · {summary['model']} · {_name_source(summary['source'])}",
+                  title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("loss (nats/token)", f"{summary['loss']:.4f}")
+    table.add_row("perplexity", f"{summary['perplexity']:.2f}")
+    table.add_row("bits per byte", f"{summary['bits_per_byte']:.4f}")
+    table.add_row("scored", f"{summary['documents']} documents · {summary['tokens']:,} tokens · "
+                            f"{summary['bytes']:,} bytes")
+    table.add_row("window", f"{summary['window']} tokens, stride {summary['stride']}")
+    table.add_row("time", f"{summary['seconds']:.1f} s ({summary['tokens_per_second'] or 0:,.0f} tokens/s)")
+    out.print(table)

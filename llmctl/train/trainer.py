@@ -29,6 +29,7 @@ from rich.console import Console
 from torch import nn
 
 from llmctl.config import RunConfig
+from llmctl.eval.perplexity import bits_per_byte
 from llmctl.events import EventWriter
 from llmctl.train import distributed
 from llmctl.train.batches import IGNORE_INDEX, MODEL_INPUTS, Batch, BatchSource
@@ -411,7 +412,7 @@ class Trainer:
         val_loss = totals[0] / max(totals[1], 1.0)
         metrics = {"val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss < 700 else math.inf}
         if self.batches.bytes_per_token:
-            metrics["val_bpb"] = val_loss / math.log(2) / self.batches.bytes_per_token
+            metrics["val_bpb"] = bits_per_byte(val_loss, self.batches.bytes_per_token)
         for name, total in zip(names, totals[2:], strict=True):
             metrics[f"val_{name}"] = total / max(totals[1], 1.0)
         return metrics
