@@ -204,12 +204,13 @@ def test_resume_after_sigkill_ends_bit_identical_to_an_uninterrupted_run(cli, ws
     assert state["tokens"] == expected_state["tokens"] and state["batches"] == expected_state["batches"]
 
 
-def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(ws):
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_exits_128_plus_it(ws, signum, exit_code):
     process = llmctl_process(ws, *BASE, "--run", "term", "--max-steps", "100000")
     wait_for_event(ws, "term", "train", process)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 143, stderr
+    assert process.returncode == exit_code, stderr
     end = events_of(ws, "term")[-1]
     assert end["event"] == "end" and end["reason"] == "interrupted"
     checkpoint = ws / "runs" / "term" / "checkpoints" / f"step-{end['step']:08d}"
@@ -217,3 +218,16 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(ws):
     assert "--resume" in stderr
     row = Workspace(ws).registry().checkpoint_at("term", end["step"])
     assert row is not None and json.loads((checkpoint / "meta.json").read_text())["step"] == end["step"]
+
+
+def test_time_and_token_limits_end_the_run(cli, ws):
+    timed = cli(*BASE, "--run", "timed", "--max-steps", "100000", "--max-time", "2s")
+    assert timed.exit_code == 0, timed.stderr
+    end = events_of(ws, "timed")[-1]
+    assert end["reason"] == "max_time" and 2 <= end["elapsed_s"] < 10
+
+    counted = cli(*BASE, "--run", "counted", "--max-tokens", "1.2k")  # 1200 tokens: 10 steps of 128
+    assert counted.exit_code == 0, counted.stderr
+    events = events_of(ws, "counted")
+    assert events[0]["max_steps"] == 10  # --max-tokens alone replaced the preset's 2000 steps
+    assert events[-1]["reason"] == "max_tokens" and events[-1]["step"] == 10 and events[-1]["tokens"] == 1280

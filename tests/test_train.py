@@ -248,6 +248,29 @@ def test_training_lowers_the_loss_and_writes_events_and_checkpoints(tmp_path):
     assert kept[-1] == "step-00000040" and len(kept) <= 2
 
 
+def test_accumulating_two_half_batches_follows_one_whole_batch(tmp_path):
+    whole = make_trainer(tmp_path / "whole", tiny_config(max_steps=10, micro_batch_size=8))
+    halves = make_trainer(
+        tmp_path / "halves", tiny_config(max_steps=10, micro_batch_size=4, grad_accum_steps=2)
+    )
+    whole.fit(), halves.fit()
+    for name, param in whole.model.named_parameters():
+        assert torch.allclose(param, dict(halves.model.named_parameters())[name], atol=1e-5), name
+
+
+def test_activation_checkpointing_recomputes_without_changing_the_result(tmp_path):
+    plain = make_trainer(tmp_path / "plain", tiny_config(max_steps=5))
+    recomputed = make_trainer(
+        tmp_path / "recomputed", tiny_config(max_steps=5, activation_checkpointing=True)
+    )
+    assert recomputed.model.gradient_checkpointing and not plain.model.gradient_checkpointing
+    plain.fit(), recomputed.fit()
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(plain.model.parameters(), recomputed.model.parameters(), strict=True)
+    )
+
+
 def test_a_non_finite_loss_is_skipped_then_stops_the_run_keeping_the_last_good_checkpoint(tmp_path):
     calls = {"micro_batches": 0}
 

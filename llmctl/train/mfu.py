@@ -106,7 +106,8 @@ def _measured_peaks(key: str) -> dict[str, float]:
         cached = {}
     entry = cached.get(key)
     if entry is None or not entry.get("quiet"):
-        busy = os.getloadavg()[0] / (os.cpu_count() or 1)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # not on Windows
+        busy = load / (os.cpu_count() or 1)
         entry = {
             "fp32": _matmul_flops(torch.float32),
             "bf16": _matmul_flops(torch.bfloat16),
