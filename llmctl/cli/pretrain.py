@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import typer
 
 from llmctl.cli.common import err, out, print_json, state, success, warn, workspace
+
+if TYPE_CHECKING:
+    from llmctl.train.pretrain import PretrainPlan
+    from llmctl.train.trainer import TrainResult
 
 
 def _count(text: str | None) -> int | None:
@@ -79,7 +84,14 @@ def pretrain(
     """
     from llmctl.errors import UsageError
     from llmctl.train import distributed
-    from llmctl.train.pretrain import PretrainOptions, child_arguments, make_plan
+    from llmctl.train.pretrain import (
+        PretrainOptions,
+        child_arguments,
+        join_distributed_run,
+        make_plan,
+        start_run,
+        train,
+    )
 
     if nnodes > 1 and not rdzv_endpoint:
         raise UsageError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
@@ -105,53 +117,30 @@ def pretrain(
     )
     ws = workspace()
 
-    if launching or not dist.enabled:
+    if dist.enabled:  # one process of a torchrun launch
+        plan = join_distributed_run(ws, options, dist, warn)
+    else:
         plan = make_plan(ws, options, build_cache=not dry_run, enforce_memory=not dry_run, warn=warn)
-        if not plan.fits and not dry_run:
-            warn(
-                f"the estimated memory exceeds the device; {plan.suggestion} (continuing because of --force)"
-            )
         if dry_run:
             _show_plan(plan.summary(), as_json)
             return 0
+        if not plan.fits:
+            warn(f"the estimated memory exceeds the device; {plan.suggestion} (going on because of --force)")
         if launching:
             argv = child_arguments(options, plan.run, ws.root, state.debug)
             command = distributed.torchrun_command(argv, nproc, nnodes, node_rank, rdzv_endpoint)
             err.print(f"[dim]launching {nproc * nnodes} processes: {' '.join(command)}[/dim]", soft_wrap=True)
             return subprocess.call(command)
-    return _train(ws, options, dist, plan if not dist.enabled else None)
-
-
-def _train(ws, options, dist, plan) -> int:
-    from llmctl.train import distributed
-    from llmctl.train.precision import resolve_device
-    from llmctl.train.pretrain import build_trainer, make_plan, resolve_pretrain_config, start_run
-
-    if dist.enabled:
-        # rank 0 checks, builds the cache and creates the run; the others then read what it made
-        config = resolve_pretrain_config(ws, options)
-        distributed.init_process_group(dist, resolve_device(config.train.device, dist.local_rank))
-        if dist.is_main:
-            plan = make_plan(ws, options, warn=warn)
-            start_run(ws, plan, options.overwrite)
-        distributed.barrier(dist)
-        if not dist.is_main:
-            plan = make_plan(ws, options, build_cache=False, check_new_run=False)
-    else:
         start_run(ws, plan, options.overwrite)
-    try:
-        if dist.is_main:
-            _announce(plan)
-        trainer = build_trainer(ws, plan, dist, console=err)
-        result = trainer.fit()
-    finally:
-        distributed.destroy_process_group()
+    if dist.is_main:
+        _announce(plan)
+    result = train(ws, plan, dist, console=err)
     if dist.is_main:
         _report(plan.run, result)
     return result.exit_code
 
 
-def _announce(plan) -> None:
+def _announce(plan: PretrainPlan) -> None:
     from llmctl.model.sizing import human_count
 
     action = f"resuming from {plan.resume_from.name}" if plan.resume_from else "starting"
@@ -163,7 +152,7 @@ def _announce(plan) -> None:
     )
 
 
-def _report(run: str, result) -> None:
+def _report(run: str, result: TrainResult) -> None:
     best = f" · best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
     where = f" · {result.last_checkpoint}" if result.last_checkpoint else ""
     if result.reason == "interrupted":

@@ -33,6 +33,7 @@ from llmctl.model.sizing import (
 )
 from llmctl.model.transformer import Transformer
 from llmctl.tokenizer import LoadedTokenizer, load_tokenizer
+from llmctl.train import distributed
 from llmctl.train.batches import TokenWindows
 from llmctl.train.checkpoint import read_meta, select_resume_checkpoint
 from llmctl.train.distributed import DistEnv
@@ -44,7 +45,7 @@ from llmctl.train.precision import (
     resolve_device,
     resolve_precision,
 )
-from llmctl.train.trainer import RunInfo, Sampler, Trainer, planned_steps
+from llmctl.train.trainer import RunInfo, Sampler, Trainer, TrainResult, planned_steps
 from llmctl.workspace import Workspace, check_name
 
 STAGE = "pretrain"
@@ -403,6 +404,31 @@ def start_run(workspace: Workspace, plan: PretrainPlan, overwrite: bool) -> Path
     else:
         registry.update_run_meta(plan.run, **meta, end_reason=None)
     return run_dir
+
+
+def join_distributed_run(
+    workspace: Workspace, options: PretrainOptions, dist: DistEnv, warn: Callable[[str], None] | None = None
+) -> PretrainPlan:
+    """The plan of one torchrun process, after joining the process group. Rank 0 checks, builds the
+    token cache and creates the run; the other ranks wait for it, then plan from what it made."""
+    config = resolve_pretrain_config(workspace, options)
+    distributed.init_process_group(dist, resolve_device(config.train.device, dist.local_rank))
+    if dist.is_main:
+        plan = make_plan(workspace, options, warn=warn)
+        start_run(workspace, plan, options.overwrite)
+    distributed.barrier(dist)
+    if not dist.is_main:
+        plan = make_plan(workspace, options, build_cache=False, check_new_run=False)
+    return plan
+
+
+def train(
+    workspace: Workspace, plan: PretrainPlan, dist: DistEnv, console: Console | None = None
+) -> TrainResult:
+    try:
+        return build_trainer(workspace, plan, dist, console=console).fit()
+    finally:
+        distributed.destroy_process_group()
 
 
 SAMPLE_MAX_NEW_TOKENS = 96
