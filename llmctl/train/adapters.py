@@ -214,6 +214,10 @@ def _nf4_layer(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dty
     )
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    # On CPUs with AVX512-BF16, an eval-mode forward without gradients would repack the weight in
+    # place for a bf16 kernel: evaluation would then differ from training, and training after an
+    # evaluation would run through that kernel, which passes no gradient to the layer's input.
+    layer.support_avx512bf16_for_cpu = False
     return layer.to(device)  # moving the weight to a device is what quantizes it
 
 

@@ -1,0 +1,105 @@
+"""Helpers for the finetune, qlora and merge tests: the tiny base's shape, an instruction task it
+cannot do, and greedy decoding. The fixtures that train the base live in finetune_fixtures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llmctl.data.sft import render_prompt
+from llmctl.tokenizer import END_OF_TURN_TOKEN, LoadedTokenizer
+
+TINY_MODEL = [
+    "--set",
+    "model.n_layer=2",
+    "--set",
+    "model.n_head=4",
+    "--set",
+    "model.d_model=64",
+    "--set",
+    "model.context_length=64",
+    "--set",
+    "model.tie_embeddings=false",
+]
+PRETRAIN = [
+    "--set",
+    "train.micro_batch_size=8",
+    "--set",
+    "train.lr=3e-3",
+    "--set",
+    "train.warmup_steps=5",
+    "--set",
+    "train.eval_batches=2",
+    "--set",
+    "train.precision=fp32",
+]
+# finetuning settings small enough that a run takes seconds on one core
+QUICK = [
+    "--set",
+    "train.micro_batch_size=4",
+    "--set",
+    "train.eval_batches=2",
+    "--set",
+    "train.warmup_steps=5",
+    "--set",
+    "train.log_every=10",
+    "--set",
+    "train.precision=fp32",
+    "--set",
+    "train.eval_every=1000",
+    "--set",
+    "train.save_every=1000",
+]
+
+# An instruction task a base trained on code cannot do: each question has a one-word answer.
+TASK = [
+    ("Name a red fruit.", "apple"),
+    ("What color is the sky?", "blue"),
+    ("Opposite of hot?", "cold"),
+    ("How many legs has a cat?", "four"),
+    ("What do bees make?", "honey"),
+    ("Capital of France?", "Paris"),
+    ("Largest planet?", "Jupiter"),
+    ("Frozen water is called?", "ice"),
+]
+
+
+def task_records() -> list[dict[str, str]]:
+    return [{"instruction": prompt, "output": answer} for prompt, answer in TASK]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- decoding and accuracy
+
+
+@torch.no_grad()
+def greedy_answer(
+    model: torch.nn.Module,
+    tokenizer: LoadedTokenizer,
+    prompt: str,
+    style: str = "chat",
+    max_new_tokens: int = 12,
+) -> str:
+    """The model's argmax continuation of `prompt` rendered in `style`, up to its end token."""
+    model.eval()
+    stops = {tokenizer.eot_id, tokenizer.special_ids.get(END_OF_TURN_TOKEN)}
+    ids = tokenizer.encode(render_prompt([{"role": "user", "content": prompt}], style))
+    answer: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids + answer]))
+        token = int(logits[0, -1].argmax())
+        if token in stops:
+            break
+        answer.append(token)
+    return tokenizer.decode(answer)
+
+
+def exact_match(model: torch.nn.Module, tokenizer: LoadedTokenizer, style: str = "chat") -> float:
+    hits = sum(greedy_answer(model, tokenizer, prompt, style) == answer for prompt, answer in TASK)
+    return hits / len(TASK)
