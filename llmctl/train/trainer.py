@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from llmctl.config import RunConfig
+from llmctl.config import RunConfig, TrainConfig
 from llmctl.eval.perplexity import bits_per_byte
 from llmctl.events import EventWriter
 from llmctl.train import distributed
@@ -74,6 +74,8 @@ class LossResult:
 
 
 LossFn = Callable[[nn.Module, Batch], LossResult]
+# builds the optimizer over the model's trainable parameters (QLoRA brings bitsandbytes' paged AdamW)
+OptimizerFactory = Callable[[nn.Module, TrainConfig, torch.device], torch.optim.Optimizer]
 # the model in, (prompt, generated text) pairs out; run every train.sample_every steps on rank 0
 Sampler = Callable[[nn.Module], list[tuple[str, str]]]
 
@@ -180,6 +182,7 @@ class Trainer:
         dist_env: DistEnv | None = None,
         loss_fn: LossFn = lm_loss,
         model_io: ModelIO | None = None,
+        optimizer_factory: OptimizerFactory = build_optimizer,
         flops_per_token: int | None = None,
         sampler: Sampler | None = None,
         console: Console | None = None,
@@ -205,7 +208,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
             torch.backends.cudnn.allow_tf32 = True
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, self.train_cfg, device)
+        self.optimizer = optimizer_factory(self.model, self.train_cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaler)
         self.micro_tokens = config.train.micro_batch_size * config.model.context_length
         self.tokens_per_step = self.micro_tokens * config.train.grad_accum_steps * self.dist.world_size
