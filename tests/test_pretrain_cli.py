@@ -44,6 +44,7 @@ def ws(template: Path, workspace_dir: Path) -> Path:
     shutil.copytree(template, workspace_dir)
     return workspace_dir
 
+
 def sets(assignments: str) -> list[str]:
     """'a=1 b=2' -> ['--set', 'a=1', '--set', 'b=2']"""
     return [part for assignment in assignments.split() for part in ("--set", assignment)]
@@ -84,7 +85,8 @@ def test_pretrain_trains_and_records_the_run(cli, ws):
     assert row["meta"]["config"]["model"]["d_model"] == 32 and row["meta"]["end_reason"] == "finished"
     checkpoints = registry.checkpoints("base")
     assert checkpoints[-1]["step"] == 60 and checkpoints[-1]["meta"]["val_loss"] == pytest.approx(
-        evals[-1]["val_loss"], abs=1e-5)
+        evals[-1]["val_loss"], abs=1e-5
+    )
     on_disk = sorted(path.name for path in (ws / "runs" / "base" / "checkpoints").iterdir())
     # keep_last pruned rows and directories alike
     assert on_disk == [Path(c["path"]).name for c in checkpoints]
@@ -124,15 +126,22 @@ def test_dry_run_prints_the_plan_and_writes_nothing(cli, ws):
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--set", "model.vocab_size=1000"], "model.vocab_size is 1000 but tokenizer 'tok' has 512 tokens"),
-    (["--set", "model.context_length=100000"], "corpus 'code' is too small"),
-    (["--set", "model.n_layer=64", "--set", "model.d_model=8192", "--set", "model.n_head=64"],
-     "exceeds cpu's"),
-    (["--tokenizer", "nope"], "tokenizer 'nope' does not exist"),
-    (["--set", "train.lrr=1"], "did you mean 'train.lr'"),
-    (["--precision", "fp16"], "fp16 needs a CUDA GPU"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "model.vocab_size=1000"], "model.vocab_size is 1000 but tokenizer 'tok' has 512 tokens"),
+        (["--set", "model.context_length=100000"], "corpus 'code' is too small"),
+        (
+            ["--set", "model.n_layer=64", "--set", "model.d_model=8192", "--set", "model.n_head=64"],
+            "exceeds cpu's",
+        ),
+        (["--tokenizer", "nope"], "tokenizer 'nope' does not exist"),
+        (["--set", "train.lrr=1"], "did you mean 'train.lr'"),
+        (["--precision", "fp16"], "fp16 needs a CUDA GPU"),
+        (["--resume", "--overwrite"], "give one of them"),
+        (["--json"], "--json prints the plan of a --dry-run"),
+    ],
+)
 def test_bad_input_is_one_line_and_leaves_nothing(cli, ws, args, message):
     result = cli(*BASE, "--run", "bad", *args)
     assert result.exit_code != 0
@@ -181,8 +190,8 @@ def _final_state(ws: Path, run: str, step: int) -> tuple[dict, dict]:
 
 
 def test_resume_after_sigkill_ends_bit_identical_to_an_uninterrupted_run(cli, ws):
-    steps = ["--max-steps", "300", "--set", "train.save_every=25", "--set", "train.eval_every=50",
-             "--set", "model.dropout=0.1"]  # dropout: the torch RNG must be restored too
+    # dropout: the torch RNG must be restored too
+    steps = ["--max-steps", "300", *sets("train.save_every=25 train.eval_every=50 model.dropout=0.1")]
     assert cli(*BASE, "--run", "whole", *steps).exit_code == 0
 
     process = llmctl_process(ws, *BASE, "--run", "cut", *steps)

@@ -93,6 +93,10 @@ def pretrain(
         train,
     )
 
+    if resume and overwrite:
+        raise UsageError("--resume continues a run and --overwrite starts it over; give one of them")
+    if as_json and not dry_run:
+        raise UsageError("--json prints the plan of a --dry-run; training reports through events.jsonl")
     if nnodes > 1 and not rdzv_endpoint:
         raise UsageError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
     launching = (nproc > 1 or nnodes > 1) and not distributed.under_torchrun()
