@@ -5,6 +5,7 @@
     code-base:latest     the newest checkpoint
     code-base:step-500   the checkpoint of step 500
     path/to/step-00000500   a checkpoint directory (from any workspace, or copied elsewhere)
+    path/to/model-dir    a Hugging Face model directory (config.json, safetensors, tokenizer.json)
 
 Resolution reads only the disk and the registry (no torch), so status and monitor may use it.
 """
@@ -54,13 +55,16 @@ def resolve_model_ref(workspace: Workspace, ref: str) -> Path:
     if as_path.is_dir():
         if (as_path / "meta.json").is_file() and (as_path / "config.yaml").is_file():
             return as_path.resolve()
-        if (as_path / "config.json").is_file():
-            raise UsageError(
-                f"'{ref}' is a Hugging Face model directory; importing those is not supported yet "
-                "(give an llmctl run or checkpoint directory)"
-            )
+        if (as_path / "config.json").is_file():  # its model_type is checked when it is read
+            if not (as_path / "tokenizer.json").is_file():
+                raise UsageError(
+                    f"'{ref}' is a Hugging Face model directory without a tokenizer.json; llmctl needs "
+                    "the fast tokenizer's file beside the weights"
+                )
+            return as_path.resolve()
         raise UsageError(
-            f"'{ref}' is a directory but not an llmctl checkpoint (no meta.json and config.yaml)"
+            f"'{ref}' is a directory but neither an llmctl checkpoint (no meta.json and config.yaml) "
+            "nor a Hugging Face model directory (no config.json)"
         )
 
     run, _, selector = ref.partition(":")
@@ -100,11 +104,13 @@ class LoadedModel:
     meta: dict[str, Any]
 
 
-def load_model(workspace: Workspace, ref: str, device: torch.device | str = "cpu") -> LoadedModel:
-    """The model, tokenizer and config of a checkpoint, in eval mode on `device`."""
-    from llmctl.model.transformer import Transformer
+def load_model(
+    workspace: Workspace, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> LoadedModel:
+    """The model, tokenizer and config of a checkpoint, in eval mode on `device`, in the stored dtype
+    unless `dtype` is given."""
     from llmctl.tokenizer import load_tokenizer_file
-    from llmctl.train.checkpoint import model_io_for, read_config, read_meta
+    from llmctl.train.checkpoint import load_full_model, read_config, read_meta
 
     path = resolve_model_ref(workspace, ref)
     meta = read_meta(path)
@@ -114,7 +120,6 @@ def load_model(workspace: Workspace, ref: str, device: torch.device | str = "cpu
 
         model = load_checkpoint_model(path, meta)  # the base named in meta.json, the adapter merged in
     else:
-        model = Transformer(config.model)
-        model_io_for(path).load(model, path)
+        model = load_full_model(path, config, dtype)
     tokenizer = load_tokenizer_file(path / "tokenizer.json")
     return LoadedModel(model.to(device).eval(), tokenizer, config, path, meta)

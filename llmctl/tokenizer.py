@@ -41,7 +41,9 @@ BYTE_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 MIN_VOCAB_SIZE = BYTE_VOCAB_SIZE
 
 # Imported tokenizers name their end-of-text token in many ways; the first one present wins.
-EOT_CANDIDATES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<|eot_id|>")
+EOT_CANDIDATES = (
+    EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<|eot_id|>", "<｜end▁of▁sentence｜>"
+)
 PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "<|padding|>", "[PAD]")
 
 # The Hugging Face `chat_template` form of `render_chat`, stored with every tokenizer so an export
@@ -59,6 +61,10 @@ CHAT_TEMPLATE = (
 
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "meta.json"
+# What transformers saves beside a tokenizer.json: special tokens and the chat template (newer
+# versions put the template in a file of its own).
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_CHAT_TEMPLATE_FILE = "chat_template.jinja"
 _TRAIN_BATCH_DOCS = 1000
 _MEASURE_BATCH_DOCS = 256
 
@@ -125,7 +131,32 @@ class LoadedTokenizer:
                 f"tokenizer '{self.name}' has no chat template: its vocabulary lacks {', '.join(missing)}; "
                 f"train one with: llmctl tokenizer train NAME --corpus CORPUS --vocab-size 8192"
             )
+        if self.chat_template != CHAT_TEMPLATE:  # a Hugging Face model's own template
+            return _render_jinja_chat(self.chat_template, list(messages), add_generation_prompt, self.meta)
         return render_chat(messages, add_generation_prompt)
+
+
+def _render_jinja_chat(
+    template: str, messages: list[Mapping[str, str]], add_generation_prompt: bool, meta: Mapping[str, Any]
+) -> str:
+    """A chat template rendered as transformers renders it (sandboxed, trim_blocks, lstrip_blocks)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise UsageError(f"the chat template refused the conversation: {message}")
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = raise_exception
+    try:
+        return environment.from_string(template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=meta.get("bos_token") or "",
+            eos_token=meta.get("eot_token") or "",
+        )
+    except TemplateError as exc:
+        raise LlmctlError(f"the tokenizer's chat template failed: {exc}") from exc
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -463,10 +494,14 @@ def tokenizer_meta(workspace: Workspace, name: str) -> dict[str, Any]:
 def load_tokenizer_file(
     path: Path | str, name: str | None = None, eot_token: str | None = None
 ) -> LoadedTokenizer:
-    """A tokenizer.json anywhere (a checkpoint, a Hugging Face model directory, or the file itself)."""
+    """A tokenizer.json anywhere (a checkpoint, a Hugging Face model directory, or the file itself).
+    A tokenizer_config.json beside it names the end-of-text token and the chat template."""
     path = _resolve_tokenizer_file(Path(path))
     tokenizer = _read_tokenizer_file(path)
-    description = _describe(tokenizer, eot_token)
+    settings = hf_tokenizer_settings(path.parent)
+    description = _describe(tokenizer, eot_token or settings.get("eos_token"))
+    description["bos_token"] = settings.get("bos_token")
+    description["chat_template"] = settings.get("chat_template") or description["chat_template"]
     return LoadedTokenizer(
         tokenizer=tokenizer,
         name=name or path.parent.name,
@@ -479,6 +514,30 @@ def load_tokenizer_file(
         chat_template=description["chat_template"],
         meta=description,
     )
+
+
+def hf_tokenizer_settings(directory: Path) -> dict[str, str]:
+    """bos_token, eos_token and chat_template as transformers saved them in `directory`; {} when it
+    saved nothing there. Unreadable files count as absent: the tokenizer.json alone still works."""
+    try:
+        config = json.loads((directory / HF_TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    settings = {}
+    for key in ("bos_token", "eos_token"):
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token  # AddedToken's saved form
+        if isinstance(token, str) and token:
+            settings[key] = token
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one serves chat
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    template_file = directory / HF_CHAT_TEMPLATE_FILE
+    if not template and template_file.is_file():
+        template = template_file.read_text(encoding="utf-8")
+    if isinstance(template, str) and template:
+        settings["chat_template"] = template
+    return settings
 
 
 def load_tokenizer(workspace: Workspace, name: str) -> LoadedTokenizer:

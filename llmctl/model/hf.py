@@ -29,7 +29,7 @@ def from_hf_llama_state_dict(state_dict: StateDict, cfg: ModelConfig) -> dict[st
         if name.endswith("rotary_emb.inv_freq"):  # older transformers saved this buffer
             continue
         ours[name] = _pad_vocab(tensor, cfg) if name in VOCAB_ROWS else tensor
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and "embed_tokens.weight" in ours:  # a shard without it ties nothing
         ours["lm_head.weight"] = ours["embed_tokens.weight"]
     return ours
 
@@ -90,7 +90,7 @@ def from_hf_llama_config(config: Mapping[str, Any]) -> ModelConfig:
     if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
         scaling = None
     n_head = config["num_attention_heads"]
-    if config.get("head_dim", config["hidden_size"] // n_head) * n_head != config["hidden_size"]:
+    if (config.get("head_dim") or config["hidden_size"] // n_head) * n_head != config["hidden_size"]:
         raise ValueError("Llama configs whose head_dim × heads differs from hidden_size are not supported")
     return ModelConfig(
         n_layer=config["num_hidden_layers"],
