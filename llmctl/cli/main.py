@@ -71,6 +71,7 @@ def _register_optional_groups() -> None:
     from llmctl.cli import finetune as finetune_cmd
     from llmctl.cli import sample as sample_cmd
     from llmctl.cli import chat as chat_cmd
+    from llmctl.cli import export as export_cmd
 
     app.add_typer(corpus_cmd.app, name="corpus")
     app.add_typer(tokenizer_cmd.app, name="tokenizer")
@@ -84,6 +85,7 @@ def _register_optional_groups() -> None:
     app.add_typer(eval_cmd.app, name="eval")
     app.command("sample", no_args_is_help=True)(sample_cmd.sample)
     app.command("chat", no_args_is_help=True)(chat_cmd.chat)
+    app.command("export", no_args_is_help=True)(export_cmd.export)
 
 
 _register_optional_groups()
