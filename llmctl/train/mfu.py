@@ -6,6 +6,7 @@ peak is measured once (fp32 and bf16) and cached, which also tells whether bf16 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -114,8 +115,9 @@ def _measured_peaks(key: str) -> dict[str, float]:
             "quiet": busy < 0.5,
         }
         cached[key] = entry
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, cached)
+        with contextlib.suppress(OSError):  # a read-only home only costs measuring again next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, cached)
     return entry
 
 
