@@ -335,3 +335,39 @@ def test_precision_choices():
 )
 def test_gpu_peak_flops_table(name, sixteen_bit, expected):
     assert gpu_peak_flops(name, sixteen_bit) == expected
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_uses_fused_adamw_autocast_and_compile(tmp_path):
+    device = torch.device("cuda")
+    config = tiny_config(max_steps=30, lr=3e-3, precision="auto", compile="on")
+    precision = resolve_precision("auto", device)
+    source = TokenWindows(
+        pattern_tokens(4000),
+        pattern_tokens(600, seed=1),
+        context_length=16,
+        micro_batch_size=4,
+        eval_batches=2,
+        seed=0,
+        device=device,
+        val_bytes_per_token=2.0,
+    )
+    run = RunInfo(name="gpu", stage="pretrain", dir=tmp_path / "run", registry=None)
+    torch.manual_seed(0)
+    trainer = Trainer(
+        config,
+        Transformer(config.model),
+        source,
+        run,
+        device=device,
+        precision=precision,
+        compile_model=True,
+        show_progress=False,
+    )
+    assert trainer.optimizer.defaults["fused"] and precision.name in ("bf16", "fp16")
+    first = trainer.measure()["val_loss"]
+    result = trainer.fit()
+    assert result.reason == "finished" and result.best_val_loss < first
+    start = read_events(tmp_path / "run" / "events.jsonl")[0]
+    assert start["device"].startswith("cuda:0 ") and start["compile"]
