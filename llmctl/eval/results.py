@@ -8,14 +8,16 @@ summary.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from llmctl.workspace import Workspace
 
 
-def describe_checkpoint(workspace: Workspace, ref: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def describe_checkpoint(workspace: Workspace, ref: str, path: Path) -> dict[str, Any]:
     row = checkpoint_row(workspace, path)
+    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
     return {
         "model": ref,
         "checkpoint": str(path),
