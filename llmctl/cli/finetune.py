@@ -298,7 +298,7 @@ def _show_plan(summary: dict, as_json: bool) -> None:
         (
             "device",
             f"{summary['device']} · {summary['precision']} · activation checkpointing "
-            f"{'on' if summary['activation_checkpointing'] else 'off'}",
+            f"{'on' if summary['activation_checkpointing'] else 'off'} · {summary['optimizer']}",
         ),
         (
             "batch",

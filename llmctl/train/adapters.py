@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llmctl.config import AdapterConfig, RunConfig
+from llmctl.config import AdapterConfig, RunConfig, TrainConfig
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.model.transformer import Transformer
 from llmctl.train.checkpoint import CheckpointError, FullModelIO, read_config, read_meta
@@ -179,6 +179,16 @@ def require_bitsandbytes(device: torch.device) -> None:
             "install a bitsandbytes build for this device (bitsandbytes >= 0.45 for CPUs), "
             "or use llmctl finetune --lora"
         ) from exc
+
+
+def paged_adamw_8bit(model: nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """bitsandbytes' paged 8-bit AdamW (CUDA only): 8-bit moments, paged to host memory under pressure."""
+    import bitsandbytes as bnb
+
+    from llmctl.train.optim import param_groups
+
+    groups = [group for group in param_groups(model, train.weight_decay) if group["params"]]
+    return bnb.optim.PagedAdamW8bit(groups, lr=train.lr, betas=(train.beta1, train.beta2))
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

@@ -8,6 +8,7 @@ anything is written: a refused run leaves no runs/<name> directory and no regist
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import time
@@ -46,6 +47,7 @@ from llmctl.train.checkpoint import (
 )
 from llmctl.train.classify import TASK, classifier_from, classify_loss
 from llmctl.train.distributed import DistEnv
+from llmctl.train.optim import build_optimizer
 from llmctl.train.precision import (
     Precision,
     describe_device,
@@ -156,6 +158,7 @@ class FinetunePlan:
             "precision": self.precision.name,
             "compile": self.compile,
             "activation_checkpointing": cfg.train.activation_checkpointing,
+            "optimizer": "paged AdamW 8-bit" if _paged_optimizer(self) else "AdamW",
             "params": self.params,
             "trainable_params": self.trainable,
             "trainable_fraction": round(self.trainable / self.params, 6),
@@ -351,7 +354,10 @@ def make_plan(
         resume_from = _check_run_name(workspace, run, options, warn)
 
     device = resolve_device(config.train.device)
-    precision = resolve_precision(config.train.precision, device)
+    requested = config.train.precision
+    if requested == "auto" and config.adapter.quantize == "nf4" and device.type == "cpu":
+        requested = "fp32"  # the 4-bit layers compute in fp32 on a CPU; bf16 autocast would only add casts
+    precision = resolve_precision(requested, device)
     compile_model = resolve_compile(config.train.compile, device)
     config.train.precision = precision.name
     config.train.compile = "on" if compile_model else "off"
@@ -418,6 +424,8 @@ def _size(plan: FinetunePlan) -> None:
     else:
         weight_bytes = full_bytes
     plan.memory = estimate_training_memory(cfg.model, cfg.train, plan.trainable, weight_bytes / params, mixed)
+    if _paged_optimizer(plan):  # two 8-bit moments per trained parameter instead of two fp32 ones
+        plan.memory = dataclasses.replace(plan.memory, optimizer=2 * plan.trainable)
 
 
 # ---------------------------------------------------------------- examples
@@ -588,6 +596,10 @@ def build_model(plan: FinetunePlan) -> nn.Module:
     return model
 
 
+def _paged_optimizer(plan: FinetunePlan) -> bool:
+    return plan.config.adapter.quantize == "nf4" and plan.device.type == "cuda"
+
+
 def build_trainer(
     workspace: Workspace,
     plan: FinetunePlan,
@@ -631,6 +643,7 @@ def build_trainer(
         dist_env=dist,
         loss_fn=classify_loss if plan.task == TASK else lm_loss,
         model_io=adapters.AdapterModelIO() if plan.adapter else FullModelIO(),
+        optimizer_factory=adapters.paged_adamw_8bit if _paged_optimizer(plan) else build_optimizer,
         flops_per_token=plan.flops_per_token,
         console=console,
         show_progress=show_progress,

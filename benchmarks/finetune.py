@@ -1,0 +1,192 @@
+"""Finetuning cost: step time and peak memory of full finetuning, LoRA and QLoRA on the same base.
+
+    python benchmarks/finetune.py [--models mini-46m] [--steps 4] [--micro-batch 2]
+    python benchmarks/finetune.py --quick          # a smoke test of the script itself
+
+For each model shape (mini-46m on a CPU; llm-200m too on a CUDA GPU) the script writes a base
+checkpoint with random weights and a byte-level tokenizer, and an instruction file long enough to
+fill the packed rows. Then each method runs as `llmctl finetune` (full), `llmctl finetune --lora`
+and `llmctl qlora`, each in a process of its own with the command's defaults (so QLoRA has
+activation checkpointing on, the others off), the same micro-batch and context, for --steps
+optimizer steps. Step time is the median over the logged steps after the first (warm-up);
+peak memory is the process's maximum resident set (ru_maxrss of that child, from wait4) on a CPU,
+or torch.cuda.max_memory_allocated as the trainer logs it on a GPU.
+Goal: QLoRA's peak memory at most 50% of full finetuning's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from llmctl.config import RunConfig, resolve_config
+from llmctl.events import read_events
+from llmctl.model.sizing import count_parameters, human_bytes, human_count
+from llmctl.model.transformer import Transformer
+from llmctl.tokenizer import build_byte_tokenizer
+from llmctl.train.checkpoint import FullModelIO, write_checkpoint
+
+METHODS = {"full": ["finetune"], "lora": ["finetune", "--lora"], "qlora": ["qlora"]}
+QUICK_SHAPE = [
+    "model.n_layer=2",
+    "model.d_model=64",
+    "model.n_head=2",
+    "model.context_length=64",
+    "model.vocab_size=512",
+]
+
+
+def write_base(root: Path, preset: str, quick: bool) -> Path:
+    """A checkpoint of the preset's shape with random weights, and a byte tokenizer beside it."""
+    config = resolve_config(preset=preset, overrides=QUICK_SHAPE if quick else [])
+    tokenizer_file = root / "tokenizer.json"
+    build_byte_tokenizer().save(str(tokenizer_file))
+    torch.manual_seed(0)
+    return write_checkpoint(
+        root / "base" / "step-00000001",
+        model=Transformer(config.model),
+        model_io=FullModelIO(),
+        config=config,
+        trainer_state={},
+        meta={"step": 1},
+        tokenizer_file=tokenizer_file,
+    )
+
+
+def write_data(path: Path, context_length: int, n: int = 256) -> Path:
+    """Instruction records of about a third of the context each (byte tokens), enough to fill packed rows."""
+    prompt_words, response_words = max(1, context_length // 24), max(1, context_length // 18)
+    words = ["the", "model", "learns", "to", "answer", "each", "question", "with", "a", "short", "reply"]
+    with path.open("w") as handle:
+        for i in range(n):
+            prompt = " ".join(words[(i + k) % len(words)] for k in range(prompt_words))
+            response = " ".join(words[(3 * i + k) % len(words)] for k in range(response_words))
+            handle.write(json.dumps({"instruction": f"{i}: {prompt}?", "output": response}) + "\n")
+    return path
+
+
+def run_method(workspace: Path, method: str, base: Path, data: Path, steps: int, micro_batch: int) -> dict:
+    """One method in its own process; its step times from the event log and its peak memory."""
+    run = f"bench-{method}"
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from llmctl.cli.main import run; sys.argv[0] = 'llmctl'; run()",
+        "--workspace",
+        str(workspace),
+        *METHODS[method],
+        "--model",
+        str(base),
+        "--data",
+        str(data),
+        "--run",
+        run,
+        "--max-steps",
+        str(steps),
+        "--set",
+        f"train.micro_batch_size={micro_batch}",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.eval_every=100000",
+        "--set",
+        "train.save_every=100000",
+        "--set",
+        "train.eval_batches=1",
+        "--set",
+        "train.warmup_steps=1",
+    ]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    stderr = process.stderr.read()
+    if process.returncode != 0:
+        raise SystemExit(f"{method} failed ({process.returncode}):\n{stderr[-2000:]}")
+    events = read_events(workspace / "runs" / run / "events.jsonl")
+    start = next(event for event in events if event["event"] == "start")
+    train = [event for event in events if event["event"] == "train"]
+    step_times = [start["tokens_per_step"] / event["tokens_per_s"] for event in train[1:]]
+    cuda = start["device"].startswith("cuda")
+    return {
+        "method": method,
+        "params": start["params"],
+        "trainable_params": start["trainable_params"],
+        "step_s": statistics.median(step_times),
+        "tokens_per_step": start["tokens_per_step"],
+        "peak_bytes": max(event["mem_bytes"] for event in train) if cuda else usage.ru_maxrss * 1024,
+        "activation_checkpointing": start["activation_checkpointing"],
+        "wall_s": time.perf_counter() - started,
+        "device": start["device"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", help="comma-separated presets [default: mini-46m, plus llm-200m on CUDA]")
+    parser.add_argument(
+        "--steps", type=int, default=4, help="optimizer steps per method (the first is warm-up)"
+    )
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument(
+        "--quick", action="store_true", help="a tiny shape: checks the script, measures nothing"
+    )
+    args = parser.parse_args()
+    models = (
+        args.models.split(",") if args.models else ["mini-46m"] + ["llm-200m"] * torch.cuda.is_available()
+    )
+
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"CUDA {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    for preset in models:
+        root = Path(tempfile.mkdtemp(prefix="llmctl-bench-finetune-"))
+        try:
+            base = write_base(root, preset, args.quick)
+            config: RunConfig = resolve_config(preset=preset, overrides=QUICK_SHAPE if args.quick else [])
+            data = write_data(root / "data.jsonl", config.model.context_length)
+            print(
+                f"\n## {preset}: {human_count(count_parameters(config.model))} parameters, context "
+                f"{config.model.context_length}, micro-batch {args.micro_batch}, {args.steps} steps\n"
+            )
+            print(
+                "| method | trained params | activation checkpointing | step time | peak memory | vs full |"
+            )
+            print("|---|---:|---|---:|---:|---:|")
+            results = [
+                run_method(root / "workspace", method, base, data, args.steps, args.micro_batch)
+                for method in METHODS
+            ]
+            full_peak = results[0]["peak_bytes"]
+            for result in results:
+                print(
+                    f"| {result['method']} | {human_count(result['trainable_params'])} | "
+                    f"{'on' if result['activation_checkpointing'] else 'off'} | {result['step_s']:.2f} s | "
+                    f"{human_bytes(result['peak_bytes'])} | {result['peak_bytes'] / full_peak:.0%} |"
+                )
+            ratio = results[2]["peak_bytes"] / full_peak
+            print(
+                f"\nQLoRA peak / full peak = {ratio:.2f} (goal: at most 0.50) · device {results[0]['device']}"
+                f" · load average after {os.getloadavg()[0]:.1f}"
+            )
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
