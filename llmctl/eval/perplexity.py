@@ -219,6 +219,11 @@ def text_source(
     return {"file": str(file.resolve())}, [text]
 
 
+def name_source(source: dict[str, str]) -> str:
+    """'code/val' for a corpus split, the file's name for a file."""
+    return f"{source['corpus']}/{source['split']}" if "corpus" in source else Path(source["file"]).name
+
+
 class _Reread:
     """An iterable that reads its documents again each time it is iterated (a split may be large)."""
 
