@@ -8,6 +8,7 @@ import json
 import random
 import signal
 
+import pytest
 import torch
 from finetune_helpers import QUICK, TASK, exact_match, write_jsonl
 from pretrain_helpers import events_of, llmctl_process, nothing_written, one_thread, wait_for_event
@@ -225,23 +226,14 @@ def test_dry_run_plans_without_writing(ft, base_workspace):
     assert nothing_written(base_workspace, "plan")
 
 
-def test_no_packing_trains(ft, base_workspace):
-    result = ft(
-        "finetune",
-        "--model",
-        "base",
-        "--data",
-        task_file(base_workspace),
-        "--run",
-        "padded",
-        "--no-packing",
-        *QUICK,
-        "--max-steps",
-        "3",
-    )
+def test_no_packing_trains_and_samples_replies_to_a_validation_prompt(ft, base_workspace):
+    args = ["--data", task_file(base_workspace), "--run", "padded", "--no-packing", *QUICK]
+    result = ft("finetune", "--model", "base", *args, "--set", "train.sample_every=3", "--max-steps", "3")
     assert result.exit_code == 0, result.stderr
-    start = events_of(base_workspace, "padded")[0]
-    assert start["task"] == "sft" and start["trainable_params"] == start["params"]
+    events = events_of(base_workspace, "padded")
+    assert events[0]["task"] == "sft" and events[0]["trainable_params"] == events[0]["params"]
+    (sample,) = [event for event in events if event["event"] == "sample"]
+    assert sample["prompt"] == "<|user|>\nName a red fruit.<|end|>\n<|assistant|>\n"
 
 
 def test_bad_input_is_a_one_line_error_and_writes_nothing(ft, base_workspace, tmp_path):
@@ -295,3 +287,31 @@ def test_a_base_without_chat_tokens_asks_for_a_plain_prompt_style(ft, base_works
     assert nothing_written(base_workspace, "plainft")
     accepted = ft(*args, "--prompt-style", "alpaca", *QUICK, "--max-steps", "2")
     assert accepted.exit_code == 0, accepted.stderr
+
+
+@pytest.mark.parametrize("command", [["finetune", "--lora"], ["qlora"]])
+def test_a_hugging_face_model_directory_is_a_base(ft, base_workspace, tmp_path, command):
+    from hf_helpers import save_llama_dir
+
+    directory = tmp_path / "llama"
+    save_llama_dir(directory, max_shard_size="100KB")  # sharded, with other parameter names
+    records = [{"system": "Answer.", "instruction": prompt, "output": answer} for prompt, answer in TASK]
+    data = write_jsonl(tmp_path / "task.jsonl", records)
+    run = f"hf-{command[0]}"
+    result = ft(
+        *command,
+        "--model",
+        directory,
+        "--data",
+        data,
+        "--run",
+        run,
+        "--prompt-style",
+        "alpaca",
+        *QUICK,
+        "--max-steps",
+        "2",
+    )
+    assert result.exit_code == 0, result.stderr
+    loaded = load_model(Workspace(base_workspace), run)
+    assert loaded.meta["base_checkpoint"] == str(directory) and loaded.model.cfg.n_kv_head == 2

@@ -26,7 +26,14 @@ from torch import nn
 from llmctl.config import AdapterConfig, RunConfig, TrainConfig
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.model.transformer import Transformer
-from llmctl.train.checkpoint import CheckpointError, FullModelIO, read_config, read_meta
+from llmctl.train.checkpoint import (
+    CheckpointError,
+    FullModelIO,
+    is_hf_model_dir,
+    load_full_model,
+    read_config,
+    read_meta,
+)
 from llmctl.train.classify import HEAD, TASK, TransformerClassifier, classifier_from
 
 if TYPE_CHECKING:
@@ -248,7 +255,12 @@ def quantize_model(model: nn.Module, device: torch.device) -> int:
 
 def load_quantized_base(path: Path, config: RunConfig, device: torch.device) -> Transformer:
     """A full checkpoint's Transformer with its linear layers in NF4, read tensor by tensor: each
-    matrix is quantized as it is read, so peak memory stays near the quantized model's size."""
+    matrix is quantized as it is read, so peak memory stays near the quantized model's size.
+    A Hugging Face model directory (other names, maybe sharded) is read whole, then quantized."""
+    if is_hf_model_dir(path):
+        model = load_full_model(path, config)
+        quantize_model(model, device)
+        return model.to(device)
     weights = path / FullModelIO.weights_file
     with torch.device("meta"):
         model = Transformer(config.model)
@@ -314,7 +326,7 @@ def base_of(meta: dict[str, Any], adapter_dir: Path) -> Path:
     if not base:
         raise CheckpointError(f"adapter checkpoint '{adapter_dir}' does not name its base checkpoint")
     path = Path(base)
-    if not (path / "meta.json").is_file():
+    if not ((path / "meta.json").is_file() or is_hf_model_dir(path)):
         raise LlmctlError(
             f"the base checkpoint of adapter '{adapter_dir}' is gone ({path}); "
             "an adapter loads only with the base it was trained on"
@@ -332,13 +344,11 @@ def load_checkpoint_model(path: Path, meta: dict[str, Any] | None = None) -> nn.
         if meta.get("task") == TASK and not isinstance(base, TransformerClassifier):
             base = classifier_from(base, len(meta["labels"]))
         return merge_adapter(base, path, quantized=config.adapter.quantize == "nf4")
-    model = (
-        TransformerClassifier(config.model, len(meta["labels"]))
-        if meta.get("task") == TASK
-        else Transformer(config.model)
-    )
-    FullModelIO().load(model, path)
-    return model
+    if meta.get("task") == TASK:
+        classifier = TransformerClassifier(config.model, len(meta["labels"]))
+        FullModelIO().load(classifier, path)
+        return classifier
+    return load_full_model(path, config)  # an llmctl checkpoint or a Hugging Face model directory
 
 
 def load_adapter(base: nn.Module, adapter_dir: Path) -> PeftModel:

@@ -35,7 +35,7 @@ from llmctl.model.sizing import (
     human_bytes,
 )
 from llmctl.model.transformer import Attention, Transformer
-from llmctl.tokenizer import LoadedTokenizer, load_tokenizer_file
+from llmctl.tokenizer import END_OF_TURN_TOKEN, LoadedTokenizer, load_tokenizer_file
 from llmctl.train import adapters
 from llmctl.train.checkpoint import (
     FullModelIO,
@@ -56,7 +56,8 @@ from llmctl.train.precision import (
     resolve_device,
     resolve_precision,
 )
-from llmctl.train.trainer import RunInfo, Trainer, lm_loss, planned_steps
+from llmctl.train.pretrain import SAMPLE_MAX_NEW_TOKENS
+from llmctl.train.trainer import RunInfo, Sampler, Trainer, lm_loss, planned_steps
 from llmctl.workspace import Workspace, check_name
 
 TASKS = ("sft", TASK)
@@ -301,9 +302,8 @@ def _base_checkpoint(workspace: Workspace, ref: str) -> tuple[Path, RunConfig, L
         raise LlmctlError(
             f"checkpoint '{path}' has no tokenizer.json; a base checkpoint must carry its tokenizer"
         )
-    tokenizer = load_tokenizer_file(
-        path / "tokenizer.json", name=config.data.tokenizer or path.parent.parent.name
-    )
+    # an llmctl checkpoint names its tokenizer; a Hugging Face model directory goes by its own name
+    tokenizer = load_tokenizer_file(path / "tokenizer.json", name=config.data.tokenizer or path.name)
     row = workspace.registry(create=False).checkpoint_by_path(path)
     return path, config, tokenizer, row["id"] if row else None
 
@@ -596,6 +596,33 @@ def build_model(plan: FinetunePlan) -> nn.Module:
     return model
 
 
+def sft_sampler(plan: FinetunePlan) -> Sampler | None:
+    """Samples for the event stream: the model's reply to the first validation prompt, rendered in
+    the run's prompt style, with a fixed seed in a generator of its own (see pretrain's)."""
+    if plan.task == TASK:
+        return None
+    cfg = plan.config
+    messages = sft.messages_of(plan.data.val[0], f"data '{plan.data.name}'")
+    last_reply = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    prompt = sft.render_prompt(messages[:last_reply], cfg.data.prompt_style)
+    stop = [END_OF_TURN_TOKEN] if cfg.data.prompt_style == "chat" else []
+    generation = cfg.generation.model_copy(
+        update={
+            "max_new_tokens": min(cfg.generation.max_new_tokens, SAMPLE_MAX_NEW_TOKENS),
+            "seed": cfg.train.seed,
+            "stop": [*cfg.generation.stop, *stop],
+        }
+    )
+
+    def sample(model: nn.Module) -> list[tuple[str, str]]:
+        from llmctl.generate import Engine
+
+        (completion,) = Engine(model, plan.tokenizer).generate([prompt], generation)
+        return [(prompt, completion.text)]
+
+    return sample
+
+
 def _paged_optimizer(plan: FinetunePlan) -> bool:
     return plan.config.adapter.quantize == "nf4" and plan.device.type == "cuda"
 
@@ -645,6 +672,7 @@ def build_trainer(
         model_io=adapters.AdapterModelIO() if plan.adapter else FullModelIO(),
         optimizer_factory=adapters.paged_adamw_8bit if _paged_optimizer(plan) else build_optimizer,
         flops_per_token=plan.flops_per_token,
+        sampler=sft_sampler(plan),
         console=console,
         show_progress=show_progress,
     )
