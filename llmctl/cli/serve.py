@@ -1,0 +1,72 @@
+"""`llmctl serve`: an OpenAI-compatible HTTP API and a web page for every model in the workspace."""
+
+from __future__ import annotations
+
+import typer
+
+from llmctl.cli.common import note, success, warn, workspace
+from llmctl.cli.sample import DEVICE, PRECISION
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(
+    model: list[str] = typer.Option(
+        [], "--model", "-m", show_default=False,
+        help="Serve only this model (RUN, RUN:best, RUN:latest, RUN:step-N or a checkpoint directory), "
+             "loaded at start; repeatable \\[default: every run's checkpoints, loaded on first use].",
+    ),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Address to listen on; 0.0.0.0 opens it to the network (set --api-key)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port; 0 picks a free one."),
+    api_key: str = typer.Option(
+        None, "--api-key", envvar="LLMCTL_API_KEY", show_default=False,
+        help="Require 'Authorization: Bearer KEY' on /v1 and /api.",
+    ),
+    max_loaded: int = typer.Option(2, "--max-loaded", min=1,
+                                   help="Models kept in memory at once; the least recently used leaves."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", min=1,
+                                   help="The largest max_tokens a request may ask for."),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1024,
+                                       help="Requests with a larger body are refused (413)."),
+    device: str = DEVICE,
+    precision: str = PRECISION,
+) -> None:
+    """Serve models over an OpenAI-compatible API, with a page to chat, compare and watch runs.
+
+    The page is at http://HOST:PORT/ and the API at http://HOST:PORT/v1, where OpenAI's client
+    libraries work (base_url="http://127.0.0.1:8000/v1").
+
+    Examples:
+
+      llmctl serve
+
+      llmctl serve --model code-chat --model code-base:step-2000 --port 8080
+
+      LLMCTL_API_KEY=secret llmctl serve --host 0.0.0.0 --max-loaded 1
+    """
+    from llmctl.errors import LlmctlError
+
+    try:
+        import uvicorn
+
+        from llmctl.serve.app import ServeSettings, bind_socket, create_app, make_pool
+        from llmctl.serve.completions import Limits
+    except ImportError as exc:
+        raise LlmctlError(f"llmctl serve needs FastAPI and uvicorn ({exc.name} is missing): "
+                          "pip install 'llmctl[serve]'") from None
+
+    ws = workspace()
+    settings = ServeSettings(workspace_root=ws.root, refs=model, max_loaded=max_loaded, device=device,
+                             precision=precision, api_key=api_key,
+                             limits=Limits(max_tokens=max_tokens, max_body_bytes=max_body_bytes))
+    sock = bind_socket(host, port)
+    pool = make_pool(settings)
+    for path in pool.preload():
+        note(f"loaded {path}")
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}"
+    if host not in LOOPBACK_HOSTS and not api_key:
+        warn(f"listening on {host} without --api-key: anyone who can reach this machine can use the models")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, pool), log_level="warning", access_log=False))
+    success(f"serving {ws.root} at {url}/  (OpenAI API: {url}/v1) · Ctrl-C stops")
+    server.run(sockets=[sock])

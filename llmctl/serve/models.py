@@ -1,0 +1,210 @@
+"""Which models the server offers, and the loaded ones: an LRU cache with one lock per model.
+
+A model id is what a request's `model` field says: a run name (its best checkpoint), `run:best`,
+`run:latest` or `run:step-N`, or with `--model` exactly one of the references given there. Each
+request resolves its id to a checkpoint directory, so a run that is still training is served at
+its newest best checkpoint; two ids naming one checkpoint share one loaded model.
+
+A model's lock is held from building a request's prompt to the end of its generation, so one
+model serves its requests one after another and a KV cache is never shared. The locks are
+asyncio locks (first come, first served): a request waiting for its turn holds no thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from llmctl.checkpoints import resolve_model_ref
+from llmctl.errors import LlmctlError
+from llmctl.generate import LoadedEngine
+from llmctl.monitor.runs import known_runs
+from llmctl.train.checkpoint import checkpoint_step, list_checkpoints, read_meta
+from llmctl.workspace import Workspace, check_name
+
+SELECTOR_PREFIXES = ("best", "latest", "step-")
+
+
+class ModelNotFound(LlmctlError):
+    """A request named a model this server does not offer; the message says what it does offer."""
+
+
+@dataclass
+class ModelEntry:
+    id: str
+    path: Path  # the checkpoint directory the id names now
+    run: str | None
+    step: int | None
+    val_loss: float | None
+    created: float
+
+
+def describe(model_id: str, path: Path) -> ModelEntry:
+    """The entry for `model_id`, which names checkpoint `path`."""
+    meta = read_meta(path)
+    val_loss = meta.get("val_loss")
+    run = path.parent.parent.name if path.parent.name == "checkpoints" else None
+    return ModelEntry(
+        model_id,
+        path,
+        run,
+        checkpoint_step(path),
+        float(val_loss) if isinstance(val_loss, (int, float)) else None,
+        path.stat().st_mtime,
+    )
+
+
+@dataclass
+class _Slot:
+    """One checkpoint's place in the cache: its lock, the requests holding or awaiting it, and
+    its engine once loaded."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+    loaded: LoadedEngine | None = None
+
+
+class Lease:
+    """A loaded engine held by one request; `release` gives it back (a second call does nothing)."""
+
+    def __init__(self, slot: _Slot):
+        self._slot = slot
+        self.loaded: LoadedEngine = slot.loaded
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._slot.users -= 1
+            self._slot.lock.release()
+
+
+class ModelPool:
+    """Resolves model ids and keeps at most `max_loaded` engines in memory, least recently used out.
+
+    `load` turns a checkpoint directory into an engine (load_engine with the server's device and
+    precision). An engine in use is never evicted: while every loaded model is busy, one more may
+    stay loaded until its request ends.
+    """
+
+    def __init__(
+        self,
+        workspace_root: Path,
+        load: Callable[[Path], LoadedEngine],
+        max_loaded: int = 2,
+        refs: Sequence[str] = (),
+    ):
+        self.workspace_root = workspace_root
+        self.refs = list(refs)  # with --model: the only ids served
+        self.max_loaded = max_loaded
+        self._load = load
+        self._slots: OrderedDict[Path, _Slot] = OrderedDict()
+
+    # ------------------------------------------------------------ ids
+
+    def resolve(self, model_id: str) -> Path:
+        """The checkpoint directory `model_id` names now, or ModelNotFound."""
+        workspace = Workspace(self.workspace_root)
+        if self.refs:
+            if model_id not in self.refs:
+                raise ModelNotFound(f"model '{model_id}' is not served here; served: {', '.join(self.refs)}")
+        else:
+            # only run names: a request must not reach checkpoint directories anywhere on disk
+            run, _, selector = model_id.partition(":")
+            try:
+                check_name(run, "run")
+            except LlmctlError:
+                run = ""
+            if not run or not workspace.run_dir(run).is_dir():
+                raise ModelNotFound(f"model '{model_id}' does not exist; GET /v1/models lists them")
+            if selector and not selector.startswith(SELECTOR_PREFIXES):
+                raise ModelNotFound(f"model '{model_id}': use RUN, RUN:best, RUN:latest or RUN:step-N")
+        try:
+            return resolve_model_ref(workspace, model_id)
+        except LlmctlError as exc:
+            raise ModelNotFound(exc.message) from None
+
+    def entries(self) -> list[ModelEntry]:
+        """What GET /v1/models lists: the --model references, or every run with a checkpoint (as
+        RUN, its best) and each of its checkpoints (as RUN:step-N)."""
+        if self.refs:
+            return [describe(ref, self.resolve(ref)) for ref in self.refs]
+        workspace = Workspace(self.workspace_root)
+        found = []
+        for run in known_runs(workspace):
+            run_dir = workspace.run_dir(run)
+            checkpoints = [path for path in list_checkpoints(run_dir) if (path / "meta.json").is_file()]
+            if not checkpoints:
+                continue
+            try:
+                found.append(describe(run, resolve_model_ref(workspace, run)))
+                found += [describe(f"{run}:step-{checkpoint_step(path)}", path) for path in checkpoints]
+            except LlmctlError:
+                continue  # a checkpoint removed or damaged while listing: left out, not an error
+        return found
+
+    # ------------------------------------------------------------ loading and using
+
+    def preload(self) -> list[Path]:
+        """Load the first `max_loaded` --model references now (before the server starts), so a
+        bad reference fails at once and the first request does not wait."""
+        loaded = []
+        for ref in self.refs[: self.max_loaded]:
+            path = self.resolve(ref)
+            if path not in self._slots:
+                self._slots[path] = _Slot(loaded=self._load(path))
+                loaded.append(path)
+        return loaded
+
+    async def acquire(self, path: Path) -> Lease:
+        """The engine for checkpoint `path`, loaded if need be, this request's alone until released.
+
+        Streamed responses release in their body's `finally`, which must not await: a cancelled
+        request could be interrupted there and keep the model locked.
+        """
+        slot = self._slots.get(path)
+        if slot is None:
+            slot = self._slots[path] = _Slot()
+        self._slots.move_to_end(path)
+        slot.users += 1
+        try:
+            await slot.lock.acquire()
+        except BaseException:
+            slot.users -= 1
+            raise
+        try:
+            if slot.loaded is None:
+                slot.loaded = await anyio.to_thread.run_sync(self._load, path)
+                self._evict()
+        except BaseException:
+            slot.users -= 1
+            slot.lock.release()
+            raise
+        return Lease(slot)
+
+    @asynccontextmanager
+    async def use(self, path: Path) -> AsyncIterator[LoadedEngine]:
+        lease = await self.acquire(path)
+        try:
+            yield lease.loaded
+        finally:
+            lease.release()
+
+    def _evict(self) -> None:
+        loaded = [(path, slot) for path, slot in self._slots.items() if slot.loaded is not None]
+        excess = len(loaded) - self.max_loaded
+        for path, slot in loaded:  # least recently used first
+            if excess <= 0:
+                break
+            if slot.users == 0:
+                del self._slots[path]
+                excess -= 1
+
+    def loaded_paths(self) -> list[Path]:
+        return [path for path, slot in self._slots.items() if slot.loaded is not None]
