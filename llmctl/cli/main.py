@@ -72,6 +72,7 @@ def _register_optional_groups() -> None:
     from llmctl.cli import sample as sample_cmd
     from llmctl.cli import chat as chat_cmd
     from llmctl.cli import export as export_cmd
+    from llmctl.cli import serve as serve_cmd
 
     app.add_typer(corpus_cmd.app, name="corpus")
     app.add_typer(tokenizer_cmd.app, name="tokenizer")
@@ -86,6 +87,7 @@ def _register_optional_groups() -> None:
     app.command("sample", no_args_is_help=True)(sample_cmd.sample)
     app.command("chat", no_args_is_help=True)(chat_cmd.chat)
     app.command("export", no_args_is_help=True)(export_cmd.export)
+    app.command("serve")(serve_cmd.serve)
 
 
 _register_optional_groups()
