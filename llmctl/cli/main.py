@@ -72,8 +72,10 @@ def _register_optional_groups() -> None:
     from llmctl.cli import sample as sample_cmd
     from llmctl.cli import chat as chat_cmd
     from llmctl.cli import export as export_cmd
+    from llmctl.cli import quickstart as quickstart_cmd
     from llmctl.cli import serve as serve_cmd
 
+    app.command("quickstart")(quickstart_cmd.quickstart)
     app.add_typer(corpus_cmd.app, name="corpus")
     app.add_typer(tokenizer_cmd.app, name="tokenizer")
     app.command("status")(status_cmd.status)
