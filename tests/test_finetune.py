@@ -130,6 +130,8 @@ def test_lora_resume_after_sigkill_is_exact(ft, base_workspace):
         process.wait()
     assert not any(event["event"] == "end" for event in events_of(base_workspace, "cut"))
 
+    changed = ft("finetune", "--run", "cut", "--resume", "--lora-r", "8")
+    assert changed.exit_code == 2 and "adapter.r cannot change when resuming" in changed.stderr
     resumed = ft("finetune", "--run", "cut", "--resume")
     assert resumed.exit_code == 0, resumed.stderr
     ws = Workspace(base_workspace)

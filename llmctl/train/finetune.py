@@ -8,6 +8,7 @@ anything is written: a refused run leaves no runs/<name> directory and no regist
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 import shutil
@@ -255,7 +256,7 @@ def resolve_finetune_config(
         "train.precision": options.precision,
     }
     if saved is not None:
-        base_tree = saved
+        base_tree = copy.deepcopy(saved)  # resolve_config merges into the nested dicts it is given
     else:
         train = {
             **FINETUNE_TRAIN,
@@ -279,7 +280,22 @@ def resolve_finetune_config(
         raise UsageError("finetuning needs data: --data CORPUS (llmctl corpus list) or --data FILE.jsonl")
     if config.adapter.quantize == "nf4" and not config.adapter.enabled:
         raise UsageError("adapter.quantize nf4 needs adapters: use llmctl qlora")
+    if saved is not None:
+        _check_unchanged(config, RunConfig.model_validate(saved))
     return config
+
+
+def _check_unchanged(config: RunConfig, saved: RunConfig) -> None:
+    """A resumed run keeps its adapter and its data rendering: either would change what the
+    checkpoint holds or which batches come next."""
+    for section in ("adapter", "data"):
+        now, before = getattr(config, section).model_dump(), getattr(saved, section).model_dump()
+        for key, value in now.items():
+            if value != before[key]:
+                raise UsageError(
+                    f"{section}.{key} cannot change when resuming (the run has {before[key]!r}, given "
+                    f"{value!r}); start a new run to change it"
+                )
 
 
 def _dropout_given(options: FinetuneOptions) -> bool:
