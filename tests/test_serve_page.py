@@ -5,7 +5,9 @@ or Content-Security-Policy violation the page logs."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ if CHROMIUM is None:
 from serve_helpers import BASE_RUN, CHAT_RUN, running_server, served_workspace  # noqa: E402
 from tiny_checkpoints import GREETING  # noqa: E402
 
+from llmctl.events import EventWriter  # noqa: E402
 from llmctl.serve.app import ServeSettings  # noqa: E402
 
 expect = sync_api.expect
@@ -137,3 +140,28 @@ def test_page_asks_for_the_api_key(workspace_root, browser, tmp_path):
         expect(page.locator(f"#chat-model option[value='{CHAT_RUN}']")).to_have_count(1)
         screenshot(page, tmp_path / "keyed.png")
         context.close()
+
+
+def test_a_training_run_updates_live(browser, tmp_path):
+    """A run whose trainer (this test, by its pid) is still writing: the page polls and the curve grows."""
+    events = EventWriter(tmp_path / "workspace" / "runs" / "live-run" / "events.jsonl")
+    events.write("start", 0, run="live-run", stage="pretrain", pid=os.getpid(), host=socket.gethostname(),
+                 max_steps=100)
+    for step in range(1, 6):
+        events.write("train", step, loss=5.0 - step * 0.1, lr=1e-3)
+    with running_server(ServeSettings(tmp_path / "workspace")) as url:
+        context = browser.new_context(viewport={"width": 1360, "height": 900})
+        page = context.new_page()
+        page.goto(f"{url}/#runs/live-run")
+        expect(page.locator("#run-detail .run-head .state")).to_have_text("running")
+        train = page.locator("#loss-chart path.series.train")
+        expect(train).to_have_attribute("data-points", "5")
+        for step in range(6, 11):
+            events.write("train", step, loss=5.0 - step * 0.1, lr=1e-3)
+        events.write("eval", 10, val_loss=4.2, val_ppl=66.7)
+        expect(train).to_have_attribute("data-points", "10", timeout=15_000)
+        expect(page.locator("#loss-chart path.series.val")).to_have_attribute("data-points", "1")
+        expect(page.locator(".tile .value").first).to_have_text("4.2")
+        screenshot(page, tmp_path / "live.png")
+        context.close()
+    events.close()

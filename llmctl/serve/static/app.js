@@ -251,9 +251,14 @@ async function loadModels() {
   fillCompareChips();
 }
 
+// "best (step 20)" for a run's name, "step 10" for one of its checkpoints, the id for a directory
+function checkpointLabel(model) {
+  if (model.step === null) return model.id;
+  return model.id.includes(":") ? `step ${model.step}` : `best (step ${model.step})`;
+}
+
 function modelLabel(model) {
-  const val = model.val_loss === null ? "" : ` · val ${fmt(model.val_loss)}`;
-  return model.id.includes(":") ? `step ${model.step}${val}` : `best (step ${model.step})${val}`;
+  return checkpointLabel(model) + (model.val_loss === null ? "" : ` · val ${fmt(model.val_loss)}`);
 }
 
 function fillModelPicker() {
@@ -269,7 +274,7 @@ function fillModelPicker() {
   for (const [run, entries] of runs) {
     const group = el("optgroup", { label: run });
     for (const model of entries) {
-      group.append(el("option", { value: model.id, text: `${run} · ${modelLabel(model).split(" · ")[0]}` }));
+      group.append(el("option", { value: model.id, text: model.run ? `${run} · ${checkpointLabel(model)}` : model.id }));
     }
     picker.append(group);
   }
@@ -667,6 +672,8 @@ function scheduleRunPoll(name) {
       }
       runs.curves = curves;
       renderRunDetail();
+    } catch (_) {
+      // the server may be restarting: the next poll tries again
     } finally {
       scheduleRunPoll(name);
     }
@@ -727,7 +734,7 @@ function renderRunDetail() {
     { name: "train", cls: "train", points: curves.train_loss, fill: true },
     { name: "val", cls: "val", points: curves.val_loss, dots: true },
   ], { height: 320, empty });
-  lineChart(lrChart, [{ name: "lr", cls: "lr", points: curves.lr }], { height: 130, empty, formatY: (v) => v.toExponential(1) });
+  lineChart(lrChart, [{ name: "lr", cls: "lr", points: curves.lr }], { height: 130, empty, formatY: (v) => Number(v.toPrecision(3)).toExponential() });
 }
 
 function configCard(config) {
