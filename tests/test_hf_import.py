@@ -148,3 +148,14 @@ def test_a_models_own_chat_template_renders_through_jinja(tmp_path: Path) -> Non
     loaded = load_model(Workspace(tmp_path / "ws"), str(tmp_path / "llama"))
     rendered = loaded.tokenizer.render_chat([{"role": "user", "content": "hi"}])
     assert rendered == "<s>[user] hi\n[assistant] "
+
+
+def test_eval_perplexity_takes_a_model_directory(tmp_path: Path, cli) -> None:
+    save_llama_dir(tmp_path / "llama")
+    text = tmp_path / "code.py"
+    text.write_text("def add(a, b):\n    return a + b\n" * 4)
+    result = cli("eval", "perplexity", "--model", tmp_path / "llama", "--file", text, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = result.json()
+    assert summary["checkpoint"] == str((tmp_path / "llama").resolve()) and summary["step"] is None
+    assert summary["tokens"] > 0

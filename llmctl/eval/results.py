@@ -8,7 +8,6 @@ summary.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,10 @@ from llmctl.workspace import Workspace
 
 
 def describe_checkpoint(workspace: Workspace, ref: str, path: Path) -> dict[str, Any]:
+    from llmctl.train.checkpoint import read_meta  # a Hugging Face model directory has no meta.json
+
     row = checkpoint_row(workspace, path)
-    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    meta = read_meta(path)
     return {
         "model": ref,
         "checkpoint": str(path),
