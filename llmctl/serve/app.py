@@ -20,7 +20,7 @@ from __future__ import annotations
 import hmac
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -37,20 +37,20 @@ from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmctl.errors import LlmctlError
-from llmctl.generate import LoadedEngine, load_engine
+from llmctl.generate import Generation, LoadedEngine, load_engine
 from llmctl.serve.completions import (
     ApiError,
     Limits,
+    Plan,
     chat_response,
     chat_stream,
     completion_response,
     completion_stream,
-    echoed_prompts,
     plan_chat,
     plan_completion,
     start,
 )
-from llmctl.serve.models import ModelEntry, ModelNotFound, ModelPool, describe
+from llmctl.serve.models import Lease, ModelEntry, ModelNotFound, ModelPool, describe
 from llmctl.serve.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -156,19 +156,23 @@ class BodyLimit:
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events that run `on_close` when the response ends, however it ends (finished,
-    client gone, server stopping): the model's lock must never outlive its request."""
+    """Server-sent events that, however the response ends (finished, client gone, server stopping),
+    stop the generation and give the model back: its lock must never outlive the request."""
 
-    def __init__(self, body: Any, on_close: Callable[[], None]):
+    def __init__(self, body: AsyncIterator[str], generation: Generation, lease: Lease):
         super().__init__(body, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.on_close = on_close
+        self.generation = generation
+        self.lease = lease
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.on_close()
+            try:
+                self.generation.close()
+            finally:
+                self.lease.release()
 
 
 # ---------------------------------------------------------------- errors
@@ -247,7 +251,6 @@ def create_app(settings: ServeSettings, pool: ModelPool | None = None) -> FastAP
     runs = RunsView(settings.workspace_root)
     limits = settings.limits
     app = FastAPI(title="llmctl", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.pool = pool
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     if settings.api_key:
@@ -269,52 +272,39 @@ def create_app(settings: ServeSettings, pool: ModelPool | None = None) -> FastAP
     def get_model(model_id: str) -> ModelCard:
         return _card(describe(model_id, pool.resolve(model_id)))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest) -> Any:
+    async def generate(request: ChatCompletionRequest | CompletionRequest,
+                       plan_request: Callable[..., Plan]) -> tuple[Lease, Plan, Generation]:
+        """The request's model, held for this request, and its generation started."""
         path = await anyio.to_thread.run_sync(pool.resolve, request.model)
         lease = await pool.acquire(path)
         try:
-            plan = await anyio.to_thread.run_sync(plan_chat, lease.loaded, request, limits)
-            generation = start(lease.loaded, plan)
+            plan = await anyio.to_thread.run_sync(plan_request, lease.loaded, request, limits)
+            return lease, plan, start(lease.loaded, plan)
         except BaseException:
             lease.release()
             raise
-        if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
-            def close() -> None:
-                generation.close()
-                lease.release()
-
-            return EventStream(chat_stream(request.model, generation, include_usage), close)
+    async def whole(lease: Lease, respond: Callable[..., Any], *args: Any) -> Any:
         try:
-            return await anyio.to_thread.run_sync(chat_response, request.model, generation)
+            return await anyio.to_thread.run_sync(respond, *args)
         finally:
             lease.release()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest) -> Any:
+        lease, _, generation = await generate(request, plan_chat)
+        if request.stream:
+            body = chat_stream(request.model, generation, request.include_usage())
+            return EventStream(body, generation, lease)
+        return await whole(lease, chat_response, request.model, generation)
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest) -> Any:
-        path = await anyio.to_thread.run_sync(pool.resolve, request.model)
-        lease = await pool.acquire(path)
-        try:
-            plan = await anyio.to_thread.run_sync(plan_completion, lease.loaded, request, limits)
-            echo = echoed_prompts(lease.loaded, plan) if request.echo else None
-            generation = start(lease.loaded, plan)
-        except BaseException:
-            lease.release()
-            raise
+        lease, plan, generation = await generate(request, plan_completion)
         if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-
-            def close() -> None:
-                generation.close()
-                lease.release()
-
-            return EventStream(completion_stream(request.model, generation, include_usage, echo), close)
-        try:
-            return await anyio.to_thread.run_sync(completion_response, request.model, generation, echo)
-        finally:
-            lease.release()
+            body = completion_stream(request.model, generation, request.include_usage(), plan.echo)
+            return EventStream(body, generation, lease)
+        return await whole(lease, completion_response, request.model, generation, plan.echo)
 
     # ------------------------------------------------------------ the page's JSON
 

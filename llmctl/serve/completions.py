@@ -77,6 +77,7 @@ class Plan:
     config: GenerationConfig
     num_samples: int
     stop_token_ids: set[int] | None  # None: the engine's default (end of text)
+    echo: list[str] | None = None  # completions with echo: each prompt's text, put before its samples
 
 
 def generation_config(loaded: LoadedEngine, request: ChatCompletionRequest | CompletionRequest,
@@ -140,7 +141,8 @@ def plan_completion(loaded: LoadedEngine, request: CompletionRequest, limits: Li
                                 f"{engine.context_length} tokens", param="prompt",
                            code="context_length_exceeded")
         token_lists.append(ids)
-    return Plan(token_lists, config, request.n, None)
+    echo = [engine.tokenizer.decode(ids) for ids in token_lists] if request.echo else None
+    return Plan(token_lists, config, request.n, None, echo)
 
 
 def start(loaded: LoadedEngine, plan: Plan) -> Generation:
@@ -194,10 +196,6 @@ def completion_response(model: str, generation: Generation, echo: list[str] | No
         ],
         usage=_usage(generation),
     )
-
-
-def echoed_prompts(loaded: LoadedEngine, plan: Plan) -> list[str]:
-    return [loaded.engine.tokenizer.decode(ids) for ids in plan.prompts]
 
 
 # ---------------------------------------------------------------- streams

@@ -154,10 +154,10 @@ class ModelPool:
     def preload(self) -> list[Path]:
         """Load the first `max_loaded` --model references now (before the server starts), so a
         bad reference fails at once and the first request does not wait."""
+        paths = [self.resolve(ref) for ref in self.refs]  # every reference checked, the first ones loaded
         loaded = []
-        for ref in self.refs[: self.max_loaded]:
-            path = self.resolve(ref)
-            if path not in self._slots:
+        for path in paths:
+            if len(loaded) < self.max_loaded and path not in self._slots:
                 self._slots[path] = _Slot(loaded=self._load(path))
                 loaded.append(path)
         return loaded
@@ -207,4 +207,5 @@ class ModelPool:
                 excess -= 1
 
     def loaded_paths(self) -> list[Path]:
-        return [path for path, slot in self._slots.items() if slot.loaded is not None]
+        # a snapshot first: the page's JSON endpoints call this from worker threads
+        return [path for path, slot in list(self._slots.items()) if slot.loaded is not None]

@@ -40,6 +40,9 @@ class _Request(BaseModel):
     min_p: float | None = Field(None, ge=0, lt=1)
     repetition_penalty: float | None = Field(None, gt=0)
 
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     def stop_strings(self) -> list[str] | None:
         """The stop strings as a list (None: the checkpoint's own)."""
         if self.stop is None:
