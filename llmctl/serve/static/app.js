@@ -324,6 +324,7 @@ async function selectModel(id) {
   setSlider("#chat-temperature", defaults.temperature);
   setSlider("#chat-top-p", defaults.top_p);
   $("#chat-top-k").value = defaults.top_k ?? "";
+  $("#chat-max-tokens").max = detail.max_tokens_limit;
   $("#chat-max-tokens").value = Math.min(defaults.max_new_tokens, detail.max_tokens_limit);
   $("#chat-repetition").value = defaults.repetition_penalty;
 }
@@ -623,7 +624,9 @@ async function loadRuns() {
 function renderRunList() {
   const list = $("#run-list");
   if (!runs.overview.runs.length) {
-    list.replaceChildren(el("div", { class: "empty" }, el("p", { text: "No runs yet. Start one with llmctl pretrain." })));
+    list.replaceChildren(el("div", { class: "empty" }, el("p", { text: "No runs yet." })));
+    $("#run-detail").replaceChildren(el("div", { class: "empty" }, el("h2", { text: "Nothing has trained here yet" }),
+      el("p", {}, "Start a run with ", el("code", { text: "llmctl pretrain" }), " and watch its curves grow here.")));
     return;
   }
   list.replaceChildren(...runs.overview.runs.map((run) => {
