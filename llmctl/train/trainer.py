@@ -347,6 +347,11 @@ class Trainer:
         )
         if signalled:
             self._signal = int(signalled)
+            if self.show_progress:
+                self.console.print(
+                    f"[yellow]{signal.Signals(self._signal).name}: writing a checkpoint, then "
+                    "stopping (press Ctrl-C again to abort)[/yellow]"
+                )
             return "interrupted"
         if self.train_cfg.max_steps and self.step >= self.train_cfg.max_steps:
             return "finished"
@@ -652,15 +657,11 @@ class Trainer:
         if threading.current_thread() is not threading.main_thread():
             return {}
 
+        # Only a flag: the handler may run inside any write (to stderr too), so it must not print.
         def request_stop(signum: int, frame: Any) -> None:
             if self._signal is not None:  # a second Ctrl-C: stop now, without the checkpoint
                 raise KeyboardInterrupt
             self._signal = signum
-            if self.show_progress:
-                self.console.print(
-                    f"[yellow]{signal.Signals(signum).name}: finishing the step, then a checkpoint "
-                    "(press Ctrl-C again to abort)[/yellow]"
-                )
 
         return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
