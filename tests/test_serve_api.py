@@ -195,8 +195,9 @@ def test_runs_documents(server):
     detail = httpx.get(f"{server}/api/runs/{CHAT_RUN}").json()
     base = detail["lineage"]["base_checkpoint"]
     assert (base["run"], base["step"]) == (BASE_RUN, 20)
-    evals = httpx.get(f"{server}/api/runs/{BASE_RUN}").json()["evals"]
-    assert [(e["checkpoint_step"], e["kind"]) for e in evals] == [(20, "perplexity")]
+    base_detail = httpx.get(f"{server}/api/runs/{BASE_RUN}").json()
+    assert [(e["checkpoint_step"], e["kind"]) for e in base_detail["evals"]] == [(20, "perplexity")]
+    assert base_detail["derived"] == [{"run": CHAT_RUN, "stage": "finetune", "step": 20}]
     assert httpx.get(f"{server}/api/runs/nope").status_code == 404
 
 

@@ -117,11 +117,13 @@ def test_runs_view_draws_the_curves_checkpoints_and_lineage(server, page, tmp_pa
     assert len(train.get_attribute("d").split("L")) == 20  # one segment per point
     expect(page.locator("#lr-chart path.series.lr")).to_have_attribute("data-points", "20")
     expect(page.locator("table.data tbody tr.best td").first).to_have_text("20")
-    expect(page.locator(".lineage .node b")).to_have_text(["code", "tok", BASE_RUN, "3 saved"])
+    expect(page.locator(".lineage .node b")).to_have_text(["code", "tok", BASE_RUN, "3 saved", CHAT_RUN])
     expect(page.locator(".card", has_text="Evaluations")).to_contain_text("perplexity")
+    page.set_viewport_size({"width": 1360, "height": 1500})  # the run's panels scroll inside the page
+    expect(train).to_have_attribute("data-points", "20")  # redrawn at the new width
     screenshot(page, tmp_path / "runs.png")
 
-    page.click(f".run-item[data-run='{CHAT_RUN}']")
+    page.click(".lineage .node-link")  # the finetune made from this run
     expect(page.locator(".lineage .node b")).to_have_text(["code", "tok", BASE_RUN, f"{BASE_RUN}:step-20",
                                                            CHAT_RUN, "1 saved"])
     page.locator("table.data button", has_text="chat").click()  # straight to a chat with that checkpoint

@@ -38,8 +38,18 @@ class RunsView:
         return workspace_status(self._workspace())
 
     def detail(self, name: str) -> dict[str, Any]:
-        """One run: summary, config, lineage, checkpoints, evaluations, alerts."""
-        return run_status(self._workspace(), name)
+        """One run: summary, config, lineage, checkpoints, evaluations, alerts, and `derived`: the
+        runs that started from one of its checkpoints (a finetune of this pretrain)."""
+        workspace = self._workspace()
+        document = run_status(workspace, name)
+        registry = workspace.registry(create=False)
+        steps = {row["id"]: row["step"] for row in registry.checkpoints(name)}
+        document["derived"] = [
+            {"run": row["name"], "stage": row["stage"], "step": steps[row["base_checkpoint"]]}
+            for row in registry.runs()
+            if row["base_checkpoint"] in steps
+        ]
+        return document
 
     def curves(self, name: str) -> dict[str, Any]:
         """Train loss, validation loss and learning rate as [step, value] points, and the run's

@@ -810,17 +810,27 @@ function lineageNodes(node, self) {
   return nodes;
 }
 
+function lineageNode([kind, name, hint, self]) {
+  return el("div", { class: `node${self ? " self" : ""}` }, el("span", { class: "kind", text: kind }), el("b", { text: name }),
+    hint ? el("span", { class: "muted", text: ` ${hint}` }) : null);
+}
+
+// Where the run comes from, then what it made: its checkpoints and the runs that started from one of them.
 function lineageCard(detail) {
   const nodes = lineageNodes(detail.lineage, true);
   const count = (detail.checkpoints || []).length;
   if (count) nodes.push(["checkpoints", `${count} saved`, "below"]);
   const chain = [];
-  nodes.forEach(([kind, name, hint, self], index) => {
+  nodes.forEach((node, index) => {
     if (index) chain.push(el("span", { class: "arrow", text: "→" }));
-    chain.push(el("div", { class: `node${self ? " self" : ""}` }, el("span", { class: "kind", text: kind }), el("b", { text: name }),
-      hint ? el("span", { class: "muted", text: ` ${hint}` }) : null));
+    chain.push(lineageNode(node));
   });
-  return card("Lineage", el("div", { class: "lineage" }, chain));
+  const derived = (detail.derived || []).map((run) => {
+    const open = el("button", { class: "node-link", onclick: () => openRun(run.run) },
+      lineageNode([run.stage || "run", run.run, `from step ${fmt(run.step)}`]));
+    return [el("span", { class: "arrow", text: "→" }), open];
+  });
+  return card("Lineage", el("div", { class: "lineage" }, chain, derived.flat()));
 }
 
 function alertsCard(detail) {
