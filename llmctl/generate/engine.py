@@ -68,16 +68,24 @@ class Chunk:
 
 @dataclass
 class GenerationStats:
-    """Counts and compute time; time the consumer spends between chunks is not counted."""
+    """Counts and compute time; time the consumer spends between chunks is not counted.
+
+    `step_seconds[i]` is what the i-th new token of the batch cost: the prefill and the first draw
+    for i = 0, then one forward and one draw each (flat with the KV cache, growing without it).
+    """
 
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
 
     @property
     def seconds(self) -> float:
-        return self.prefill_seconds + self.decode_seconds
+        return sum(self.step_seconds)
+
+    @property
+    def decode_seconds(self) -> float:
+        return self.seconds - self.prefill_seconds
 
     @property
     def tokens_per_second(self) -> float:
@@ -259,12 +267,11 @@ class Engine:
 
         started = time.perf_counter()
         logits = batch.prefill()
-        stats.prefill_seconds += time.perf_counter() - started
+        stats.prefill_seconds = time.perf_counter() - started
         while True:
-            started = time.perf_counter()
             tokens = _sample(logits, penalties, config, generator).tolist()
             stats.generated_tokens += len(tokens)
-            stats.decode_seconds += time.perf_counter() - started
+            stats.step_seconds.append(time.perf_counter() - started)
 
             keep = []
             for slot, (row, token) in enumerate(zip(rows, tokens, strict=True)):
@@ -285,7 +292,6 @@ class Engine:
             else:
                 batch.append(tokens)
             logits = batch.step()
-            stats.decode_seconds += time.perf_counter() - started
 
 
 @torch.inference_mode()

@@ -1,0 +1,123 @@
+"""Decoding speed with the KV cache against recomputing the whole sequence for every token.
+
+    python benchmarks/generate.py [--new-tokens 256,1024] [--device cpu] [--precision fp32]
+
+One randomly initialised model (default: 4 layers, 256 wide, 8k vocabulary, 1280 context, the
+shape of a small code model), one 8k byte-level BPE trained on the standard library, one prompt
+of --prompt-tokens tokens of stdlib code, batch 1, greedy. For each length in --new-tokens the
+engine generates exactly that many tokens (no stop token) with the cache and without it, one
+after the other in this process, and prints tokens/s, the ratio, and the time per token at
+several positions: flat with the cache, growing with the sequence without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llmctl.config import GenerationConfig, ModelConfig
+from llmctl.generate import Engine, resolve_device, resolve_dtype
+from llmctl.model.transformer import Transformer
+from llmctl.tokenizer import load_tokenizer_file, train_bpe
+
+POSITIONS = (1, 64, 256, 512, 768, 1024)
+WINDOW = 16  # per-token times are medians over this many neighbouring tokens
+
+
+def stdlib_texts(limit_bytes: int = 3_000_000) -> list[str]:
+    texts, total = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        texts.append(path.read_text(encoding="utf-8"))
+        total += len(texts[-1])
+        if total >= limit_bytes:
+            break
+    return texts
+
+
+def build_engine(args: argparse.Namespace, texts: list[str]) -> Engine:
+    directory = Path(tempfile.mkdtemp(prefix="llmctl-bench-"))
+    train_bpe(texts, args.vocab).save(str(directory / "tokenizer.json"))
+    tokenizer = load_tokenizer_file(directory)
+    cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
+                      context_length=args.context, vocab_size=tokenizer.vocab_size, tie_embeddings=False)
+    torch.manual_seed(0)
+    device = resolve_device(args.device)
+    # no stop tokens: every run generates exactly the number of tokens asked for
+    return Engine(Transformer(cfg), tokenizer, stop_token_ids=[], device=device,
+                  dtype=resolve_dtype(args.precision, device))
+
+
+def per_token_ms(step_seconds: list[float], position: int) -> float:
+    """Median milliseconds of the tokens around `position` (1-based; the first token includes prefill)."""
+    if position == 1:
+        return step_seconds[0] * 1000
+    low = max(1, position - WINDOW // 2)
+    return statistics.median(step_seconds[low: low + WINDOW]) * 1000
+
+
+def measure(
+    engine: Engine, prompt_ids: list[int], new_tokens: int, use_cache: bool
+) -> tuple[float, list[float]]:
+    """Tokens per second and the seconds of each token."""
+    config = GenerationConfig(temperature=0.0, max_new_tokens=new_tokens)
+    generation = engine.stream([prompt_ids], config, use_cache=use_cache)
+    (completion,) = generation.completions()
+    assert len(completion.token_ids) == new_tokens, completion.finish_reason
+    stats = generation.stats
+    return stats.generated_tokens / stats.seconds, stats.step_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", default="256,1024", help="comma-separated lengths to generate")
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--context", type=int, default=1280)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads [default: torch's]")
+    args = parser.parse_args()
+    lengths = [int(n) for n in args.new_tokens.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    texts = stdlib_texts()
+    engine = build_engine(args, texts)
+    prompt_ids = engine.tokenizer.encode(texts[0])[: args.prompt_tokens]
+    if args.prompt_tokens + max(lengths) > engine.context_length:
+        parser.error(f"--prompt-tokens + the longest --new-tokens exceed the {engine.context_length} context")
+    device = engine.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
+    print(f"device: {device} ({name}), {str(engine.model.embed_tokens.weight.dtype).removeprefix('torch.')}")
+    cfg = engine.model.cfg
+    print(f"model: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, vocab {cfg.vocab_size}, "
+          f"context {cfg.context_length}, {engine.model.num_parameters() / 1e6:.1f}M parameters; "
+          f"prompt {len(prompt_ids)} tokens, batch 1, greedy")
+    measure(engine, prompt_ids, 8, use_cache=True)  # warm-up: allocator, kernels, lazy imports
+
+    for new_tokens in lengths:
+        cached_rate, cached_steps = measure(engine, prompt_ids, new_tokens, use_cache=True)
+        full_rate, full_steps = measure(engine, prompt_ids, new_tokens, use_cache=False)
+        print(f"\n{new_tokens} new tokens: KV cache {cached_rate:8.1f} tokens/s   recompute {full_rate:8.1f} "
+              f"tokens/s   ratio {cached_rate / full_rate:5.1f}x")
+        positions = [p for p in POSITIONS if p <= new_tokens]
+        print("  ms per token at position " + "".join(f"{p:>9}" for p in positions))
+        for label, steps in (("KV cache", cached_steps), ("recompute", full_steps)):
+            print(f"  {label:<24}" + "".join(f"{per_token_ms(steps, p):9.2f}" for p in positions))
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()
