@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -291,7 +292,13 @@ def test_pool_serves_one_model_in_order_and_evicts_the_least_recently_used(tmp_p
     assert loads == ["a", "b", "c", "b"]
 
 
-def test_serve_command_fails_early_on_a_bad_model(cli):
+def test_serve_command_fails_early_on_a_bad_model_or_a_busy_port(cli):
     result = cli("serve", "--model", "no-such-run", "--port", "0")
     assert result.exit_code != 0
     assert "no-such-run" in result.stderr and "Traceback" not in result.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = cli("serve", "--port", busy.getsockname()[1])
+    assert result.exit_code == 1
+    assert "cannot listen on 127.0.0.1" in result.stderr and "--port" in result.stderr
