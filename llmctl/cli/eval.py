@@ -12,10 +12,71 @@ from llmctl.cli.sample import DEVICE, MODEL, PRECISION
 from llmctl.errors import UsageError
 
 app = typer.Typer(help="Measure models and completions: perplexity and bits per byte, HumanEval pass@k "
-                       "in a sandbox, code probes, checkpoint comparison.", no_args_is_help=True)
+                       "in a sandbox, code probes, classification, checkpoint comparison.",
+                  no_args_is_help=True)
 
 # Each worker runs one program at a time, which may use up to the sandbox's memory limit.
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+
+
+@app.command("perplexity")
+def perplexity(
+    model: str = MODEL,
+    corpus: str = typer.Option(None, "--corpus", "-c", help="Score this corpus's validation split."),
+    file: Path = typer.Option(None, "--file", "-f", help="Score this UTF-8 text file (one document)."),
+    stride: int = typer.Option(None, "--stride", min=1, show_default=False,
+                               help="Tokens each window moves on in long documents "
+                                    "\\[default: half the context]."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Windows read at once."),
+    device: str = DEVICE,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Loss, perplexity and bits per byte on a corpus's validation split or a text file.
+
+    Example: llmctl eval perplexity --model code-base --corpus code --stride 256
+    """
+    import torch
+
+    from llmctl.checkpoints import load_model
+    from llmctl.eval.perplexity import measure_perplexity, text_source
+    from llmctl.eval.results import describe_checkpoint, record
+    from llmctl.generate import resolve_device
+
+    ws = workspace()
+    source, texts = text_source(ws, corpus, file)
+    loaded = load_model(ws, model, resolve_device(device), dtype=torch.float32)
+    result = measure_perplexity(loaded.model, loaded.tokenizer, texts, stride=stride, batch_size=batch_size,
+                                on_progress=_report_documents)
+    summary = {"kind": "perplexity", **describe_checkpoint(ws, model, loaded.path),
+               "source": source, **result.as_dict(), "batch_size": batch_size}
+    summary["eval_id"] = record(ws, "perplexity", summary)
+    if as_json:
+        print_json(summary)
+    else:
+        _render_perplexity(summary)
+
+
+def _report_documents(documents: int, tokens: int) -> None:
+    note(f"scored {documents} documents, {tokens} tokens")
+
+
+def _render_perplexity(summary: dict) -> None:
+    from rich.table import Table
+
+    from llmctl.eval.perplexity import name_source
+
+    table = Table(title=f"perplexity · {summary['model']} · {name_source(summary['source'])}",
+                  title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("loss (nats/token)", f"{summary['loss']:.4f}")
+    table.add_row("perplexity", f"{summary['perplexity']:.2f}")
+    table.add_row("bits per byte", f"{summary['bits_per_byte']:.4f}")
+    table.add_row("scored", f"{summary['documents']} documents · {summary['tokens']:,} tokens · "
+                            f"{summary['bytes']:,} bytes")
+    table.add_row("window", f"{summary['window']} tokens, stride {summary['stride']}")
+    table.add_row("time", f"{summary['seconds']:.1f} s ({summary['tokens_per_second'] or 0:,.0f} tokens/s)")
+    out.print(table)
 
 
 @app.command("humaneval")
@@ -77,10 +138,9 @@ def humaneval(
     if model is not None:
         flags = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
                  "stop": list(STOP_SEQUENCES)}
-        generated = _generate(ws, model, problems[:limit], flags, n_samples, batch_size, device, precision,
-                              directory / "completions.jsonl")
-        source |= generated
         completions = directory / "completions.jsonl"
+        source |= _generate(ws, model, problems[:limit], flags, n_samples, batch_size, device, precision,
+                            completions)
     samples = load_completions(completions, problems)
     _say_how_confined(sandbox_profile().as_dict())
     report = evaluate(problems[:limit], samples, ks, SandboxLimits(timeout_s=timeout), workers,
@@ -187,64 +247,6 @@ def _render(summary: dict) -> None:
         out.print(f"completions: {summary['completions_file']}", soft_wrap=True)
 
 
-@app.command("perplexity")
-def perplexity(
-    model: str = MODEL,
-    corpus: str = typer.Option(None, "--corpus", "-c", help="Score this corpus's validation split."),
-    file: Path = typer.Option(None, "--file", "-f", help="Score this UTF-8 text file (one document)."),
-    stride: int = typer.Option(None, "--stride", min=1, show_default=False,
-                               help="Tokens each window moves on in long documents "
-                                    "\\[default: half the context]."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Windows read at once."),
-    device: str = DEVICE,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
-) -> None:
-    """Loss, perplexity and bits per byte on a corpus's validation split or a text file.
-
-    Example: llmctl eval perplexity --model code-base --corpus code --stride 256
-    """
-    from llmctl.checkpoints import load_model
-    from llmctl.eval.perplexity import measure_perplexity, text_source
-    from llmctl.eval.results import describe_checkpoint, record
-    from llmctl.generate import resolve_device
-
-    ws = workspace()
-    source, texts = text_source(ws, corpus, file)
-    loaded = load_model(ws, model, resolve_device(device))
-    result = measure_perplexity(loaded.model, loaded.tokenizer, texts, stride=stride, batch_size=batch_size,
-                                on_progress=_report_documents)
-    summary = {"kind": "perplexity", **describe_checkpoint(ws, model, loaded.path),
-               "source": source, **result.as_dict(), "batch_size": batch_size}
-    summary["eval_id"] = record(ws, "perplexity", summary)
-    if as_json:
-        print_json(summary)
-    else:
-        _render_perplexity(summary)
-
-
-def _report_documents(documents: int, tokens: int) -> None:
-    note(f"scored {documents} documents, {tokens} tokens")
-
-
-def _render_perplexity(summary: dict) -> None:
-    from rich.table import Table
-
-    from llmctl.eval.perplexity import name_source
-
-    table = Table(title=f"perplexity · {summary['model']} · {name_source(summary['source'])}",
-                  title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("loss (nats/token)", f"{summary['loss']:.4f}")
-    table.add_row("perplexity", f"{summary['perplexity']:.2f}")
-    table.add_row("bits per byte", f"{summary['bits_per_byte']:.4f}")
-    table.add_row("scored", f"{summary['documents']} documents · {summary['tokens']:,} tokens · "
-                            f"{summary['bytes']:,} bytes")
-    table.add_row("window", f"{summary['window']} tokens, stride {summary['stride']}")
-    table.add_row("time", f"{summary['seconds']:.1f} s ({summary['tokens_per_second'] or 0:,.0f} tokens/s)")
-    out.print(table)
-
-
 @app.command("probes")
 def probes(
     model: str = MODEL,
@@ -293,9 +295,68 @@ def _render_probes(summary: dict) -> None:
     out.print(table)
 
 
+@app.command("classify")
+def classify(
+    model: str = MODEL,
+    data: str = typer.Option(None, "--data", "-d", show_default=False,
+                             help="Labelled data, as finetune --task classify reads it: a .jsonl or .json "
+                                  "file or an instruction corpus (required)."),
+    split: str = typer.Option("val", "--split", help="val (the examples finetuning held out), train or all."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Examples classified at once."),
+    device: str = DEVICE,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Accuracy, per-class precision, recall and F1, and the confusion matrix of a classifier.
+
+    Example: llmctl eval classify --model spam-clf --data spam.jsonl --split all
+    """
+    from llmctl.eval.classify import evaluate_classifier
+    from llmctl.eval.results import record
+    from llmctl.generate import resolve_device
+
+    if data is None:
+        raise UsageError("say what to classify: --data FILE.jsonl or --data CORPUS (labelled examples)")
+    ws = workspace()
+    summary = evaluate_classifier(ws, model, data, split, batch_size=batch_size,
+                                  device=resolve_device(device))
+    summary["eval_id"] = record(ws, "classify", summary)
+    if as_json:
+        print_json(summary)
+    else:
+        _render_classification(summary)
+
+
+def _render_classification(summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"classify · {summary['model']} · {summary['data']} ({summary['split']})",
+                  title_justify="left")
+    for name in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(name, justify="left" if name == "class" else "right")
+    for label, figures in summary["per_class"].items():
+        table.add_row(label, *(f"{figures[name]:.3f}" for name in ("precision", "recall", "f1")),
+                      str(figures["support"]))
+    macro = summary["macro"]
+    table.add_row("macro mean", *(f"{macro[name]:.3f}" for name in ("precision", "recall", "f1")),
+                  str(summary["examples"]), style="bold")  # over the classes that occur (see classify.py)
+    out.print(table)
+    out.print(f"accuracy {summary['accuracy']:.2%} on {summary['examples']} examples"
+              + (f" ({summary['skipped']} skipped: no text or a label the classifier lacks)"
+                 if summary["skipped"] else ""))
+
+    out.print("confusion matrix (rows: true class, columns: predicted class)")
+    confusion = Table()
+    confusion.add_column("")
+    for label in summary["labels"]:
+        confusion.add_column(label, justify="right")
+    for label, row in zip(summary["labels"], summary["confusion"], strict=True):
+        confusion.add_row(label, *map(str, row))
+    out.print(confusion)
+
+
 @app.command("compare")
 def compare(
-    refs: list[str] = typer.Argument(None, metavar="[REF]...", show_default=False,
+    refs: list[str] = typer.Argument(None, metavar="REF", show_default=False,
                                      help="Checkpoints: RUN, RUN:best, RUN:latest, RUN:step-N or "
                                           "checkpoint directories."),
     run: str = typer.Option(None, "--run", help="Compare every checkpoint of this run, oldest first."),
@@ -387,62 +448,3 @@ def _render_comparison(document: dict) -> None:
     out.print(table)
     if "plot" in document:
         out.print(f"plot: {document['plot']}", soft_wrap=True)
-
-
-@app.command("classify")
-def classify(
-    model: str = MODEL,
-    data: str = typer.Option(None, "--data", "-d", show_default=False,
-                             help="Labelled data, as finetune --task classify reads it: a .jsonl or .json "
-                                  "file or an instruction corpus (required)."),
-    split: str = typer.Option("val", "--split", help="val (the examples finetuning held out), train or all."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Examples classified at once."),
-    device: str = DEVICE,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
-) -> None:
-    """Accuracy, per-class precision, recall and F1, and the confusion matrix of a classifier.
-
-    Example: llmctl eval classify --model spam-clf --data spam.jsonl --split all
-    """
-    from llmctl.eval.classify import evaluate_classifier
-    from llmctl.eval.results import record
-    from llmctl.generate import resolve_device
-
-    if data is None:
-        raise UsageError("say what to classify: --data FILE.jsonl or --data CORPUS (labelled examples)")
-    ws = workspace()
-    summary = evaluate_classifier(ws, model, data, split, batch_size=batch_size,
-                                  device=resolve_device(device))
-    summary["eval_id"] = record(ws, "classify", summary)
-    if as_json:
-        print_json(summary)
-    else:
-        _render_classification(summary)
-
-
-def _render_classification(summary: dict) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"classify · {summary['model']} · {summary['data']} ({summary['split']})",
-                  title_justify="left")
-    for name in ("class", "precision", "recall", "f1", "support"):
-        table.add_column(name, justify="left" if name == "class" else "right")
-    for label, figures in summary["per_class"].items():
-        table.add_row(label, *(f"{figures[name]:.3f}" for name in ("precision", "recall", "f1")),
-                      str(figures["support"]))
-    macro = summary["macro"]
-    table.add_row("macro mean", *(f"{macro[name]:.3f}" for name in ("precision", "recall", "f1")),
-                  str(summary["examples"]), style="bold")  # over the classes that occur (see classify.py)
-    out.print(table)
-    out.print(f"accuracy {summary['accuracy']:.2%} on {summary['examples']} examples"
-              + (f" ({summary['skipped']} skipped: no text or a label the classifier lacks)"
-                 if summary["skipped"] else ""))
-
-    out.print("confusion matrix (rows: true class, columns: predicted class)")
-    confusion = Table()
-    confusion.add_column("")
-    for label in summary["labels"]:
-        confusion.add_column(label, justify="right")
-    for label, row in zip(summary["labels"], summary["confusion"], strict=True):
-        confusion.add_row(label, *map(str, row))
-    out.print(confusion)

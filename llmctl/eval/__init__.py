@@ -1,6 +1,9 @@
-"""Evaluation: HumanEval pass@k in a sandbox (more evals join as models load).
+"""Evaluation: HumanEval pass@k in a sandbox, and the model evals in their own modules.
 
-Nothing here imports torch: scoring completions made elsewhere needs no model.
+Nothing here imports torch: scoring completions made elsewhere needs no model. The evals that
+load a model import it, so they are imported from their modules: perplexity (loss, perplexity,
+bits per byte), generation (completions for HumanEval), probes (code probes), classify
+(classifier metrics), compare (several checkpoints at once), results (the registry rows).
 """
 
 from llmctl.eval.humaneval import (

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llmctl.checkpoints import load_model, resolve_model_ref
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.eval.perplexity import measure_perplexity, name_source
@@ -72,7 +74,7 @@ def compare_checkpoints(
     dtype = resolve_dtype(precision, torch_device)
     rows = []
     for ref in refs:
-        loaded = load_model(workspace, ref, torch_device)
+        loaded = load_model(workspace, ref, torch_device, dtype=torch.float32)  # perplexity in fp32
         checkpoint = describe_checkpoint(workspace, ref, loaded.path)
         row: dict[str, Any] = dict(checkpoint)
         if "perplexity" in evals:
