@@ -15,7 +15,8 @@ Goals: on CPU the Trainer at least 1.5x the plain loop on the 6-layer model; on 
 45% or more for gpt2-124m.
 
 Learning (--learning): the stdlib corpus, an 8k tokenizer and `llmctl pretrain --preset cpu-debug
---max-time 5m`, then the validation curve (loss and bits per byte) from the run's events.
+--max-time 5m`, then the validation curve (loss and bits per byte) from the run's events, starting
+from the untrained model's figures (step 0).
 """
 
 from __future__ import annotations
@@ -40,9 +41,12 @@ from llmctl.events import read_events
 from llmctl.model.sizing import count_parameters, flops_per_token
 from llmctl.model.transformer import Transformer
 from llmctl.train.batches import TokenWindows
+from llmctl.train.distributed import DistEnv
 from llmctl.train.mfu import peak_flops
 from llmctl.train.precision import describe_device, resolve_precision
+from llmctl.train.pretrain import PretrainOptions, build_trainer, make_plan
 from llmctl.train.trainer import RunInfo, Trainer
+from llmctl.workspace import Workspace
 
 SIX_LAYER = {"n_layer": 6, "n_head": 6, "d_model": 384, "context_length": 256, "vocab_size": 8192}
 
@@ -218,6 +222,11 @@ def learning(args: argparse.Namespace) -> None:
     if not (workspace / "tokenizers" / "stdlib-8k").is_dir():
         llmctl("tokenizer", "train", "stdlib-8k", "--corpus", "stdlib", "--vocab-size", "8192")
     run = f"learn-{time.strftime('%H%M%S')}"
+    # the run's own starting point: the same seed builds the same initial model, and measure()
+    # evaluates it on the same validation windows the run's evaluations use
+    options = PretrainOptions(run=run, corpus="stdlib", tokenizer="stdlib-8k", preset="cpu-debug")
+    plan = make_plan(Workspace(workspace), options)
+    initial = build_trainer(Workspace(workspace), plan, DistEnv(), show_progress=False).measure()
     llmctl(
         "pretrain",
         "--corpus",
@@ -242,6 +251,7 @@ def learning(args: argparse.Namespace) -> None:
     )
     print("| step | elapsed | val loss | val bits/byte |")
     print("|---|---|---|---|")
+    print(f"| 0 | 0 s | {initial['val_loss']:.3f} | {initial['val_bpb']:.3f} |")
     for event in (e for e in events if e["event"] == "eval"):
         seconds = elapsed.get(event["step"])
         shown = f"{seconds:.0f} s" if seconds is not None else "end"
