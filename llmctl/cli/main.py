@@ -9,8 +9,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import click
 import typer
+
+try:  # typer >= 0.26 vendors click; its exceptions are not the click package's
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import ClickException
 
 from llmctl import __version__
 from llmctl.cli import config as config_cmd
@@ -55,44 +59,45 @@ def _global(
     state.debug = debug
 
 
-app.add_typer(presets_cmd.app, name="presets")
-app.add_typer(config_cmd.app, name="config")
+def _register_commands() -> None:
+    """Every command, in the order of a model's life, which is the order `--help` shows.
 
-
-def _register_optional_groups() -> None:
-    """Command groups added by later modules register here, in the order `--help` shows them."""
+    Each module imports only typer and rich at its top; heavy libraries load inside commands.
+    """
+    from llmctl.cli import chat as chat_cmd
     from llmctl.cli import corpus as corpus_cmd
     from llmctl.cli import eval as eval_cmd
+    from llmctl.cli import export as export_cmd
+    from llmctl.cli import finetune as finetune_cmd
     from llmctl.cli import monitor as monitor_cmd
     from llmctl.cli import plot as plot_cmd
+    from llmctl.cli import pretrain as pretrain_cmd
+    from llmctl.cli import quickstart as quickstart_cmd
+    from llmctl.cli import sample as sample_cmd
+    from llmctl.cli import serve as serve_cmd
     from llmctl.cli import status as status_cmd
     from llmctl.cli import tokenizer as tokenizer_cmd
-    from llmctl.cli import pretrain as pretrain_cmd
-    from llmctl.cli import finetune as finetune_cmd
-    from llmctl.cli import sample as sample_cmd
-    from llmctl.cli import chat as chat_cmd
-    from llmctl.cli import export as export_cmd
-    from llmctl.cli import quickstart as quickstart_cmd
-    from llmctl.cli import serve as serve_cmd
 
-    app.command("quickstart")(quickstart_cmd.quickstart)
-    app.add_typer(corpus_cmd.app, name="corpus")
-    app.add_typer(tokenizer_cmd.app, name="tokenizer")
-    app.command("status")(status_cmd.status)
-    app.command("monitor")(monitor_cmd.monitor)
-    app.command("plot", no_args_is_help=True)(plot_cmd.plot)
-    app.command("pretrain", no_args_is_help=True)(pretrain_cmd.pretrain)
-    app.command("finetune", no_args_is_help=True)(finetune_cmd.finetune)
-    app.command("qlora", no_args_is_help=True)(finetune_cmd.qlora)
-    app.command("merge", no_args_is_help=True)(finetune_cmd.merge)
-    app.add_typer(eval_cmd.app, name="eval")
-    app.command("sample", no_args_is_help=True)(sample_cmd.sample)
-    app.command("chat", no_args_is_help=True)(chat_cmd.chat)
-    app.command("export", no_args_is_help=True)(export_cmd.export)
-    app.command("serve")(serve_cmd.serve)
+    app.command("quickstart", rich_help_panel="Prepare")(quickstart_cmd.quickstart)
+    app.add_typer(presets_cmd.app, name="presets", rich_help_panel="Prepare")
+    app.add_typer(config_cmd.app, name="config", rich_help_panel="Prepare")
+    app.add_typer(corpus_cmd.app, name="corpus", rich_help_panel="Prepare")
+    app.add_typer(tokenizer_cmd.app, name="tokenizer", rich_help_panel="Prepare")
+    app.command("pretrain", no_args_is_help=True, rich_help_panel="Train")(pretrain_cmd.pretrain)
+    app.command("finetune", no_args_is_help=True, rich_help_panel="Train")(finetune_cmd.finetune)
+    app.command("qlora", no_args_is_help=True, rich_help_panel="Train")(finetune_cmd.qlora)
+    app.command("merge", no_args_is_help=True, rich_help_panel="Train")(finetune_cmd.merge)
+    app.add_typer(eval_cmd.app, name="eval", rich_help_panel="Use")
+    app.command("sample", no_args_is_help=True, rich_help_panel="Use")(sample_cmd.sample)
+    app.command("chat", no_args_is_help=True, rich_help_panel="Use")(chat_cmd.chat)
+    app.command("export", no_args_is_help=True, rich_help_panel="Use")(export_cmd.export)
+    app.command("serve", rich_help_panel="Use")(serve_cmd.serve)
+    app.command("status", rich_help_panel="Watch")(status_cmd.status)
+    app.command("monitor", rich_help_panel="Watch")(monitor_cmd.monitor)
+    app.command("plot", no_args_is_help=True, rich_help_panel="Watch")(plot_cmd.plot)
 
 
-_register_optional_groups()
+_register_commands()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err.print(f"[red]error:[/red] {escape(exc.message)}", soft_wrap=True)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         err.print("aborted")
         return 130
-    except click.ClickException as exc:
+    except ClickException as exc:
         exc.show()
         return exc.exit_code
     except KeyboardInterrupt:

@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import click
 import typer
 
 from llmctl.cli.common import err, out, print_json, state, success, warn, workspace
@@ -25,7 +24,7 @@ def _count(text: str | None) -> int | None:
     try:
         return int(float(number) * scale)
     except ValueError:
-        raise click.BadParameter(f"'{text}' is not a count; use forms like 2000000, 2M or 500k") from None
+        raise typer.BadParameter(f"'{text}' is not a count; use forms like 2000000, 2M or 500k") from None
 
 
 def pretrain(
