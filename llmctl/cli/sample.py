@@ -93,8 +93,9 @@ def sample(
         if chunk.completion is not None:
             out.print()
             done = chunk.completion
-            reason = done.finish_reason
-            ending = f"stopped at {done.stop!r}" if reason == "stop" else f"reached the {reason} limit"
+            endings = {"stop": f"stopped at {done.stop!r}", "length": "--max-new-tokens reached",
+                       "context": "context window full"}
+            ending = endings[done.finish_reason]
             note(f"{len(done.token_ids)} tokens · {ending}")
             starting = True
     stats = generation.stats
