@@ -60,3 +60,14 @@ def test_error_messages_print_brackets_literally(cli):
     # a preset name with brackets would be eaten by Rich markup if errors were not escaped
     result = cli("config", "show", "--preset", "[bold]x")
     assert result.exit_code == 2 and "'[bold]x'" in result.stderr
+
+
+def test_a_missing_required_option_is_a_usage_error_not_an_internal_one(cli):
+    result = cli("eval", "classify")
+    assert result.exit_code == 2
+    assert "internal error" not in result.stderr and "--model" in result.stderr
+
+
+def test_an_unknown_command_is_a_usage_error(cli):
+    result = cli("trian")
+    assert result.exit_code == 2 and "No such command" in result.stderr
