@@ -108,13 +108,15 @@ def run_method(workspace: Path, method: str, base: Path, data: Path, steps: int,
         "train.warmup_steps=1",
     ]
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    stderr = process.stderr.read()
-    if process.returncode != 0:
-        raise SystemExit(f"{method} failed ({process.returncode}):\n{stderr[-2000:]}")
+    log = workspace.parent / f"{method}.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=output)
+        _, status, usage = os.wait4(process.pid, 0)
+    exit_code = os.waitstatus_to_exitcode(status)
     events = read_events(workspace / "runs" / run / "events.jsonl")
+    ends = [event for event in events if event["event"] == "end"]
+    if not ends or ends[-1]["reason"] != "finished":
+        raise SystemExit(f"{method} failed ({exit_code}):\n{log.read_text()[-2000:]}")
     start = next(event for event in events if event["event"] == "start")
     train = [event for event in events if event["event"] == "train"]
     step_times = [start["tokens_per_step"] / event["tokens_per_s"] for event in train[1:]]
@@ -129,6 +131,7 @@ def run_method(workspace: Path, method: str, base: Path, data: Path, steps: int,
         "activation_checkpointing": start["activation_checkpointing"],
         "wall_s": time.perf_counter() - started,
         "device": start["device"],
+        "exit_code": exit_code,  # a run that finished and then crashed on the way out is still measured
     }
 
 
@@ -179,6 +182,12 @@ def main() -> None:
                     f"{'on' if result['activation_checkpointing'] else 'off'} | {result['step_s']:.2f} s | "
                     f"{human_bytes(result['peak_bytes'])} | {result['peak_bytes'] / full_peak:.0%} |"
                 )
+            for result in results:
+                if result["exit_code"]:
+                    print(
+                        f"\nnote: {result['method']} finished its steps, then exited with "
+                        f"{result['exit_code']}"
+                    )
             ratio = results[2]["peak_bytes"] / full_peak
             print(
                 f"\nQLoRA peak / full peak = {ratio:.2f} (goal: at most 0.50) · device {results[0]['device']}"

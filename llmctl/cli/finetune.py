@@ -157,7 +157,13 @@ def merge(
 
 
 def _finetune(stage: str, flags: dict) -> int:
+    from llmctl.errors import UsageError
     from llmctl.train.finetune import FinetuneOptions, build_trainer, make_plan, start_finetune_run
+
+    if flags["as_json"] and not (flags["dry_run"] or flags["inspect"]):
+        raise UsageError("--json goes with --dry-run or --inspect")
+    if flags["resume"] and flags["overwrite"]:
+        raise UsageError("--resume continues a run and --overwrite starts it over; give one of them")
 
     targets = flags["lora_targets"]
     options = FinetuneOptions(

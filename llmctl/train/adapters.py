@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 UNQUANTIZED = ("lm_head", HEAD)  # linear layers QLoRA keeps in full precision
 NF4_BLOCK = 64
 # NF4 stores 4 bits per weight plus one absmax per 64-weight block; double quantization stores

@@ -1,6 +1,6 @@
 """Finetuning as a recipe: full, LoRA and QLoRA; instruction tuning (SFT) and classification.
 
-resolve the config on top of the base checkpoint's, check everything, plan, then hand the shared
+Resolve the config on top of the base checkpoint's, check everything, plan, then hand the shared
 Trainer the base model (wrapped with adapters, or quantized and wrapped), the rendered examples
 and, for classification, the classifier's loss. Like pretraining, every check runs before
 anything is written: a refused run leaves no runs/<name> directory and no registry row.
