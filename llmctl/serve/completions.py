@@ -118,8 +118,9 @@ def plan_chat(loaded: LoadedEngine, request: ChatCompletionRequest, limits: Limi
     ids, _ = session.build_prompt(turns[-1]["content"])
     context = loaded.engine.context_length
     if len(ids) >= context:
-        raise ApiError(400, f"the last message is {len(ids)} tokens; this model's context window is "
-                            f"{context} tokens", param="messages", code="context_length_exceeded")
+        raise ApiError(400, f"the last message (with the system prompt) is {len(ids)} tokens; this model's "
+                            f"context window is {context} tokens", param="messages",
+                       code="context_length_exceeded")
     return Plan([ids], config, request.n, session.stop_token_ids())
 
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +26,6 @@ from llmctl.generate import LoadedEngine
 from llmctl.monitor.runs import known_runs
 from llmctl.train.checkpoint import checkpoint_step, list_checkpoints, read_meta
 from llmctl.workspace import Workspace, check_name
-
-SELECTOR_PREFIXES = ("best", "latest", "step-")
 
 
 class ModelNotFound(LlmctlError):
@@ -116,15 +113,13 @@ class ModelPool:
                 raise ModelNotFound(f"model '{model_id}' is not served here; served: {', '.join(self.refs)}")
         else:
             # only run names: a request must not reach checkpoint directories anywhere on disk
-            run, _, selector = model_id.partition(":")
+            run = model_id.partition(":")[0]
             try:
                 check_name(run, "run")
             except LlmctlError:
                 run = ""
             if not run or not workspace.run_dir(run).is_dir():
                 raise ModelNotFound(f"model '{model_id}' does not exist; GET /v1/models lists them")
-            if selector and not selector.startswith(SELECTOR_PREFIXES):
-                raise ModelNotFound(f"model '{model_id}': use RUN, RUN:best, RUN:latest or RUN:step-N")
         try:
             return resolve_model_ref(workspace, model_id)
         except LlmctlError as exc:
@@ -165,8 +160,8 @@ class ModelPool:
     async def acquire(self, path: Path) -> Lease:
         """The engine for checkpoint `path`, loaded if need be, this request's alone until released.
 
-        Streamed responses release in their body's `finally`, which must not await: a cancelled
-        request could be interrupted there and keep the model locked.
+        Releasing never awaits, so a streamed response can release in a `finally` that a cancelled
+        request reaches without being interrupted there (which would keep the model locked).
         """
         slot = self._slots.get(path)
         if slot is None:
@@ -187,14 +182,6 @@ class ModelPool:
             slot.lock.release()
             raise
         return Lease(slot)
-
-    @asynccontextmanager
-    async def use(self, path: Path) -> AsyncIterator[LoadedEngine]:
-        lease = await self.acquire(path)
-        try:
-            yield lease.loaded
-        finally:
-            lease.release()
 
     def _evict(self) -> None:
         loaded = [(path, slot) for path, slot in self._slots.items() if slot.loaded is not None]
