@@ -104,6 +104,7 @@ class RunInfo:
     tokenizer_file: Path | None = None
     start_fields: dict[str, Any] = field(default_factory=dict)  # extra figures for the start event
     checkpoint_fields: dict[str, Any] = field(default_factory=dict)  # extra keys for each meta.json
+    params: int | None = None  # the model's parameter count where numel() misreads it (4-bit packed weights)
 
 
 @dataclass
@@ -584,7 +585,7 @@ class Trainer:
     # ------------------------------------------------------------ reporting
 
     def _write_start(self) -> None:
-        n_params = sum(p.numel() for p in self.model.parameters())
+        n_params = self.run.params or sum(p.numel() for p in self.model.parameters())
         self.events.write(
             "start",
             self.step,
