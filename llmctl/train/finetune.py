@@ -674,6 +674,7 @@ def build_trainer(
             "base_checkpoint": str(plan.base_path),
         },
         checkpoint_fields=checkpoint_fields,
+        params=plan.params,
     )
     trainer = Trainer(
         cfg,
