@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from finetune_helpers import QUICK, task_records, write_jsonl
 from hf_helpers import hf_greedy
 from pretrain_helpers import BASE, build_template, one_thread
 from tiny_checkpoints import write_run_checkpoint
@@ -119,6 +120,25 @@ def test_gpt2_shape_exports_as_gpt2_and_comes_back(cli, workspace_dir, tmp_path)
     ids = torch.tensor([original.tokenizer.encode(PROMPTS[0])])
     with torch.no_grad():
         assert torch.allclose(back.model(ids), original.model(ids), atol=1e-5)
+
+
+def test_an_adapter_run_is_merged_into_its_base_first(cli, workspace_dir, tmp_path):
+    write_run_checkpoint(workspace_dir, "chat")
+    data = write_jsonl(tmp_path / "task.jsonl", task_records())
+    tuned = cli("finetune", "--lora", "--model", "chat", "--data", data, "--run", "lora", *QUICK,
+                "--set", "train.lr=5e-2", "--max-steps", "3")
+    assert tuned.exit_code == 0, tuned.stderr
+
+    result = cli("export", "--model", "lora", "--out", tmp_path / "merged", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["verification"]["ok"]
+    assert not (tmp_path / "merged" / "adapter_model.safetensors").exists()
+    _agrees_with_transformers(workspace_dir, "lora", tmp_path / "merged", "LlamaForCausalLM")
+    # the merge moved the weights: the export is the adapted model, not the base
+    base, merged = load_model(Workspace(workspace_dir), "chat"), load_model(Workspace(workspace_dir), "lora")
+    ids = torch.tensor([base.tokenizer.encode(PROMPTS[0])])
+    with torch.no_grad():
+        assert not torch.allclose(base.model(ids), merged.model(ids), atol=1e-4)
 
 
 def test_a_failed_check_leaves_no_model_directory(cli, workspace_dir, tmp_path, monkeypatch):
