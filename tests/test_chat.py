@@ -286,7 +286,7 @@ class Terminal:
 
     ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 
-    def __init__(self, args: list[str], env: dict[str, str]):
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path):
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
 
@@ -294,7 +294,7 @@ class Terminal:
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-        self.process = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env,
+        self.process = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd,
                                         preexec_fn=own_terminal, close_fds=True)
         os.close(slave)
         self.master = master
@@ -320,13 +320,13 @@ class Terminal:
         os.write(self.master, keys.encode())
 
 
-def test_the_terminal_repl_streams_renders_stops_on_ctrl_c_and_leaves_on_ctrl_d(run, workspace_dir):
+def test_the_terminal_repl_streams_renders_stops_on_ctrl_c_and_leaves_on_ctrl_d(run, workspace_dir, tmp_path):
     # a random model decodes greedily without ever choosing end of text: a reply long enough to interrupt
     endless = ModelConfig(n_layer=4, n_head=4, d_model=256, context_length=4096, vocab_size=262)
     write_run_checkpoint(workspace_dir, "endless", model_config=endless,
                          generation=GenerationConfig(temperature=0.0, max_new_tokens=4000))
     env = {**os.environ, "LLMCTL_HOME": str(workspace_dir), "TERM": "xterm-256color", "COLUMNS": "120"}
-    terminal = Terminal([sys.executable, "-m", "llmctl", "chat", "-m", run], env)
+    terminal = Terminal([sys.executable, "-m", "llmctl", "chat", "-m", run], env, cwd=tmp_path)
     try:
         terminal.expect("/help for commands")
         terminal.expect("you› ")
@@ -348,6 +348,7 @@ def test_the_terminal_repl_streams_renders_stops_on_ctrl_c_and_leaves_on_ctrl_d(
         assert "temperature 0.5 (was 0.0)" in terminal.expect("you› ")
         terminal.send("/save transcript.json\r")
         assert "saved 4 messages" in terminal.expect("you› ")
+        assert len(json.loads((tmp_path / "transcript.json").read_text())["messages"]) == 4
         terminal.send("\x04")
         assert terminal.process.wait(timeout=30) == 0
     finally:
