@@ -4,7 +4,7 @@
     tokenizer  stdlib-code-8k      byte-level BPE with 8192 tokens, trained on it
     corpus     stdlib-docstrings   instruction pairs: a function's docstring asks, its source answers
     pretrain   quickstart-base     cpu-debug on a CPU (a preset that fits on a GPU) for N minutes
-    finetune   quickstart-sft      on stdlib-docstrings, for one minute
+    finetune   quickstart-sft      on stdlib-docstrings, for 45 seconds
     eval       the base's bits per byte on stdlib-code's validation split, and the code probes
     sample     a completion from the finetuned model
 
@@ -35,7 +35,7 @@ VOCAB_SIZE = 8192
 INSTRUCT_CORPUS = "stdlib-docstrings"
 BASE_RUN = "quickstart-base"
 SFT_RUN = "quickstart-sft"
-FINETUNE_SECONDS = 60
+FINETUNE_SECONDS = 45
 # A run whose trainer stopped for one of these reasons is whole and is reused as it is.
 FINISHED = ("finished", "max_time", "max_tokens", "early_stopping")
 # GPU presets by the memory they need, largest first; below all of them, cpu-debug.
