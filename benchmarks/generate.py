@@ -1,6 +1,7 @@
 """Decoding speed with the KV cache against recomputing the whole sequence for every token.
 
     python benchmarks/generate.py [--new-tokens 256,1024] [--device cpu] [--precision fp32]
+    python benchmarks/generate.py --new-tokens 256 --transformers     # and transformers' generate
 
 One randomly initialised model (default: 4 layers, 256 wide, 8k vocabulary, 1280 context, the
 shape of a small code model), one 8k byte-level BPE trained on the standard library, one prompt
@@ -18,6 +19,7 @@ import platform
 import statistics
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -86,6 +88,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads [default: torch's]")
+    parser.add_argument("--transformers", action="store_true",
+                        help="also time transformers' generate on the exported copy of the model")
+    parser.add_argument("--rounds", type=int, default=3, help="with --transformers: rounds, best kept")
     args = parser.parse_args()
     lengths = [int(n) for n in args.new_tokens.split(",")]
     if args.threads:
@@ -116,7 +121,74 @@ def main() -> None:
         print("  ms per token at position " + "".join(f"{p:>9}" for p in positions))
         for label, steps in (("KV cache", cached_steps), ("recompute", full_steps)):
             print(f"  {label:<24}" + "".join(f"{per_token_ms(steps, p):9.2f}" for p in positions))
+    if args.transformers:
+        compare_with_transformers(engine, prompt_ids, lengths, args.rounds)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
+
+
+# ---------------------------------------------------------------- llmctl against transformers
+# Issue 8's goal: on the CPU, batch 1, greedy, 256 new tokens, llmctl's engine at least 2x faster
+# than transformers' generate running the exported copy of the same model (`llmctl export`).
+
+
+def export_engine_model(engine: Engine) -> Path:
+    """The engine's model and tokenizer as a checkpoint, exported (and round-trip checked) for
+    transformers; the export's directory."""
+    from llmctl.config import RunConfig
+    from llmctl.model.export import export_hf
+    from llmctl.train.checkpoint import FullModelIO, write_checkpoint
+    from llmctl.workspace import Workspace
+
+    directory = Path(tempfile.mkdtemp(prefix="llmctl-bench-export-"))
+    checkpoint = write_checkpoint(
+        directory / "step-00000000",
+        model=engine.model,
+        model_io=FullModelIO(),
+        config=RunConfig(model=engine.model.cfg),
+        trainer_state={},
+        meta={"step": 0},
+        tokenizer_file=engine.tokenizer.path,
+    )
+    return export_hf(Workspace(directory / "workspace"), str(checkpoint), directory / "hf").directory
+
+
+def time_transformers(model, prompt_ids: list[int], new_tokens: int) -> float:
+    """transformers' tokens per second, generating exactly `new_tokens` greedily (min_new_tokens
+    keeps an end-of-text token from stopping it early, as llmctl's engine has no stop token here)."""
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        started = time.perf_counter()
+        output = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        seconds = time.perf_counter() - started
+    assert output.shape[1] - ids.shape[1] == new_tokens
+    return new_tokens / seconds
+
+
+def compare_with_transformers(engine: Engine, prompt_ids: list[int], lengths: list[int], rounds: int) -> None:
+    from transformers import AutoModelForCausalLM
+
+    if engine.device.type != "cpu":
+        print("\nthe transformers comparison runs on the CPU only; skipped")
+        return
+    engine.model.to(torch.float32)  # both sides in fp32
+    directory = export_engine_model(engine)
+    theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    time_transformers(theirs, prompt_ids, 8)  # warm-up, as for the engine
+    print(f"\nagainst transformers {transformers_version()} on the exported copy (fp32, best of {rounds})")
+    for new_tokens in lengths:
+        ours, their_rates = [], []
+        for _ in range(rounds):  # interleaved, so a busy neighbour slows both alike
+            ours.append(measure(engine, prompt_ids, new_tokens, use_cache=True)[0])
+            their_rates.append(time_transformers(theirs, prompt_ids, new_tokens))
+        print(f"  {new_tokens} new tokens: llmctl {max(ours):8.1f} tokens/s   transformers "
+              f"{max(their_rates):8.1f} tokens/s   ratio {max(ours) / max(their_rates):5.2f}x")
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 if __name__ == "__main__":
