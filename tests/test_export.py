@@ -175,3 +175,14 @@ def test_an_existing_directory_needs_overwrite(cli, workspace_dir, tmp_path):
 def test_unknown_format_is_refused(cli, workspace_dir, tmp_path):
     result = cli("export", "--model", "x", "--out", tmp_path / "x", "--format", "gguf")
     assert result.exit_code == 2 and "unknown --format 'gguf'" in result.stderr
+
+
+def test_without_transformers_the_check_is_skipped_and_said(cli, workspace_dir, tmp_path, monkeypatch):
+    from llmctl.model import export
+
+    write_run_checkpoint(workspace_dir, "chat")
+    monkeypatch.setattr(export, "transformers_available", lambda: False)
+    result = cli("export", "--model", "chat", "--out", tmp_path / "chat")
+    assert result.exit_code == 0, result.stderr
+    assert "round-trip check skipped: transformers is not installed" in result.stderr
+    assert (tmp_path / "chat" / "model.safetensors").is_file()
