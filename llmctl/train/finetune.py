@@ -8,7 +8,9 @@ anything is written: a refused run leaves no runs/<name> directory and no regist
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import dataclasses
 import random
 import shutil
@@ -643,6 +645,22 @@ def _paged_optimizer(plan: FinetunePlan) -> bool:
     return plan.config.adapter.quantize == "nf4" and plan.device.type == "cuda"
 
 
+GLIBC_M_MMAP_THRESHOLD = -3  # mallopt's parameter number for the mmap threshold (malloc.h)
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def return_large_frees_to_the_os() -> None:
+    """Serve allocations of 1 MB and more from mmap, so freeing them returns the memory at once.
+
+    glibc keeps freed blocks below its dynamic mmap threshold (which grows up to 32 MB) in the heap.
+    Training on a CPU frees and reallocates activation and dequantized-weight buffers of many sizes
+    in every layer, the heap fragments, and the resident size grows far past the live tensors (for
+    QLoRA about twice; docs/benchmarks.md has the figures). A no-op where the C library has no mallopt.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(GLIBC_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 def build_trainer(
     workspace: Workspace,
     plan: FinetunePlan,
@@ -653,6 +671,8 @@ def build_trainer(
 ) -> Trainer:
     cfg = plan.config
     dist = dist or DistEnv()
+    if plan.device.type == "cpu":
+        return_large_frees_to_the_os()
     torch.manual_seed(cfg.train.seed)  # the classifier head and LoRA's A matrices start the same everywhere
     model = build_model(plan)
     random.seed(cfg.train.seed + dist.rank)
