@@ -237,7 +237,7 @@ def test_a_large_file_holds_out_a_validation_slice(tmp_path):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('{"question": "x", "answer": "y"}\n', r"has no instruction fields \(fields found: question, answer\)"),
+        ('{"question": "x", "answer": "y"}\n', r"no instruction fields \(fields found: question, answer\)"),
         ('{"prompt": "x"\n', "is not valid JSON at line 1"),
         ("", "holds no records"),
     ],
