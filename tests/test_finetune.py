@@ -317,3 +317,38 @@ def test_a_hugging_face_model_directory_is_a_base(ft, base_workspace, tmp_path, 
     assert result.exit_code == 0, result.stderr
     loaded = load_model(Workspace(base_workspace), run)
     assert loaded.meta["base_checkpoint"] == str(directory) and loaded.model.cfg.n_kv_head == 2
+
+
+def test_early_stopping_works_through_the_shared_trainer(ft, base_workspace):
+    # a rate of ~0 keeps the val loss flat: the second evaluation fails to improve on the first
+    flat = [
+        "--set",
+        "train.lr=1e-9",
+        "--set",
+        "train.min_lr=0",
+        "--set",
+        "train.warmup_steps=0",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.early_stopping_patience=1",
+        "--set",
+        "train.early_stopping_min_delta=0.01",
+    ]
+    result = ft(
+        "finetune",
+        "--model",
+        "base",
+        "--data",
+        task_file(base_workspace),
+        "--run",
+        "stops",
+        "--lora",
+        *QUICK,
+        *flat,
+        "--max-steps",
+        "50",
+    )
+    assert result.exit_code == 0, result.stderr
+    end = events_of(base_workspace, "stops")[-1]
+    assert end["event"] == "end" and end["reason"] == "early_stopping" and end["step"] == 4
