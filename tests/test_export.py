@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from finetune_helpers import QUICK, task_records, write_jsonl
-from hf_helpers import hf_greedy
+from hf_helpers import hf_greedy, save_llama_dir
 from pretrain_helpers import BASE, build_template, one_thread
 from tiny_checkpoints import write_run_checkpoint
 
@@ -186,3 +186,15 @@ def test_without_transformers_the_check_is_skipped_and_said(cli, workspace_dir, 
     assert result.exit_code == 0, result.stderr
     assert "round-trip check skipped: transformers is not installed" in result.stderr
     assert (tmp_path / "chat" / "model.safetensors").is_file()
+
+
+def test_an_imported_bf16_model_exports_in_bf16_and_checks_in_fp32(cli, workspace_dir, tmp_path):
+    save_llama_dir(tmp_path / "llama-bf16", dtype=torch.bfloat16, max_shard_size="80KB")
+    result = cli("export", "--model", tmp_path / "llama-bf16", "--out", tmp_path / "again", "--json")
+    assert result.exit_code == 0, result.stderr
+    document = result.json()
+    assert document["dtype"] == "bfloat16" and document["verification"]["ok"]
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["num_key_value_heads"] == 2
+    tokenizer_config = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())
+    assert (tokenizer_config["bos_token"], tokenizer_config["eos_token"]) == ("<s>", "</s>")
