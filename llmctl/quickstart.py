@@ -10,7 +10,8 @@
 
 What a step builds is reused by the next quickstart: corpora and the tokenizer when registered,
 a run when it ended normally; a run that was interrupted is resumed from its last checkpoint.
-Evaluation and the sample run every time.
+Whatever is built again, everything made from it is built again too (the runs after a new
+tokenizer, the finetune after a new base). Evaluation and the sample run every time.
 """
 
 from __future__ import annotations
@@ -92,14 +93,18 @@ def plan_quickstart(workspace: Workspace, options: QuickstartOptions) -> list[St
             return "reuse"
         return "resume" if registry.checkpoints(run) else "build"
 
-    base = run_action(BASE_RUN)
+    # what is made again makes everything made from it stale
+    corpus = made(registry.corpus(CODE_CORPUS))
+    tokenizer = made(registry.tokenizer(TOKENIZER)) if corpus == "reuse" else "build"
+    instructions = made(registry.corpus(INSTRUCT_CORPUS))
+    base = run_action(BASE_RUN) if tokenizer == "reuse" else "build"
+    finetune = run_action(SFT_RUN) if base == instructions == "reuse" else "build"
     return [
-        Step("code corpus", CODE_CORPUS, made(registry.corpus(CODE_CORPUS))),
-        Step("tokenizer", TOKENIZER, made(registry.tokenizer(TOKENIZER))),
-        Step("instructions", INSTRUCT_CORPUS, made(registry.corpus(INSTRUCT_CORPUS))),
+        Step("code corpus", CODE_CORPUS, corpus),
+        Step("tokenizer", TOKENIZER, tokenizer),
+        Step("instructions", INSTRUCT_CORPUS, instructions),
         Step("pretrain", BASE_RUN, base),
-        # a base trained again makes the finetune of the old one stale
-        Step("finetune", SFT_RUN, run_action(SFT_RUN) if base == "reuse" else "build"),
+        Step("finetune", SFT_RUN, finetune),
         Step("eval", BASE_RUN, "run"),
         Step("sample", SFT_RUN, "run"),
     ]
@@ -135,10 +140,10 @@ def run_quickstart(
 
 
 def _code_corpus(workspace: Workspace, step: Step) -> None:
-    from llmctl.data.build import build_corpus
+    from llmctl.data.build import BuildOptions, build_corpus
 
     meta = (
-        build_corpus(workspace, CODE_CORPUS, ["stdlib"])
+        build_corpus(workspace, CODE_CORPUS, ["stdlib"], BuildOptions(overwrite=True))
         if step.action == "build"
         else workspace.registry().corpus(CODE_CORPUS)["meta"]
     )
@@ -149,7 +154,7 @@ def _tokenizer(workspace: Workspace, step: Step) -> None:
     from llmctl.tokenizer import tokenizer_meta, train_tokenizer
 
     if step.action == "build":
-        train_tokenizer(workspace, TOKENIZER, CODE_CORPUS, vocab_size=VOCAB_SIZE)
+        train_tokenizer(workspace, TOKENIZER, CODE_CORPUS, vocab_size=VOCAB_SIZE, overwrite=True)
     meta = tokenizer_meta(workspace, TOKENIZER)
     step.figures = {"vocab_size": meta["vocab_size"], "bytes_per_token": meta["figures"]["bytes_per_token"]}
 
@@ -165,7 +170,8 @@ def _instruct_corpus(workspace: Workspace, step: Step) -> None:
                 for path, _ in source_files(parse_source("stdlib")):
                     for pair in docstring_pairs(path.read_text(encoding="utf-8", errors="replace")):
                         sink.write(json.dumps(pair) + "\n")
-            meta = build_corpus(workspace, INSTRUCT_CORPUS, [str(pairs)], BuildOptions(format="alpaca"))
+            options = BuildOptions(format="alpaca", overwrite=True)
+            meta = build_corpus(workspace, INSTRUCT_CORPUS, [str(pairs)], options)
         finally:
             pairs.unlink(missing_ok=True)
     else:

@@ -79,6 +79,16 @@ def test_the_preset_fits_the_device() -> None:
     assert choose_preset("cuda", 4 * 2**30) == "cpu-debug"
 
 
+def _register_data(workspace: Workspace, *corpora: str, tokenizer: bool = True) -> None:
+    registry = workspace.registry()
+    for corpus in corpora:
+        workspace.corpus_dir(corpus).mkdir(parents=True)
+        registry.add_corpus(corpus, "text", workspace.corpus_dir(corpus), {})
+    if tokenizer:
+        workspace.tokenizer_dir(TOKENIZER).mkdir(parents=True)
+        registry.add_tokenizer(TOKENIZER, workspace.tokenizer_dir(TOKENIZER), CODE_CORPUS, "0" * 64, 8192, {})
+
+
 def _register_run(workspace: Workspace, run: str, end_reason: str | None, checkpoint: bool = True) -> None:
     registry = workspace.registry()
     run_dir = workspace.run_dir(run)
@@ -97,12 +107,7 @@ def test_a_fresh_workspace_builds_everything(tmp_path: Path) -> None:
 
 def test_what_exists_is_reused_and_an_interrupted_run_resumed(tmp_path: Path) -> None:
     workspace = Workspace(tmp_path)
-    registry = workspace.registry()
-    for corpus in (CODE_CORPUS, INSTRUCT_CORPUS):
-        workspace.corpus_dir(corpus).mkdir(parents=True)
-        registry.add_corpus(corpus, "text", workspace.corpus_dir(corpus), {})
-    workspace.tokenizer_dir(TOKENIZER).mkdir(parents=True)
-    registry.add_tokenizer(TOKENIZER, workspace.tokenizer_dir(TOKENIZER), CODE_CORPUS, "0" * 64, 8192, {})
+    _register_data(workspace, CODE_CORPUS, INSTRUCT_CORPUS)
     _register_run(workspace, BASE_RUN, "max_time")
     _register_run(workspace, SFT_RUN, "interrupted")
 
@@ -114,14 +119,27 @@ def test_what_exists_is_reused_and_an_interrupted_run_resumed(tmp_path: Path) ->
     assert fresh["code corpus"] == "reuse" and fresh["pretrain"] == "build" and fresh["finetune"] == "build"
 
 
-def test_a_base_trained_again_means_a_new_finetune(tmp_path: Path) -> None:
+def test_what_is_made_again_makes_what_follows_again(tmp_path: Path) -> None:
     workspace = Workspace(tmp_path)
+    _register_data(workspace, CODE_CORPUS, INSTRUCT_CORPUS)
     _register_run(workspace, BASE_RUN, None)  # killed: no end reason, but a checkpoint to go on from
     _register_run(workspace, SFT_RUN, "finished")
     assert actions(workspace)["pretrain"] == "resume" and actions(workspace)["finetune"] == "build"
 
     workspace.registry().remove_run(BASE_RUN)
     assert actions(workspace)["pretrain"] == "build"
+
+
+@pytest.mark.parametrize("missing", ["tokenizer", "instructions"])
+def test_new_data_means_new_runs(tmp_path: Path, missing: str) -> None:
+    workspace = Workspace(tmp_path)
+    corpora = (CODE_CORPUS,) if missing == "instructions" else (CODE_CORPUS, INSTRUCT_CORPUS)
+    _register_data(workspace, *corpora, tokenizer=missing != "tokenizer")
+    _register_run(workspace, BASE_RUN, "finished")
+    _register_run(workspace, SFT_RUN, "finished")
+    planned = actions(workspace)
+    assert planned[missing] == "build" and planned["finetune"] == "build"
+    assert planned["pretrain"] == ("build" if missing == "tokenizer" else "reuse")
 
 
 @pytest.mark.slow
