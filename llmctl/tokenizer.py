@@ -101,9 +101,27 @@ class LoadedTokenizer:
     special_ids: dict[str, int]
     chat_template: str | None
     meta: dict[str, Any] = field(default_factory=dict)
+    # Whether the model was trained on texts that open with the BOS token (Llama-family tokenizers):
+    # then a prompt or a scored document reads it first. llmctl's own tokenizers never set it:
+    # their documents follow the end-of-text token instead.
+    add_bos: bool = False
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    @property
+    def document_start_id(self) -> int:
+        """The token a document is read after: BOS where the tokenizer prepends one, else the
+        end-of-text token that precedes every document in llmctl's training."""
+        if self.add_bos:
+            return self.tokenizer.token_to_id(self.meta["bos_token"])
+        return self.eot_id
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A text as the model reads it from its start (a prompt, a document): after the BOS token
+        where the tokenizer prepends one, as transformers' tokenizer does; plain `encode` otherwise."""
+        ids = self.encode(text)
+        return [self.document_start_id, *ids] if self.add_bos else ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
@@ -513,12 +531,37 @@ def load_tokenizer_file(
         special_ids=description["special_tokens"],
         chat_template=description["chat_template"],
         meta=description,
+        add_bos=_wants_bos(tokenizer, settings),
     )
 
 
-def hf_tokenizer_settings(directory: Path) -> dict[str, str]:
-    """bos_token, eos_token and chat_template as transformers saved them in `directory`; {} when it
-    saved nothing there. Unreadable files count as absent: the tokenizer.json alone still works."""
+# Tokenizer classes whose transformers implementation prepends BOS unless told not to.
+_BOS_BY_DEFAULT_CLASSES = (
+    "LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast",
+)
+
+
+def _wants_bos(tokenizer: Tokenizer, settings: Mapping[str, Any]) -> bool:
+    """Whether transformers' tokenizer for these files prepends the BOS token: tokenizer_config.json's
+    `add_bos_token` where it says; else whether tokenizer.json's post-processor prepends it (Llama 3,
+    and every save by transformers 5); else true for Llama-family tokenizer classes. Never without a
+    BOS token in the vocabulary, so llmctl's own tokenizers (no tokenizer_config.json) and GPT-2's
+    (no such post-processor) stay false."""
+    bos = settings.get("bos_token")
+    bos_id = tokenizer.token_to_id(bos) if bos else None
+    if bos_id is None:
+        return False
+    if isinstance(settings.get("add_bos_token"), bool):
+        return settings["add_bos_token"]
+    if tokenizer.encode("a", add_special_tokens=True).ids[:1] == [bos_id]:
+        return True
+    return settings.get("tokenizer_class") in _BOS_BY_DEFAULT_CLASSES
+
+
+def hf_tokenizer_settings(directory: Path) -> dict[str, Any]:
+    """bos_token, eos_token, chat_template, add_bos_token and tokenizer_class as transformers saved
+    them in `directory`; {} when it saved nothing there. Unreadable files count as absent: the
+    tokenizer.json alone still works."""
     try:
         config = json.loads((directory / HF_TOKENIZER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -537,6 +580,10 @@ def hf_tokenizer_settings(directory: Path) -> dict[str, str]:
         template = template_file.read_text(encoding="utf-8")
     if isinstance(template, str) and template:
         settings["chat_template"] = template
+    if isinstance(config.get("add_bos_token"), bool):
+        settings["add_bos_token"] = config["add_bos_token"]
+    if isinstance(config.get("tokenizer_class"), str):
+        settings["tokenizer_class"] = config["tokenizer_class"]
     return settings
 
 

@@ -16,8 +16,10 @@ TOKENIZER_TEXT = [
 PROMPTS = ["def add(a, b):", "for item in", "class Point:\n    def"]
 
 
-def save_tokenizer(directory: Path) -> None:
-    """tokenizer.json and tokenizer_config.json as transformers saves a Llama-style fast tokenizer."""
+def save_tokenizer(directory: Path, add_bos: bool = True) -> None:
+    """tokenizer.json and tokenizer_config.json as transformers saves a Llama-style fast tokenizer:
+    with add_bos, encoding prepends <s> (transformers 5 writes that into tokenizer.json's
+    post-processor, as Llama 3's tokenizer.json has it)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -31,7 +33,8 @@ def save_tokenizer(directory: Path) -> None:
     )
     tokenizer.train_from_iterator(TOKENIZER_TEXT, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        add_bos_token=add_bos,
     )
     fast.save_pretrained(directory)
 
@@ -64,11 +67,12 @@ def save_llama_dir(
     dtype: torch.dtype = torch.float32,
     max_shard_size: str | None = None,
     tie: bool = False,
+    add_bos: bool = True,
 ):
     """A Hugging Face Llama directory; returns the model as transformers holds it."""
     from tokenizers import Tokenizer
 
-    save_tokenizer(directory)
+    save_tokenizer(directory, add_bos=add_bos)
     vocab_size = Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab_size()
     model = llama_model(vocab_size, tie=tie).to(dtype)
     options = {"max_shard_size": max_shard_size} if max_shard_size else {}

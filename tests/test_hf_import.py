@@ -88,13 +88,58 @@ def test_sample_cli_takes_a_model_directory(tmp_path: Path, cli) -> None:
     result = cli("sample", "--model", tmp_path / "llama", "--prompt", PROMPTS[0],
                  "--temperature", "0", "--max-new-tokens", "16", "--json")
     assert result.exit_code == 0, result.stderr
-    completion = result.json()["completions"][0]
+    document = result.json()
+    completion = document["completions"][0]
     loaded = load_model(Workspace(tmp_path / "ws"), str(tmp_path / "llama"))
-    ids = loaded.tokenizer.encode(PROMPTS[0])
+    ids = loaded.tokenizer.encode_prompt(PROMPTS[0])  # <s> first, as the model was trained
+    assert document["prompt_tokens"] == len(ids)
     expected = hf_greedy(hf_model, ids, 16, loaded.tokenizer.eot_id)
     assert completion["tokens"] == len(expected)
     # a random model emits stray bytes; an unfinished UTF-8 character at the end is held back
     assert loaded.tokenizer.decode(expected).startswith(completion["text"])
+
+
+def test_prompts_open_with_bos_as_transformers_tokenizer_adds_it(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    hf_model = save_llama_dir(tmp_path / "llama")
+    their_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llama")
+    loaded = load_model(Workspace(tmp_path / "ws"), str(tmp_path / "llama"))
+    bos = loaded.tokenizer.tokenizer.token_to_id("<s>")
+    assert loaded.tokenizer.add_bos and loaded.tokenizer.document_start_id == bos
+    engine = Engine(loaded.model, loaded.tokenizer)
+    config = GenerationConfig(temperature=0.0, max_new_tokens=24)
+    for prompt in PROMPTS:
+        ids = their_tokenizer(prompt).input_ids
+        assert ids[0] == bos  # the premise: transformers' tokenizer prepends <s>
+        assert loaded.tokenizer.encode_prompt(prompt) == ids
+        ours = engine.generate([prompt], config)[0].token_ids  # the engine encodes the text itself
+        assert ours == hf_greedy(hf_model, ids, 24, loaded.tokenizer.eot_id)
+
+
+def test_perplexity_reads_documents_after_bos_as_transformers_does(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from llmctl.eval.perplexity import measure_perplexity
+
+    hf_model = save_llama_dir(tmp_path / "llama")
+    their_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llama")
+    loaded = load_model(Workspace(tmp_path / "ws"), str(tmp_path / "llama"))
+    text = PROMPTS[2]
+    ids = their_tokenizer(text).input_ids
+    with torch.no_grad():  # transformers' loss: the mean over every token after <s>
+        expected = hf_model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item() * (len(ids) - 1)
+    result = measure_perplexity(loaded.model, loaded.tokenizer, [text])
+    assert result.tokens == len(ids) - 1
+    assert result.nats == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_tokenizer_without_bos_in_its_encoding_gets_none(tmp_path: Path) -> None:
+    save_llama_dir(tmp_path / "plain", add_bos=False)
+    loaded = load_model(Workspace(tmp_path / "ws"), str(tmp_path / "plain"))
+    assert not loaded.tokenizer.add_bos
+    assert loaded.tokenizer.encode_prompt(PROMPTS[0]) == loaded.tokenizer.encode(PROMPTS[0])
+    assert loaded.tokenizer.document_start_id == loaded.tokenizer.eot_id
 
 
 def test_unsupported_model_type_is_one_line_naming_it(tmp_path: Path, cli) -> None:

@@ -105,6 +105,9 @@ def test_train_registers_a_tokenizer_that_round_trips_every_val_document(cli, wo
     # The token cache and the trainer read the file directly too (e.g. from a checkpoint).
     by_file = load_tokenizer_file(tokenizer_json)
     assert by_file.sha256 == loaded.sha256 and by_file.special_ids == loaded.special_ids
+    # llmctl's documents follow <|endoftext|>: nothing is prepended to a prompt
+    assert not loaded.add_bos and not by_file.add_bos and loaded.document_start_id == loaded.eot_id
+    assert loaded.encode_prompt("def f():") == loaded.encode("def f():")
 
 
 def test_special_tokens_encode_as_single_ids_and_decode_back(cli, workspace_dir, code_corpus):
@@ -323,3 +326,30 @@ def test_a_corpus_too_small_for_the_vocabulary_is_reported(cli, code_corpus):
     real_size = cli("tokenizer", "show", "big", "--json").json()["vocab_size"]
     assert real_size < 60_000
     assert f"the corpus allowed only {real_size:,} tokens of the 60,000 requested" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "add_bos"),
+    [
+        ({"tokenizer_class": "LlamaTokenizerFast"}, True),  # Llama's default
+        ({"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": False}, False),
+        ({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True}, True),
+        ({"tokenizer_class": "GPT2TokenizerFast"}, False),
+        ({"tokenizer_class": "LlamaTokenizerFast", "bos_token": None}, False),  # no BOS to add
+    ],
+)
+def test_tokenizer_config_says_whether_prompts_open_with_bos(tmp_path, config, add_bos):
+    """tokenizer_config.json's add_bos_token, else the Llama classes' default, as transformers reads it
+    (this tokenizer.json's post-processor prepends nothing, so only the config decides)."""
+    pytest.importorskip("transformers")
+    from hf_helpers import save_tokenizer
+
+    save_tokenizer(tmp_path, add_bos=False)
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    loaded = load_tokenizer_file(tmp_path)
+    bos = loaded.tokenizer.token_to_id("<s>")
+    assert loaded.add_bos is add_bos
+    ids = loaded.encode("def add")
+    assert loaded.encode_prompt("def add") == ([bos, *ids] if add_bos else ids)
+    assert loaded.document_start_id == (bos if add_bos else loaded.eot_id)

@@ -69,8 +69,9 @@ def generate_completions(
     `on_progress(rows done, rows)` follows each call.
     """
     config = config.model_copy(update={"stop": list(dict.fromkeys([*config.stop, *stop_sequences]))})
-    eot = engine.tokenizer.eot_id
-    ids = [[eot, *engine.tokenizer.encode(prompt)] for prompt in prompts]
+    # read after the token training documents follow (end-of-text; BOS for Llama-family tokenizers)
+    start = engine.tokenizer.document_start_id
+    ids = [[start, *engine.tokenizer.encode(prompt)] for prompt in prompts]
     result = GeneratedCompletions([[""] * n_samples for _ in prompts], [[""] * n_samples for _ in prompts])
     rows_done, rows = 0, len(prompts) * n_samples
     for index, call in enumerate(_plan(len(prompts), n_samples, batch_size)):

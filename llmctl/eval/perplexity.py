@@ -1,10 +1,11 @@
 """Loss, perplexity and bits per byte of a model on text: a corpus's validation split or a file.
 
 Every document is read after the end-of-text token, the boundary that precedes each document in
-training, and each of its tokens is scored exactly once; the end-of-text token itself is context,
-never a target. A document longer than the context window is read in overlapping windows: each
-window moves on by `stride` tokens and scores only the tokens no earlier window scored, so every
-token after the first window keeps at least `window - stride` tokens of left context.
+training (after BOS instead for tokenizers that prepend one, as Llama's do), and each of its tokens
+is scored exactly once; that first token itself is context, never a target. A document longer
+than the context window is read in overlapping windows: each window moves on by `stride` tokens
+and scores only the tokens no earlier window scored, so every token after the first window keeps
+at least `window - stride` tokens of left context.
 
 Bits per byte divides the summed nats by the UTF-8 bytes of the scored text, so unlike loss per
 token it does not depend on the tokenizer, and models with different vocabularies compare fairly.
@@ -46,7 +47,7 @@ def bits_per_byte(nats: float, n_bytes: float) -> float:
 
 @dataclass(frozen=True)
 class Span:
-    """One window over a document's sequence (end-of-text token, then the document's tokens):
+    """One window over a document's sequence (its start token, then the document's tokens):
     the model reads positions [start, end) and scores the targets at positions [first, end]."""
 
     start: int
@@ -63,7 +64,7 @@ def sliding_spans(n_tokens: int, window: int, stride: int) -> list[Span]:
     if not 1 <= stride <= window:
         raise UsageError(f"the stride must be between 1 and the window ({window} tokens), got {stride}")
     spans: list[Span] = []
-    scored = 0  # targets at positions up to here are done; position 0 is the end-of-text token
+    scored = 0  # targets at positions up to here are done; position 0 is the start token
     while scored < n_tokens:
         end = min(scored + stride if spans else window, n_tokens)
         spans.append(Span(max(0, end - window), scored + 1, end))
@@ -116,8 +117,8 @@ class _Window:
     context: int  # leading targets already scored by an earlier window
 
 
-def _windows(ids: list[int], eot_id: int, window: int, stride: int) -> Iterator[_Window]:
-    sequence = [eot_id, *ids]
+def _windows(ids: list[int], start_id: int, window: int, stride: int) -> Iterator[_Window]:
+    sequence = [start_id, *ids]
     for span in sliding_spans(len(ids), window, stride):
         yield _Window(
             sequence[span.start : span.end],
@@ -180,7 +181,7 @@ def measure_perplexity(
         group = [text for text in group if text]
         windows = []
         for text, ids in zip(group, tokenizer.encode_batch(group), strict=True):
-            windows.extend(_windows(ids, tokenizer.eot_id, window, stride))
+            windows.extend(_windows(ids, tokenizer.document_start_id, window, stride))
             documents, n_bytes = documents + 1, n_bytes + len(text.encode("utf-8"))
         windows.sort(key=lambda w: len(w.ids), reverse=True)
         for batch in _batches(windows, batch_size):

@@ -190,13 +190,14 @@ class Engine:
         """Token ids for each prompt, cut to fit the context window.
 
         A prompt that fills the window keeps its end, leaving room for min(max_new_tokens,
-        context / 2) new tokens. An empty prompt starts from the end-of-text token, the
-        boundary every training document follows.
+        context / 2) new tokens. A text prompt opens with BOS where the tokenizer prepends one
+        (Llama-family); an empty one starts from the end-of-text token, the boundary every
+        training document follows.
         """
         prepared = []
         room = min(max_new_tokens, self.context_length // 2)
         for index, prompt in enumerate(prompts):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+            ids = self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else [*map(int, prompt)]
             ids = ids or [self.tokenizer.eot_id]
             dropped = 0
             if len(ids) >= self.context_length:

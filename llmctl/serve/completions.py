@@ -134,7 +134,7 @@ def plan_completion(loaded: LoadedEngine, request: CompletionRequest, limits: Li
     vocab = engine.model.cfg.vocab_size
     token_lists = []
     for prompt in prompts:
-        ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = engine.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         if any(token >= vocab for token in ids):
             raise ApiError(400, f"token ids must be below the vocabulary size, {vocab}", param="prompt")
         if len(ids) >= engine.context_length:
