@@ -71,3 +71,29 @@ def test_a_missing_required_option_is_a_usage_error_not_an_internal_one(cli):
 def test_an_unknown_command_is_a_usage_error(cli):
     result = cli("trian")
     assert result.exit_code == 2 and "No such command" in result.stderr
+
+
+def test_every_model_flag_names_every_accepted_reference_form():
+    import click
+    import typer
+
+    from llmctl.cli.common import MODEL_REF_HELP
+    from llmctl.cli.main import app
+
+    def commands(group: click.Command, prefix: str = ""):
+        for name, command in getattr(group, "commands", {}).items():
+            yield f"{prefix}{name}", command
+            yield from commands(command, f"{prefix}{name} ")
+
+    helps = {
+        name: option.help
+        for name, command in commands(typer.main.get_command(app))
+        for option in command.params
+        if "--model" in getattr(option, "opts", ())
+    }
+    expected = {"sample", "chat", "finetune", "qlora", "export", "serve",
+                "eval perplexity", "eval humaneval", "eval probes", "eval classify"}
+    assert expected <= set(helps)
+    forms = ("RUN (its best", "RUN:best", "RUN:latest", "RUN:step-N", "checkpoint directory", "Hugging Face")
+    assert all(form in MODEL_REF_HELP for form in forms)
+    assert {name: MODEL_REF_HELP in text for name, text in helps.items()} == dict.fromkeys(helps, True)

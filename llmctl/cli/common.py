@@ -25,6 +25,13 @@ class AppState:
 
 state = AppState()
 
+# Every form `--model` accepts (llmctl.checkpoints.resolve_model_ref), in one place so that the
+# help of sample, chat, eval, finetune, qlora, export and serve cannot drift apart.
+MODEL_REF_HELP = (
+    "RUN (its best checkpoint), RUN:best, RUN:latest, RUN:step-N, a checkpoint directory "
+    "or a Hugging Face model directory"
+)
+
 # Results go to stdout; progress, notes and errors go to stderr so `--json` output stays clean.
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)

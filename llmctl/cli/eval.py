@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmctl.cli.common import note, out, print_json, warn, workspace
+from llmctl.cli.common import MODEL_REF_HELP, note, out, print_json, warn, workspace
 from llmctl.cli.sample import DEVICE, MODEL, PRECISION
 from llmctl.errors import UsageError
 
@@ -81,8 +81,8 @@ def _render_perplexity(summary: dict) -> None:
 
 @app.command("humaneval")
 def humaneval(
-    model: str = typer.Option(None, "--model", "-m", help="Generate completions with this model: RUN, "
-                              "RUN:best, RUN:latest, RUN:step-N or a checkpoint directory."),
+    model: str = typer.Option(None, "--model", "-m",
+                              help=f"Generate completions with this model: {MODEL_REF_HELP}."),
     completions: Path = typer.Option(None, "--completions", help="Score these instead: JSONL of "
                                      "{task_id, completion}; several lines for a task are several samples."),
     problems_file: Path = typer.Option(

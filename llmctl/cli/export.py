@@ -6,12 +6,11 @@ from pathlib import Path
 
 import typer
 
-from llmctl.cli.common import note, out, print_json, success, warn, workspace
+from llmctl.cli.common import MODEL_REF_HELP, note, out, print_json, success, warn, workspace
 
 
 def export(
-    model: str = typer.Option(..., "--model", "-m",
-                              help="Model: RUN, RUN:best, RUN:step-N, a checkpoint or model directory."),
+    model: str = typer.Option(..., "--model", "-m", help=f"Model: {MODEL_REF_HELP}."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write."),
     export_format: str = typer.Option("hf", "--format", "-f",
                                       help="hf: a transformers model directory (the one format so far)."),

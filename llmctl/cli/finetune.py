@@ -6,12 +6,10 @@ from pathlib import Path
 
 import typer
 
-from llmctl.cli.common import err, out, print_json, success, warn, workspace
+from llmctl.cli.common import MODEL_REF_HELP, err, out, print_json, success, warn, workspace
 from llmctl.cli.pretrain import _count
 
-MODEL = typer.Option(
-    None, "--model", "-m", help="Base model: RUN, RUN:best, RUN:latest, RUN:step-N or a directory."
-)
+MODEL = typer.Option(None, "--model", "-m", help=f"Base model: {MODEL_REF_HELP}.")
 DATA = typer.Option(
     None, "--data", "-d", help="Instruction corpus (llmctl corpus list) or a .jsonl/.json file."
 )

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import typer
 
-from llmctl.cli.common import err, note, out, print_json, warn, workspace
+from llmctl.cli.common import MODEL_REF_HELP, err, note, out, print_json, warn, workspace
 
 # Sampling flags shared with `llmctl chat`; None means "the checkpoint's generation config decides".
-MODEL = typer.Option(..., "--model", "-m",
-                     help="Model: RUN, RUN:best, RUN:latest, RUN:step-N or a checkpoint directory.")
+MODEL = typer.Option(..., "--model", "-m", help=f"Model: {MODEL_REF_HELP}.")
 MAX_NEW_TOKENS = typer.Option(None, "--max-new-tokens", "-n", show_default=False,
                               help="Tokens to generate at most \\[default: the checkpoint's].")
 TEMPERATURE = typer.Option(None, "--temperature", "-t", show_default=False,

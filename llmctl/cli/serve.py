@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from llmctl.cli.common import note, success, warn, workspace
+from llmctl.cli.common import MODEL_REF_HELP, note, success, warn, workspace
 from llmctl.cli.sample import DEVICE, PRECISION
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -13,7 +13,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 def serve(
     model: list[str] = typer.Option(
         [], "--model", "-m", show_default=False,
-        help="Serve only this model (RUN, RUN:best, RUN:latest, RUN:step-N or a checkpoint directory), "
+        help=f"Serve only this model ({MODEL_REF_HELP}), "
              "loaded at start; repeatable \\[default: every run's checkpoints, loaded on first use].",
     ),
     host: str = typer.Option("127.0.0.1", "--host",
