@@ -6,6 +6,7 @@ tokenizers, peft) load inside the commands that need them, so `llmctl --help` st
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -135,4 +136,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    sys.exit(main())
+    code = main()
+    if "torch" in sys.modules:
+        # After a command that used torch has finished and written everything, the interpreter's
+        # teardown can still abort in torch's native threads ("terminate called without an active
+        # exception", exit 134; pytorch#38228). Skip the teardown so the exit code is the command's.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
