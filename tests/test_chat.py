@@ -321,9 +321,20 @@ class Terminal:
 
 
 def test_the_terminal_repl_streams_renders_stops_on_ctrl_c_and_leaves_on_ctrl_d(run, workspace_dir, tmp_path):
-    # a random model decodes greedily without ever choosing end of text: a reply long enough to interrupt
-    endless = ModelConfig(n_layer=4, n_head=4, d_model=256, context_length=4096, vocab_size=262)
-    write_run_checkpoint(workspace_dir, "endless", model_config=endless,
+    # A model that can only say "a": the final LayerNorm's zero weight leaves its bias, whatever the
+    # input, and the head scores "a" d_model and every other token, stop tokens included, 0. Greedy,
+    # it never stops before 4000 tokens, seconds on any CPU, so Ctrl-C always lands mid-reply.
+    endless = ModelConfig(n_layer=4, n_head=4, d_model=256, context_length=4096, vocab_size=262,
+                          norm="layernorm", tie_embeddings=False)
+    letter = 6 + ord("a")  # the byte tokenizer's id for byte b is 6 + b
+
+    def say_only_a(model) -> None:
+        model.norm.weight.zero_()
+        model.norm.bias.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[letter] = 1.0
+
+    write_run_checkpoint(workspace_dir, "endless", model_config=endless, edit=say_only_a,
                          generation=GenerationConfig(temperature=0.0, max_new_tokens=4000))
     env = {**os.environ, "LLMCTL_HOME": str(workspace_dir), "TERM": "xterm-256color", "COLUMNS": "120"}
     terminal = Terminal([sys.executable, "-m", "llmctl", "chat", "-m", run], env, cwd=tmp_path)
@@ -336,7 +347,7 @@ def test_the_terminal_repl_streams_renders_stops_on_ctrl_c_and_leaves_on_ctrl_d(
         assert "switched to" in terminal.expect("you› ")
         terminal.send("go on\r")
         terminal.expect("go on")
-        time.sleep(0.5)  # let it stream for a while: the whole reply takes seconds
+        terminal.expect("a" * 16)  # the reply is streaming: interrupt it
         terminal.send("\x03")
         assert "(stopped)" in terminal.expect("you› ")
         # at the prompt Ctrl-C only clears the line; CPython's readline misses a SIGINT that lands
@@ -348,7 +359,10 @@ def test_the_terminal_repl_streams_renders_stops_on_ctrl_c_and_leaves_on_ctrl_d(
         assert "temperature 0.5 (was 0.0)" in terminal.expect("you› ")
         terminal.send("/save transcript.json\r")
         assert "saved 4 messages" in terminal.expect("you› ")
-        assert len(json.loads((tmp_path / "transcript.json").read_text())["messages"]) == 4
+        messages = json.loads((tmp_path / "transcript.json").read_text())["messages"]
+        assert len(messages) == 4
+        reply = messages[-1]["content"]  # what had streamed when Ctrl-C stopped it
+        assert messages[-1]["role"] == "assistant" and set(reply) == {"a"} and len(reply) < 4000
         terminal.send("\x04")
         assert terminal.process.wait(timeout=30) == 0
     finally:

@@ -4,6 +4,7 @@ handful of chats rendered with the tokenizer's chat template, saved by the train
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,13 +74,17 @@ def write_run_checkpoint(
     tokenizer_file: Path | None = None,
     model_config: ModelConfig = MODEL,
     generation: GenerationConfig = GENERATION,
+    edit: Callable[[Transformer], None] | None = None,
 ) -> Path:
     """runs/<run>/checkpoints/step-N written by the trainer's writer, with the chat model's weights
-    (or random ones when `model_config` is another shape)."""
+    (or random ones when `model_config` is another shape), changed by `edit` where given."""
     torch.manual_seed(0)
     model = Transformer(model_config)
     if model_config == MODEL:
         model.load_state_dict(chat_model_state())
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
     if tokenizer_file is None:
         tokenizer_file = byte_tokenizer_file(workspace / "byte-tokenizer")
     config = RunConfig(model=model_config, generation=generation)
