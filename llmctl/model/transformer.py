@@ -61,11 +61,7 @@ def rope_scaling_type(cfg: ModelConfig) -> str:
 
 
 def rope_inverse_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
-    """[head_dim / 2] fp32 inverse frequencies, scaled as Hugging Face's rope init functions do.
-
-    Computed on demand rather than held in a buffer, so a model built on the meta device or
-    cast to bf16 never carries stale or rounded frequencies.
-    """
+    """[head_dim / 2] fp32 inverse frequencies, scaled as Hugging Face's rope init functions do."""
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
     kind = rope_scaling_type(cfg)
@@ -85,11 +81,28 @@ def rope_inverse_frequencies(cfg: ModelConfig, device: torch.device | None = Non
     return inv_freq
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [B or 1, 1, T, head_dim] in fp32 for positions [B or 1, T]."""
-    freqs = position_ids[..., None].float() * inv_freq
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos()[:, None], angles.sin()[:, None]
+class RopeTable:
+    """fp32 cos and sin of every position's angles, computed once and indexed at each forward.
+
+    Held outside the module's buffers, so a model built on the meta device or cast to bf16 never
+    carries stale or rounded values; rebuilt when the model moves or needs more positions.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.cos = self.sin = None
+
+    def __call__(self, position_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [B or 1, 1, T, head_dim] for positions [B or 1, T], all below `length`."""
+        device = position_ids.device
+        if self.cos is None or self.cos.device != device or self.cos.shape[0] < length:
+            # built as ordinary tensors even inside inference_mode, as training may index them later
+            with torch.inference_mode(False):
+                positions = torch.arange(length, device=device, dtype=torch.float32)
+                freqs = positions[:, None] * rope_inverse_frequencies(self.cfg, device)
+                angles = torch.cat((freqs, freqs), dim=-1)
+                self.cos, self.sin = angles.cos(), angles.sin()
+        return self.cos[position_ids][:, None], self.sin[position_ids][:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -243,6 +256,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
+        self.rope = RopeTable(cfg)
 
         self.apply(self._init_weights)
         # GPT-2's scaled init: each layer adds two residual branches, so their outputs shrink with depth
@@ -347,7 +361,8 @@ class Transformer(nn.Module):
         if self.cfg.position == "learned":
             x = x + self.embed_positions(position_ids)
         else:
-            rope = rope_cos_sin(rope_inverse_frequencies(self.cfg, device), position_ids)
+            # a position never exceeds its column (padding and packing only restart it lower)
+            rope = self.rope(position_ids, max(self.cfg.context_length, cache_position + T))
 
         caches = [None] * len(self.layers)
         if kv_cache is not None:
