@@ -45,7 +45,6 @@ from llmctl.train.checkpoint import (
     checkpoint_name,
     read_config,
     read_meta,
-    select_resume_checkpoint,
     write_checkpoint,
 )
 from llmctl.train.classify import TASK, classifier_from, classify_loss
@@ -60,6 +59,7 @@ from llmctl.train.precision import (
     resolve_precision,
 )
 from llmctl.train.pretrain import SAMPLE_MAX_NEW_TOKENS
+from llmctl.train.runs import check_run_name, open_run
 from llmctl.train.trainer import RunInfo, Sampler, Trainer, lm_loss, planned_steps
 from llmctl.workspace import Workspace, check_name
 
@@ -369,7 +369,10 @@ def make_plan(
     )
     resume_from = None
     if not inspect_only:
-        resume_from = _check_run_name(workspace, run, options, warn)
+        resume_from = check_run_name(
+            workspace, run, resume=options.resume, overwrite=options.overwrite,
+            fallback=options.fallback, warn=warn,
+        )
 
     device = resolve_device(config.train.device)
     requested = config.train.precision
@@ -522,36 +525,8 @@ def make_batches(plan: FinetunePlan, encoded: EncodedData, rank: int = 0, world_
 # ---------------------------------------------------------------- run
 
 
-def _check_run_name(
-    workspace: Workspace, run: str, options: FinetuneOptions, warn: Callable[[str], None] | None
-) -> Path | None:
-    """A new run must not exist (unless --overwrite); a resumed one must, with a readable checkpoint."""
-    if options.resume:
-        return select_resume_checkpoint(
-            workspace.run_dir(run), options.fallback, warn or (lambda message: None)
-        )
-    registered = workspace.registry(create=False).run(run) is not None
-    if (workspace.run_dir(run).exists() or registered) and not options.overwrite:
-        raise UsageError(
-            f"run '{run}' already exists; continue it with --resume, or start it over with --overwrite"
-        )
-    return None
-
-
 def start_finetune_run(workspace: Workspace, plan: FinetunePlan, overwrite: bool) -> Path:
     """runs/<run>/ with its config.yaml, and a registry row linked to the base checkpoint."""
-    registry = workspace.registry()
-    run_dir = workspace.run_dir(plan.run)
-    if plan.resume_from is None and overwrite:
-        registry.remove_run(plan.run)
-        if run_dir.exists():
-            retired = run_dir.with_name(f".old-{run_dir.name}-{int(time.time())}")
-            run_dir.rename(retired)
-            shutil.rmtree(retired, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(plan.config.to_yaml(), encoding="utf-8")
-    tmp.replace(run_dir / "config.yaml")
     meta = {
         "preset": plan.config.preset,
         "config": plan.config.model_dump(mode="json"),
@@ -561,20 +536,19 @@ def start_finetune_run(workspace: Workspace, plan: FinetunePlan, overwrite: bool
         "device": describe_device(plan.device),
         **_run_meta(plan),
     }
-    if plan.resume_from is not None:
-        registry.update_run_meta(plan.run, **meta, end_reason=None)
-        return run_dir
     data = plan.config.data.corpus
-    registry.add_run(
+    return open_run(
+        workspace,
         plan.run,
         plan.stage,
-        run_dir,
-        corpus=data if registry.corpus(data) else None,
+        plan.config,
+        meta,
+        resuming=plan.resume_from is not None,
+        overwrite=overwrite,
+        corpus=data if workspace.registry().corpus(data) else None,
         tokenizer=plan.config.data.tokenizer,
         base_checkpoint=plan.base_id,
-        meta=meta,
     )
-    return run_dir
 
 
 def _run_meta(plan: FinetunePlan) -> dict[str, Any]:

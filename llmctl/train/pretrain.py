@@ -8,7 +8,6 @@ no registry row. Only the token cache (under the corpus, reusable) may be built 
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from llmctl.model.transformer import Transformer
 from llmctl.tokenizer import LoadedTokenizer, load_tokenizer
 from llmctl.train import distributed
 from llmctl.train.batches import TokenWindows
-from llmctl.train.checkpoint import read_meta, select_resume_checkpoint
+from llmctl.train.checkpoint import read_meta
 from llmctl.train.distributed import DistEnv
 from llmctl.train.precision import (
     Precision,
@@ -45,6 +44,7 @@ from llmctl.train.precision import (
     resolve_device,
     resolve_precision,
 )
+from llmctl.train.runs import check_run_name, open_run
 from llmctl.train.trainer import RunInfo, Sampler, Trainer, TrainResult, planned_steps
 from llmctl.workspace import Workspace, check_name
 
@@ -321,11 +321,14 @@ def _check_run_name(
     check_new_run: bool,
     warn: Callable[[str], None] | None,
 ) -> Path | None:
-    """A new run must not exist (unless --overwrite); a resumed one must, with a readable checkpoint."""
-    run_dir = workspace.run_dir(run)
-    registered = workspace.registry(create=False).run(run) is not None
-    if options.resume:
-        checkpoint = select_resume_checkpoint(run_dir, options.fallback, warn or (lambda message: None))
+    """As runs.check_run_name, and a resumed run must keep the tokenizer it started with."""
+    if not (options.resume or check_new_run):
+        return None
+    checkpoint = check_run_name(
+        workspace, run, resume=options.resume, overwrite=options.overwrite,
+        fallback=options.fallback, warn=warn,
+    )
+    if checkpoint is not None:
         saved_sha = read_meta(checkpoint).get("tokenizer_sha256")
         if saved_sha and saved_sha != tokenizer.sha256:
             raise UsageError(
@@ -333,12 +336,7 @@ def _check_run_name(
                 f"(its checkpoint has {saved_sha[:12]}, the workspace {tokenizer.sha256[:12]}); "
                 "resume needs the same tokenizer"
             )
-        return checkpoint
-    if check_new_run and (run_dir.exists() or registered) and not options.overwrite:
-        raise UsageError(
-            f"run '{run}' already exists; continue it with --resume, or start it over with --overwrite"
-        )
-    return None
+    return checkpoint
 
 
 def _token_cache(store: CorpusStore, tokenizer: LoadedTokenizer, build: bool) -> TokenCache | None:
@@ -370,19 +368,6 @@ def _check_cache(cache: TokenCache, config: RunConfig, corpus: str) -> None:
 
 def start_run(workspace: Workspace, plan: PretrainPlan, overwrite: bool) -> Path:
     """Create (or, resuming, refresh) runs/<run>/ with its config.yaml and registry row."""
-    registry = workspace.registry()
-    run_dir = workspace.run_dir(plan.run)
-    if plan.resume_from is None and overwrite:
-        registry.remove_run(plan.run)
-        if run_dir.exists():
-            retired = run_dir.with_name(f".old-{run_dir.name}-{int(time.time())}")
-            run_dir.rename(retired)
-            shutil.rmtree(retired, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.yaml"
-    tmp = config_path.with_name(".config.yaml.tmp")
-    tmp.write_text(plan.config.to_yaml(), encoding="utf-8")
-    tmp.replace(config_path)
     meta = {
         "preset": plan.config.preset,
         "config": plan.config.model_dump(mode="json"),
@@ -392,18 +377,17 @@ def start_run(workspace: Workspace, plan: PretrainPlan, overwrite: bool) -> Path
         "max_steps": plan.total_steps,
         "device": describe_device(plan.device),
     }
-    if plan.resume_from is None:
-        registry.add_run(
-            plan.run,
-            STAGE,
-            run_dir,
-            corpus=plan.config.data.corpus,
-            tokenizer=plan.config.data.tokenizer,
-            meta=meta,
-        )
-    else:
-        registry.update_run_meta(plan.run, **meta, end_reason=None)
-    return run_dir
+    return open_run(
+        workspace,
+        plan.run,
+        STAGE,
+        plan.config,
+        meta,
+        resuming=plan.resume_from is not None,
+        overwrite=overwrite,
+        corpus=plan.config.data.corpus,
+        tokenizer=plan.config.data.tokenizer,
+    )
 
 
 def join_distributed_run(

@@ -1,0 +1,75 @@
+"""A run's directory and registry row: the part every stage (pretrain, finetune, qlora) shares."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llmctl.config import RunConfig
+from llmctl.errors import UsageError
+from llmctl.train.checkpoint import select_resume_checkpoint
+from llmctl.workspace import Workspace
+
+
+def check_run_name(
+    workspace: Workspace,
+    run: str,
+    *,
+    resume: bool,
+    overwrite: bool,
+    fallback: bool,
+    warn: Callable[[str], None] | None = None,
+) -> Path | None:
+    """The checkpoint to resume from, or None for a new run.
+
+    A resumed run must exist with a readable checkpoint; a new one must not exist unless it is to
+    be overwritten.
+    """
+    run_dir = workspace.run_dir(run)
+    if resume:
+        return select_resume_checkpoint(run_dir, fallback, warn or (lambda message: None))
+    registered = workspace.registry(create=False).run(run) is not None
+    if (run_dir.exists() or registered) and not overwrite:
+        raise UsageError(
+            f"run '{run}' already exists; continue it with --resume, or start it over with --overwrite"
+        )
+    return None
+
+
+def open_run(
+    workspace: Workspace,
+    run: str,
+    stage: str,
+    config: RunConfig,
+    meta: dict[str, Any],
+    *,
+    resuming: bool,
+    overwrite: bool,
+    corpus: str | None = None,
+    tokenizer: str | None = None,
+    base_checkpoint: int | None = None,
+) -> Path:
+    """runs/<run>/ with its config.yaml, and the run's registry row (refreshed when resuming)."""
+    registry = workspace.registry()
+    run_dir = workspace.run_dir(run)
+    if not resuming and overwrite:
+        registry.remove_run(run)
+        if run_dir.exists():
+            retired = run_dir.with_name(f".old-{run_dir.name}-{int(time.time())}")
+            run_dir.rename(retired)
+            shutil.rmtree(retired, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    staged = run_dir / ".config.yaml.tmp"
+    staged.write_text(config.to_yaml(), encoding="utf-8")
+    staged.replace(run_dir / "config.yaml")
+    if resuming:
+        registry.update_run_meta(run, **meta, end_reason=None)
+    else:
+        registry.add_run(
+            run, stage, run_dir, corpus=corpus, tokenizer=tokenizer,
+            base_checkpoint=base_checkpoint, meta=meta,
+        )
+    return run_dir
