@@ -48,9 +48,13 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
         if self.d_model % self.n_head:
-            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+            raise ValueError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})"
+            )
         if self.n_head % self.kv_heads:
-            raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.kv_heads})")
+            raise ValueError(
+                f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.kv_heads})"
+            )
         return self
 
     @property
@@ -219,7 +223,9 @@ def parse_assignment(assignment: str) -> tuple[str, Any]:
     key, sep, raw = assignment.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise UsageError(f"--set expects dotted.key=value, got '{assignment}' (for example --set train.lr=1e-4)")
+        raise UsageError(
+            f"--set expects dotted.key=value, got '{assignment}' (for example --set train.lr=1e-4)"
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:

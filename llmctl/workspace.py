@@ -81,7 +81,8 @@ CREATE TABLE IF NOT EXISTS evals (
 def check_name(name: str, what: str) -> str:
     if not _NAME.match(name):
         raise UsageError(
-            f"invalid {what} name '{name}': use letters, digits, '.', '_' and '-' (up to 100, not starting with '.')"
+            f"invalid {what} name '{name}': use letters, digits, '.', '_' and '-' "
+            "(up to 100, not starting with '.')"
         )
     return name
 
@@ -191,9 +192,11 @@ class Registry:
     ) -> None:
         with self.transaction() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO runs (name, stage, path, corpus, tokenizer, base_checkpoint, created, meta)"
+                "INSERT OR REPLACE INTO runs"
+                " (name, stage, path, corpus, tokenizer, base_checkpoint, created, meta)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, stage, str(path), corpus, tokenizer, base_checkpoint, time.time(), json.dumps(meta or {})),
+                (name, stage, str(path), corpus, tokenizer, base_checkpoint, time.time(),
+                 json.dumps(meta or {})),
             )
 
     def run(self, name: str) -> dict[str, Any] | None:
@@ -207,7 +210,8 @@ class Registry:
             row = conn.execute("SELECT meta FROM runs WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise LlmctlError(f"run '{name}' is not registered")
-            conn.execute("UPDATE runs SET meta = ? WHERE name = ?", (json.dumps({**row["meta"], **fields}), name))
+            merged = json.dumps({**row["meta"], **fields})
+            conn.execute("UPDATE runs SET meta = ? WHERE name = ?", (merged, name))
 
     def remove_run(self, name: str) -> None:
         """Drop a run with its checkpoints and their evals (for --overwrite)."""

@@ -19,8 +19,8 @@ import contextlib, io, json, sys
 from llmctl.cli.main import main
 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
     code = main(sys.argv[1:])
-print(json.dumps({"code": code, "heavy": sorted(m for m in %r if m in sys.modules)}))
-""" % (HEAVY,)
+print(json.dumps({"code": code, "heavy": sorted(m for m in HEAVY if m in sys.modules)}))
+""".replace("HEAVY", repr(HEAVY))
 
 LIGHT_COMMANDS = [
     ["--help"],
@@ -29,6 +29,8 @@ LIGHT_COMMANDS = [
     ["config", "show", "--preset", "rtx4060-8g", "--set", "train.lr=1e-4"],
     ["config", "keys"],
     ["corpus", "list"],
+    ["status"],
+    ["status", "--json"],
 ]
 
 

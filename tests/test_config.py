@@ -124,12 +124,14 @@ def test_preset_shapes_are_as_promised():
     debug = resolve_config(preset="cpu-debug").model
     assert (debug.n_layer, debug.n_head, debug.d_model, debug.context_length) == (2, 4, 256, 128)
     rtx = resolve_config(preset="rtx4060-8g")
-    assert (rtx.model.n_layer, rtx.model.n_head, rtx.model.d_model, rtx.model.context_length) == (6, 8, 512, 256)
+    rtx_shape = (rtx.model.n_layer, rtx.model.n_head, rtx.model.d_model, rtx.model.context_length)
+    assert rtx_shape == (6, 8, 512, 256)
     assert rtx.global_batch_size == 32 and rtx.train.lr == pytest.approx(3e-4)
     compact = resolve_config(preset="compact-8g")
     assert compact.model.context_length == 384 and compact.train.grad_accum_steps == 2
     big = resolve_config(preset="llm-200m")
-    assert (big.model.n_layer, big.model.d_model, big.model.n_head, big.model.vocab_size) == (24, 768, 12, 32000)
+    big_shape = (big.model.n_layer, big.model.d_model, big.model.n_head, big.model.vocab_size)
+    assert big_shape == (24, 768, 12, 32000)
     assert big.model.ff_dim == 2048 and big.model.context_length == 512
     assert (big.train.micro_batch_size, big.train.grad_accum_steps) == (8, 4)
     assert big.train.weight_decay == pytest.approx(0.01) and big.model.dropout == pytest.approx(0.1)

@@ -43,7 +43,8 @@ def list_presets(as_json: bool = typer.Option(False, "--json", help="Print one J
         return
     table = Table(title="presets", title_justify="left")
     for column in ("name", "params", "shape", "context", "batch", "precision", "est. memory", "for"):
-        table.add_column(column, justify="right" if column in ("params", "context", "est. memory") else "left")
+        numeric = column in ("params", "context", "est. memory")
+        table.add_column(column, justify="right" if numeric else "left")
     for row in rows:
         table.add_row(
             row["name"], human_count(row["params"]),
