@@ -14,8 +14,10 @@ several positions: flat with the cache, growing with the sequence without it.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import platform
+import shutil
 import statistics
 import sysconfig
 import tempfile
@@ -43,8 +45,15 @@ def stdlib_texts(limit_bytes: int = 3_000_000) -> list[str]:
     return texts
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A temporary directory removed when the benchmark exits (the engine reads files from it)."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, directory, True)
+    return directory
+
+
 def build_engine(args: argparse.Namespace, texts: list[str]) -> Engine:
-    directory = Path(tempfile.mkdtemp(prefix="llmctl-bench-"))
+    directory = scratch_dir("llmctl-bench-")
     train_bpe(texts, args.vocab).save(str(directory / "tokenizer.json"))
     tokenizer = load_tokenizer_file(directory)
     cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
@@ -139,7 +148,7 @@ def export_engine_model(engine: Engine) -> Path:
     from llmctl.train.checkpoint import FullModelIO, write_checkpoint
     from llmctl.workspace import Workspace
 
-    directory = Path(tempfile.mkdtemp(prefix="llmctl-bench-export-"))
+    directory = scratch_dir("llmctl-bench-export-")
     checkpoint = write_checkpoint(
         directory / "step-00000000",
         model=engine.model,

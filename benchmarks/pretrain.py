@@ -258,6 +258,7 @@ def learning(args: argparse.Namespace) -> None:
         # since the run started, evaluations included: what a person waiting would see
         seconds = event["ts"] - start["ts"]
         print(f"| {event['step']} | {seconds:.0f} s | {event['val_loss']:.3f} | {event['val_bpb']:.3f} |")
+    print(f"\nthe workspace stays for a look: llmctl -w {workspace} plot {run} --out curve.png")
 
 
 def main() -> None:
