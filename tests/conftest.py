@@ -7,6 +7,7 @@ one-line handling a user sees; stdout and stderr are captured separately.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,3 +43,32 @@ def cli(capsys: pytest.CaptureFixture[str], workspace_dir: Path):
         return CliResult(code, captured.out, captured.err)
 
     return invoke
+
+
+# ---------------------------------------------------------------- a small pretraining workspace
+# Modules that train tiny models opt in with `pytestmark = pytest.mark.usefixtures("single_thread")`.
+
+
+@pytest.fixture
+def single_thread(monkeypatch: pytest.MonkeyPatch):
+    """One OpenMP thread, here and in subprocesses (pretrain_helpers.one_thread says why)."""
+    from pretrain_helpers import one_thread
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stdlib code corpus, a 512-token tokenizer and its token cache, built once per module."""
+    from pretrain_helpers import build_template
+
+    return build_template(tmp_path_factory.mktemp("template") / "workspace")
+
+
+@pytest.fixture
+def ws(template: Path, workspace_dir: Path) -> Path:
+    """A fresh copy of the template workspace as this test's LLMCTL_HOME."""
+    shutil.copytree(template, workspace_dir)
+    return workspace_dir

@@ -1,7 +1,6 @@
 """Fixtures and helpers for the pretrain tests: a small real workspace (stdlib code corpus, 512-token
 BPE tokenizer, token cache) built once per module and copied per test, and subprocess helpers.
-Each test module declares its fixtures over these functions (fixtures imported across modules
-would be collected twice)."""
+The fixtures over these functions (`single_thread`, `template`, `ws`) live in conftest.py."""
 
 from __future__ import annotations
 

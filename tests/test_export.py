@@ -5,14 +5,13 @@ exports as GPT2LMHeadModel; a failed round-trip check leaves nothing that looks 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from finetune_helpers import QUICK, task_records, write_jsonl
 from hf_helpers import hf_greedy, save_llama_dir
-from pretrain_helpers import BASE, build_template, one_thread
+from pretrain_helpers import BASE
 from tiny_checkpoints import write_run_checkpoint
 
 from llmctl.checkpoints import load_model
@@ -26,22 +25,7 @@ transformers = pytest.importorskip("transformers")
 PROMPTS = ["def parse(line):\n    ", "import os\n", "class Reader:\n"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    return build_template(tmp_path_factory.mktemp("template") / "workspace")
-
-
-@pytest.fixture
-def ws(template: Path, workspace_dir: Path) -> Path:
-    shutil.copytree(template, workspace_dir)
-    return workspace_dir
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _agrees_with_transformers(ws: Path, ref: str, directory: Path, model_class: str) -> None:

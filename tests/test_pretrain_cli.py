@@ -13,11 +13,9 @@ import pytest
 import torch
 from pretrain_helpers import (
     BASE,
-    build_template,
     events_of,
     llmctl_process,
     nothing_written,
-    one_thread,
     wait_for_event,
 )
 from safetensors.torch import load_file
@@ -26,23 +24,7 @@ from llmctl.checkpoints import load_model, resolve_model_ref
 from llmctl.errors import UsageError
 from llmctl.workspace import Workspace
 
-
-@pytest.fixture(autouse=True)
-def single_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    return build_template(tmp_path_factory.mktemp("template") / "workspace")
-
-
-@pytest.fixture
-def ws(template: Path, workspace_dir: Path) -> Path:
-    shutil.copytree(template, workspace_dir)
-    return workspace_dir
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def sets(assignments: str) -> list[str]:

@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
-from pretrain_helpers import BASE, build_template, events_of, llmctl_process, one_thread
+from pretrain_helpers import BASE, events_of, llmctl_process
 
 from llmctl.workspace import Workspace
 
-
-@pytest.fixture(autouse=True)
-def single_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    return build_template(tmp_path_factory.mktemp("template") / "workspace")
-
-
-@pytest.fixture
-def ws(template: Path, workspace_dir: Path) -> Path:
-    shutil.copytree(template, workspace_dir)
-    return workspace_dir
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_two_gloo_processes_with_half_the_batch_follow_the_single_process_curve(cli, ws):

@@ -16,7 +16,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ from llmctl.train.precision import (
     resolve_precision,
 )
 from llmctl.train.pretrain import SAMPLE_MAX_NEW_TOKENS
-from llmctl.train.runs import check_run_name, open_run
+from llmctl.train.runs import RunOptions, check_run_name, open_run
 from llmctl.train.trainer import RunInfo, Sampler, Trainer, lm_loss, planned_steps
 from llmctl.workspace import Workspace, check_name
 
@@ -80,11 +80,8 @@ MODEL_KEYS_ALLOWED = ("model.dropout",)
 
 
 @dataclass
-class FinetuneOptions:
-    """What the command line asked for; None means 'not given'."""
-
+class FinetuneOptions(RunOptions):
     stage: str = "finetune"  # or 'qlora'
-    run: str | None = None
     model: str | None = None
     data: str | None = None
     task: str | None = None
@@ -95,17 +92,6 @@ class FinetuneOptions:
     lora_alpha: float | None = None
     lora_dropout: float | None = None
     lora_targets: list[str] | None = None
-    preset: str | None = None
-    config_file: Path | None = None
-    overrides: list[str] = field(default_factory=list)
-    max_steps: int | None = None
-    max_time: str | None = None
-    max_tokens: int | None = None
-    precision: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    force: bool = False
-    fallback: bool = False
 
 
 @dataclass

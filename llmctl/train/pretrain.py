@@ -44,7 +44,7 @@ from llmctl.train.precision import (
     resolve_device,
     resolve_precision,
 )
-from llmctl.train.runs import check_run_name, open_run
+from llmctl.train.runs import RunOptions, check_run_name, open_run
 from llmctl.train.trainer import RunInfo, Sampler, Trainer, TrainResult, planned_steps
 from llmctl.workspace import Workspace, check_name
 
@@ -52,23 +52,9 @@ STAGE = "pretrain"
 
 
 @dataclass
-class PretrainOptions:
-    """What the command line asked for; None means 'not given'."""
-
-    run: str | None = None
+class PretrainOptions(RunOptions):
     corpus: str | None = None
     tokenizer: str | None = None
-    preset: str | None = None
-    config_file: Path | None = None
-    overrides: list[str] = field(default_factory=list)
-    max_steps: int | None = None
-    max_time: str | None = None
-    max_tokens: int | None = None
-    precision: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    force: bool = False
-    fallback: bool = False
     world_size: int = 1
     local_rank: int = 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,24 @@ from llmctl.config import RunConfig
 from llmctl.errors import UsageError
 from llmctl.train.checkpoint import select_resume_checkpoint
 from llmctl.workspace import Workspace
+
+
+@dataclass
+class RunOptions:
+    """What every training command's line asks for; None means 'not given'."""
+
+    run: str | None = None
+    preset: str | None = None
+    config_file: Path | None = None
+    overrides: list[str] = field(default_factory=list)
+    max_steps: int | None = None
+    max_time: str | None = None
+    max_tokens: int | None = None
+    precision: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    force: bool = False
+    fallback: bool = False
 
 
 def check_run_name(
