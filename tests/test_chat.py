@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from tiny_checkpoints import ADD_REPLY, GREETING, write_run_checkpoint
 
 from llmctl.chat import DECLINE_MESSAGE, ChatSession, extract_code, is_code_request
@@ -31,13 +30,8 @@ ADD_REQUEST = "write a function that adds two numbers"
 ADD_CODE = "def add(a, b):\n    return a + b"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode fastest on one thread, and steadily on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models decode fastest on one thread, and steadily on a busy machine (conftest.single_thread)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from tiny_checkpoints import ADD_REPLY, GREETING, write_run_checkpoint
 
 from llmctl.tokenizer import LoadedTokenizer, load_tokenizer_file
@@ -14,13 +13,8 @@ from llmctl.tokenizer import LoadedTokenizer, load_tokenizer_file
 CHAT_PROMPT = "<|user|>\nhi<|end|>\n<|assistant|>\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode fastest on one thread, and steadily on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models decode fastest on one thread, and steadily on a busy machine (conftest.single_thread)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

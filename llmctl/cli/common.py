@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 if TYPE_CHECKING:
+    from llmctl.train.trainer import TrainResult
     from llmctl.workspace import Workspace
 
 
@@ -58,3 +59,16 @@ def warn(message: str) -> None:
 
 def success(message: str) -> None:
     err.print(f"[green]✓[/green] {message}")
+
+
+def report_result(stage: str, run: str, result: TrainResult) -> None:
+    """How a training run ended, with the command that continues an interrupted one."""
+    best = f" · best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+    where = f" · {result.last_checkpoint}" if result.last_checkpoint else ""
+    if result.reason == "interrupted":
+        warn(
+            f"run '{run}' interrupted at step {result.step:,}{where}; continue it with: "
+            f"llmctl {stage} --run {run} --resume"
+        )
+    elif result.exit_code == 0:
+        success(f"run '{run}' ended ({result.reason}) at step {result.step:,}{best}{where}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from llmctl.cli.common import MODEL_REF_HELP, err, out, print_json, success, warn, workspace
+from llmctl.cli.common import MODEL_REF_HELP, err, out, print_json, report_result, success, warn, workspace
 from llmctl.cli.pretrain import _count
 
 MODEL = typer.Option(None, "--model", "-m", help=f"Base model: {MODEL_REF_HELP}.")
@@ -205,20 +205,8 @@ def _finetune(stage: str, flags: dict) -> int:
     _announce(plan)
     trainer = build_trainer(ws, plan, console=err)
     result = trainer.fit()
-    _report(plan.run, stage, result)
+    report_result(stage, plan.run, result)
     return result.exit_code
-
-
-def _report(run: str, stage: str, result) -> None:
-    best = f" · best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
-    where = f" · {result.last_checkpoint}" if result.last_checkpoint else ""
-    if result.reason == "interrupted":
-        warn(
-            f"run '{run}' interrupted at step {result.step:,}{where}; continue it with: "
-            f"llmctl {stage} --run {run} --resume"
-        )
-    elif result.exit_code == 0:
-        success(f"run '{run}' ended ({result.reason}) at step {result.step:,}{best}{where}")
 
 
 def _announce(plan) -> None:

@@ -8,11 +8,10 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from llmctl.cli.common import err, out, print_json, state, success, warn, workspace
+from llmctl.cli.common import err, out, print_json, report_result, state, warn, workspace
 
 if TYPE_CHECKING:
     from llmctl.train.pretrain import PretrainPlan
-    from llmctl.train.trainer import TrainResult
 
 
 def _count(text: str | None) -> int | None:
@@ -139,7 +138,7 @@ def pretrain(
         _announce(plan)
     result = train(ws, plan, dist, console=err)
     if dist.is_main:
-        _report(plan.run, result)
+        report_result("pretrain", plan.run, result)
     return result.exit_code
 
 
@@ -153,18 +152,6 @@ def _announce(plan: PretrainPlan) -> None:
         f"{f' × {plan.world_size}' if plan.world_size > 1 else ''}",
         soft_wrap=True,
     )
-
-
-def _report(run: str, result: TrainResult) -> None:
-    best = f" · best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
-    where = f" · {result.last_checkpoint}" if result.last_checkpoint else ""
-    if result.reason == "interrupted":
-        warn(
-            f"run '{run}' interrupted at step {result.step:,}{where}; continue it with: "
-            f"llmctl pretrain --run {run} --resume"
-        )
-    elif result.exit_code == 0:
-        success(f"run '{run}' ended ({result.reason}) at step {result.step:,}{best}{where}")
 
 
 def _show_plan(summary: dict, as_json: bool) -> None:
