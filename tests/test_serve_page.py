@@ -131,6 +131,29 @@ def test_runs_view_draws_the_curves_checkpoints_and_lineage(server, page, tmp_pa
     expect(page.locator("#chat-model")).to_have_value(f"{CHAT_RUN}:step-150")
 
 
+def test_a_late_answer_for_a_run_left_behind_does_not_replace_the_open_run(server, page):
+    held = []  # the answers for the run the page opens first, kept back until another run is open
+    page.route(f"**/api/runs/{CHAT_RUN}**", lambda route: held.append(route))
+    page.goto(f"{server}/#runs/{CHAT_RUN}")
+    for _ in range(200):
+        if len(held) == 2:  # its detail and its curves
+            break
+        page.wait_for_timeout(50)
+    assert len(held) == 2
+    page.click(f".run-item[data-run='{BASE_RUN}']")
+    expect(page.locator("#run-detail h2")).to_have_text(BASE_RUN)
+
+    for route in held:
+        route.continue_()
+    page.wait_for_function("url => performance.getEntriesByType('resource')"
+                           ".filter((entry) => entry.name.includes(url)).length >= 2",
+                           arg=f"/api/runs/{CHAT_RUN}")
+    page.wait_for_timeout(200)  # the page reads both late answers
+    page.set_viewport_size({"width": 1200, "height": 900})  # a resize redraws the open run from what it holds
+    expect(page.locator("#run-detail h2")).to_have_text(BASE_RUN)
+    expect(page.locator(".lineage .node-link")).to_have_count(1)
+
+
 def test_page_asks_for_the_api_key(workspace_root, browser, tmp_path):
     with running_server(ServeSettings(workspace_root, api_key="s3cret")) as url:
         context = browser.new_context()

@@ -648,16 +648,19 @@ async function openRun(name) {
   clearTimeout(runs.runTimer);
   history.replaceState(null, "", `#runs/${encodeURIComponent(name)}`);
   renderRunList();
+  let detail, curves;
   try {
-    [runs.detail, runs.curves] = await Promise.all([
+    [detail, curves] = await Promise.all([
       getJson(`/api/runs/${encodeURIComponent(name)}`),
       getJson(`/api/runs/${encodeURIComponent(name)}/curves`),
     ]);
   } catch (error) {
-    $("#run-detail").replaceChildren(el("div", { class: "error-note", text: error.message }));
+    if (runs.open === name) $("#run-detail").replaceChildren(el("div", { class: "error-note", text: error.message }));
     return;
   }
+  // another run may have been opened while these answers travelled: they must not replace its data
   if (runs.open !== name) return;
+  Object.assign(runs, { detail, curves });
   renderRunDetail();
   scheduleRunPoll(name);
 }
@@ -669,16 +672,15 @@ function scheduleRunPoll(name) {
     if (runs.open !== name || !$("#view-runs").classList.contains("active")) return;
     try {
       const curves = await getJson(`/api/runs/${encodeURIComponent(name)}/curves`);
+      const changed = curves.checkpoints !== runs.curves.checkpoints || curves.state !== runs.curves.state;
+      const detail = changed ? await getJson(`/api/runs/${encodeURIComponent(name)}`) : runs.detail;
       if (runs.open !== name) return;
-      if (curves.checkpoints !== runs.curves.checkpoints || curves.state !== runs.curves.state) {
-        runs.detail = await getJson(`/api/runs/${encodeURIComponent(name)}`);
-      }
-      runs.curves = curves;
+      Object.assign(runs, { detail, curves });
       renderRunDetail();
     } catch (_) {
       // the server may be restarting: the next poll tries again
     } finally {
-      scheduleRunPoll(name);
+      if (runs.open === name) scheduleRunPoll(name);  // a newly opened run keeps its own poll
     }
   }, RUN_POLL_MS);
 }
