@@ -89,6 +89,18 @@ def render_chat(messages: Iterable[Mapping[str, str]], add_generation_prompt: bo
     return "".join(parts)
 
 
+def text_only_encoder(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of `tokenizer` that reads the text of a special token (`<|endoftext|>` quoted in a
+    document) as ordinary bytes. Documents are encoded with it, so the only special ids in their
+    token stream are the ones the caller places; `tokenizer` itself keeps reading that text as the
+    special token, which rendered chat templates rely on."""
+    from tokenizers import Tokenizer
+
+    encoder = Tokenizer.from_str(tokenizer.to_str())
+    encoder.encode_special_tokens = True
+    return encoder
+
+
 @dataclass
 class LoadedTokenizer:
     tokenizer: Tokenizer
@@ -123,9 +135,14 @@ class LoadedTokenizer:
         ids = self.encode(text)
         return [self.document_start_id, *ids] if self.add_bos else ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    def encode_documents(self, texts: Sequence[str]) -> list[list[int]]:
+        """Documents as text: a special token's text inside one is encoded as ordinary bytes."""
+        encodings = self._document_encoder.encode_batch(list(texts), add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
+
+    @functools.cached_property
+    def _document_encoder(self) -> Tokenizer:
+        return text_only_encoder(self.tokenizer)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -266,6 +283,7 @@ def measure(tokenizer: Tokenizer, texts: Iterable[str]) -> dict[str, Any]:
     Raises LlmctlError at the first document that does not decode back to itself.
     """
     documents = chars = utf8_bytes = tokens = 0
+    tokenizer = text_only_encoder(tokenizer)
     for batch in _batches(texts, _MEASURE_BATCH_DOCS):
         encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
         decoded = tokenizer.decode_batch([encoding.ids for encoding in encodings], skip_special_tokens=False)

@@ -136,3 +136,26 @@ def test_corpus_show_lists_caches_with_the_tokenizer_name(cli, workspace_dir, tm
     assert cache["tokenizer"] == "tiny" and cache["current"] and cache["dtype"] == "uint16"
     assert cache["n_tokens"]["train"] > 0 and cache["disk_bytes"] > 2 * cache["n_tokens"]["train"]
     assert "token caches" in cli("corpus", "show", "docs").stdout
+
+
+def test_special_token_text_inside_a_document_stays_text(tmp_path: Path):
+    """A document that mentions `<|endoftext|>` (code about tokenizers does) must not gain a
+    document boundary there: the cache holds exactly one end-of-text id per document."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(20):
+        source = f"SEP = '{EOT}'  # {i}\nparts = text.split(SEP)\n"
+        (folder / f"t{i:02d}.py").write_text(source, encoding="utf-8")
+    workspace = Workspace(tmp_path / "ws")
+    build_corpus(workspace, "tok-code", [str(folder)], BuildOptions(val_fraction=0.1))
+    store = CorpusStore.open(workspace, "tok-code")
+    tokenizer, sha256, eot_id = tiny_tokenizer(list(store.texts("train")), 300)
+    assert tokenizer.encode(EOT).ids == [eot_id]  # plain encoding reads the text as the special token
+
+    cache = build_token_cache(store, tokenizer, sha256, eot_id)
+    for split, tokens in (("train", cache.train), ("val", cache.val)):
+        documents = list(store.texts(split))
+        assert int((tokens == eot_id).sum()) == len(documents)
+        decoded = tokenizer.decode(tokens.tolist(), skip_special_tokens=False)
+        assert decoded == "".join(d + EOT for d in documents)
+    assert tokenizer.encode(EOT).ids == [eot_id]  # the caller's tokenizer is left as it was

@@ -120,6 +120,12 @@ def test_special_tokens_encode_as_single_ids_and_decode_back(cli, workspace_dir,
     assert loaded.decode(ids) == chat
     assert loaded.encode("<|endoftext|>") == [loaded.eot_id]
 
+    # documents (scored by eval perplexity) read the same text as bytes: no special id appears
+    document = "SEP = '<|endoftext|>'\nprint('<|user|>', '<|pad|>')\n"
+    [document_ids] = loaded.encode_documents([document])
+    assert not set(document_ids) & set(loaded.special_ids.values())
+    assert loaded.decode(document_ids) == document
+
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_render_chat_matches_the_jinja_template(add_generation_prompt):

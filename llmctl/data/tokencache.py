@@ -24,13 +24,14 @@ import numpy as np
 from llmctl.data.progress import Progress
 from llmctl.data.store import SPLITS, CorpusStore
 from llmctl.errors import UsageError
+from llmctl.tokenizer import text_only_encoder
 from llmctl.workspace import atomic_dir, write_json_atomic
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 CACHE_DIRNAME = "cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a special token's text inside a document is encoded as text
 # Batches of about this many characters keep every core busy in encode_batch while bounding memory.
 DEFAULT_CHUNK_CHARS = 1 << 21
 
@@ -111,12 +112,13 @@ def build_token_cache(
     dtype = np.dtype(np.uint16 if largest_id < 2**16 else np.uint32)
     started = time.monotonic()
     final = cache_dir(store, tokenizer_sha256)
+    encoder = text_only_encoder(tokenizer)
     with atomic_dir(final, overwrite=True) as staging:
         counts = {
             split: _tokenize_split(
                 store,
                 split,
-                tokenizer,
+                encoder,
                 eot_id,
                 dtype,
                 staging / f"{split}.bin",

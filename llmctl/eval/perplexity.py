@@ -180,7 +180,7 @@ def measure_perplexity(
     while group := list(islice(texts, DOCUMENTS_PER_GROUP)):
         group = [text for text in group if text]
         windows = []
-        for text, ids in zip(group, tokenizer.encode_batch(group), strict=True):
+        for text, ids in zip(group, tokenizer.encode_documents(group), strict=True):
             windows.extend(_windows(ids, tokenizer.document_start_id, window, stride))
             documents, n_bytes = documents + 1, n_bytes + len(text.encode("utf-8"))
         windows.sort(key=lambda w: len(w.ids), reverse=True)
