@@ -57,8 +57,8 @@ def scoring(args: argparse.Namespace) -> None:
     problems = load_problems()
     samples = [Sample(p.task_id, p.canonical_solution, line) for line, p in enumerate(problems, start=1)]
     profile = sandbox_profile()
-    print(f"sandbox: network {profile.network_isolation}, user {profile.user}, "
-          f"private /tmp {profile.private_tmp}")
+    print(f"sandbox: network {profile.network_isolation}, processes {profile.process_isolation}, "
+          f"user {profile.user}, private /tmp {profile.private_tmp}")
 
     best: dict[int, float] = {}
     per_program: dict[int, float] = {}

@@ -155,6 +155,7 @@ def test_canonical_solutions_score_pass_at_1_of_one(cli, tmp_path, workspace_dir
     assert summary["outcomes"] == {"passed": 164, "failed": 0, "timed out": 0}
     assert summary["k_above_n"] == [10, 100]
     assert summary["sandbox"]["network_isolation"] in ("namespace", "best-effort")
+    assert summary["sandbox"]["process_isolation"] in ("namespace", "process-group")
     assert time.monotonic() - started < 60
 
     lines = Path(summary["results_file"]).read_text().splitlines()

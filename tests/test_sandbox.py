@@ -78,6 +78,7 @@ def run(source: str, limits: SandboxLimits = LIMITS):
 
 def test_profile_reports_isolation():
     assert PROFILE.network_isolation in ("namespace", "best-effort")
+    assert PROFILE.process_isolation in ("namespace", "process-group")
     if os.geteuid() == 0:
         assert PROFILE.user == "nobody" and PROFILE.drop_to is not None
 
@@ -260,6 +261,31 @@ def test_a_program_that_kills_its_own_group_fails():
     assert result.status == FAILED and "SIGKILL" in result.detail
 
 
+# fork and setsid through ctypes take a process out of the group that the harness kills
+ESCAPE = """
+import ctypes, os, time
+libc = ctypes.CDLL(None)
+detached_r, detached_w = os.pipe()
+child = libc.fork()
+if child == 0:
+    if libc.setsid() > 0:
+        os.write(detached_w, b"x")
+        time.sleep(30)
+    libc._exit(0)
+os.close(detached_w)
+assert child > 0 and os.read(detached_r, 1) == b"x"  # it has left the group
+"""
+
+
+@pytest.mark.skipif(PROFILE.process_isolation != "namespace",
+                    reason="no PID namespace here: a process that leaves the group may outlive the program")
+def test_a_process_that_leaves_the_group_does_not_outlive_the_program():
+    """The PID namespace the program runs in ends such a process with the program."""
+    before = sandbox_processes()
+    assert run(ESCAPE).status == PASSED
+    assert not sandbox_processes() - before  # gone by the time the result is in
+
+
 def test_programs_run_in_parallel_threads_stay_apart():
     from concurrent.futures import ThreadPoolExecutor
 
@@ -274,6 +300,7 @@ import json, os
 from llmctl.eval.sandbox import SandboxLimits, run_program, sandbox_profile
 limits = SandboxLimits(timeout_s=1.0, memory_bytes=256 << 20, max_processes=8)
 programs = {
+    "escape": ESCAPE,
     "pass": "assert True",
     "fork_bomb": "import ctypes\\nlibc = ctypes.CDLL(None)\\nwhile True:\\n    libc.fork()",
     "network": "import socket; socket.create_connection(('127.0.0.1', 9), timeout=1)",
@@ -282,7 +309,7 @@ programs = {
 }
 print(json.dumps({"profile": sandbox_profile().as_dict(),
                   **{name: run_program(source, limits).status for name, source in programs.items()}}))
-"""
+""".replace("ESCAPE", repr(ESCAPE))
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 ORDINARY_UID = 54321  # no account: the sandbox must cope with a bare uid, as in containers
 
@@ -305,3 +332,5 @@ def test_as_an_ordinary_user_limits_still_hold():
     assert report["locked_dir"] == PASSED  # and the fixture checks its directory was still removed
     if report["profile"]["network_isolation"] == "namespace":
         assert report["network"] == FAILED
+    assert report["escape"] == PASSED  # the fixture checks that its detached process is gone too
+    assert report["profile"]["process_isolation"] == PROFILE.process_isolation

@@ -199,10 +199,14 @@ def _report_progress(finished: int, total: int) -> None:
 def _say_how_confined(sandbox: dict) -> None:
     if sandbox["network_isolation"] == "namespace":
         note(f"sandbox: no network (own namespace), user {sandbox['user']}"
+             + (", own PID namespace" if sandbox["process_isolation"] == "namespace" else "")
              + (", private /tmp" if sandbox["private_tmp"] else ""))
     else:
         warn("sandbox: no network namespace available here, so network isolation is best effort "
              "(programs could open connections)")
+    if sandbox["process_isolation"] != "namespace":
+        warn("sandbox: no PID namespace available here, so a program's processes are ended by killing its "
+             "process group, which a process that starts a session of its own escapes")
     if sandbox["user"] != "nobody":
         warn(f"sandbox: programs run as {sandbox['user']}; run as root to have them run as 'nobody', "
              "so file permissions keep them out of your files (otherwise file isolation is best effort)")
@@ -233,7 +237,8 @@ def _render(summary: dict) -> None:
     table.add_row("samples", f"{summary['samples']} ({outcomes['passed']} passed, "
                              f"{outcomes['failed']} failed, {outcomes['timed out']} timed out)")
     sandbox = summary["sandbox"]
-    table.add_row("sandbox", f"network: {sandbox['network_isolation']} · user: {sandbox['user']} · "
+    table.add_row("sandbox", f"network: {sandbox['network_isolation']} · "
+                             f"processes: {sandbox['process_isolation']} · user: {sandbox['user']} · "
                              f"{sandbox['timeout_s']:g} s timeout · {sandbox['workers']} workers")
     if "generation" in summary:
         made = summary["generation"]

@@ -60,13 +60,16 @@ class SandboxLimits:
 @dataclass(frozen=True)
 class SandboxProfile:
     network_isolation: str  # "namespace" or "best-effort"
+    # "namespace": whatever a program starts ends with it; "process-group": a process that leaves
+    # the group (setsid through ctypes) may outlive it
+    process_isolation: str
     user: str  # who programs run as: "nobody" when llmctl runs as root, else the user's own name
     private_tmp: bool  # /tmp, /var/tmp and /dev/shm are fresh tmpfs mounts seen by the program alone
     drop_to: tuple[int, int] | None  # (uid, gid) the child switches to, when started as root
 
     def as_dict(self) -> dict[str, str | bool]:
-        return {"network_isolation": self.network_isolation, "user": self.user,
-                "private_tmp": self.private_tmp}
+        return {"network_isolation": self.network_isolation, "process_isolation": self.process_isolation,
+                "user": self.user, "private_tmp": self.private_tmp}
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ def sandbox_profile() -> SandboxProfile:
         )
     return SandboxProfile(
         network_isolation="namespace" if findings["network_namespace"] else "best-effort",
+        process_isolation="namespace" if findings["pid_namespace"] else "process-group",
         user="nobody" if drop_to else _user_name(os.getuid()),
         private_tmp=findings["private_tmp"],
         drop_to=drop_to,
@@ -128,6 +132,7 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> Execut
             "max_processes": limits.max_processes,
             "max_file_bytes": limits.max_file_bytes,
             "network_namespace": profile.network_isolation == "namespace",
+            "pid_namespace": profile.process_isolation == "namespace",
             "private_tmp": profile.private_tmp,
             "drop_to": profile.drop_to,
         }

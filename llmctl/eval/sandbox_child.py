@@ -6,15 +6,20 @@ While it still holds the harness's privileges it confines itself, in this order:
 
 1. resource limits: CPU seconds, address space, processes, file size, no core file;
 2. a new network namespace, when the harness's probe found one possible (nothing but a
-   loopback that is down, so no connection leaves the process); as root also a new mount
-   namespace with an empty private tmpfs on /tmp, /var/tmp and /dev/shm, the directories
-   `nobody` could otherwise write to, and /tmp as the working directory;
-3. the standard-library modules the program imports are loaded now: once running as
+   loopback that is down, so no connection leaves the process);
+3. a new PID namespace, when possible: this process forks the namespace's first process (its
+   init), which forks the one that runs the program. Each waits for the next and exits as it
+   did; when the namespace's init exits, or the harness kills it with the process group, the
+   kernel kills every process left in the namespace, including one that left the group with
+   setsid() to escape that kill;
+4. as root, a new mount namespace with an empty private tmpfs on /tmp, /var/tmp and /dev/shm,
+   the directories `nobody` could otherwise write to, and /tmp as the working directory;
+5. the standard-library modules the program imports are loaded now: once running as
    `nobody` the interpreter's own files may be unreadable (a Python under /root is);
-4. when started as root: every group dropped and uid/gid set to `nobody`, so the kernel
+6. when started as root: every group dropped and uid/gid set to `nobody`, so the kernel
    refuses writes outside the working directory and signals to the harness, and enforces
    RLIMIT_NPROC (it does not for root);
-5. destructive functions replaced by ones that raise: a tripwire for accidents, as in the
+7. destructive functions replaced by ones that raise: a tripwire for accidents, as in the
    reference harness. The boundary is the kernel's limits above, not this.
 
 Then it runs the program and writes one JSON line to the result pipe: {"passed": true},
@@ -33,7 +38,11 @@ import sys
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWUSER = 0x10000000
+# The namespace's init cannot die of a signal it sends itself, so it passes a signal death on as
+# this plus the signal's number, and the process outside turns that back into the signal.
+SIGNAL_EXIT_BASE = 128
 MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
 SHARED_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # where `nobody` could write
 PRIVATE_TMP_OPTIONS = b"size=64m,mode=1777"
@@ -104,8 +113,10 @@ def main() -> None:
 
 def probe(config: dict) -> dict:
     """What this machine allows: a network namespace, and (as root) dropping to `nobody`."""
-    findings = {"network_namespace": False, "private_tmp": False, "dropped_privileges": False, "errors": []}
-    steps = [("network_namespace", enter_network_namespace)]
+    findings = {"network_namespace": False, "pid_namespace": False, "private_tmp": False,
+                "dropped_privileges": False, "errors": []}
+    steps = [("network_namespace", lambda: in_a_child(lambda: enter_namespaces(CLONE_NEWNET))),
+             ("pid_namespace", lambda: in_a_child(probe_pid_namespace))]
     if config.get("drop_to"):
         steps += [("private_tmp", enter_private_tmp),
                   ("dropped_privileges", lambda: drop_privileges(*config["drop_to"]))]
@@ -125,8 +136,12 @@ def confine(config: dict, source: str) -> None:
     set_limit(resource.RLIMIT_NPROC, config["max_processes"])
     # The soft limit sends SIGXCPU, which kills; the hard one a second later sends SIGKILL.
     set_limit(resource.RLIMIT_CPU, config["cpu_s"], config["cpu_s"] + 1)
-    if config["network_namespace"]:
-        enter_network_namespace()
+    namespaces = (CLONE_NEWNET if config["network_namespace"] else 0) | (
+        CLONE_NEWPID if config["pid_namespace"] else 0)
+    if namespaces:
+        enter_namespaces(namespaces)
+    if config["pid_namespace"]:
+        continue_below_an_init_of_its_own()
     if config["private_tmp"]:
         enter_private_tmp()
     imported = standard_modules_imported_by(source)
@@ -145,17 +160,79 @@ def set_limit(which: int, soft: int, hard: int | None = None) -> None:
     resource.setrlimit(which, (soft, hard))
 
 
-def enter_network_namespace() -> None:
+def enter_namespaces(flags: int) -> None:
+    """Network and PID namespaces; a PID namespace holds the children forked after this."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     if not hasattr(libc, "unshare"):
         raise OSError("this system has no unshare() (namespaces are Linux's)")
-    # An ordinary user may create a network namespace only inside a user namespace of its own.
-    flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET
+    # An ordinary user may create these only inside a user namespace of its own.
+    if os.geteuid() != 0:
+        flags |= CLONE_NEWUSER
     if libc.unshare(flags) != 0:
         errno = ctypes.get_errno()
-        raise OSError(errno, f"unshare(CLONE_NEWNET): {os.strerror(errno)}")
+        names = [name for name, bit in (("CLONE_NEWNET", CLONE_NEWNET), ("CLONE_NEWPID", CLONE_NEWPID))
+                 if flags & bit]
+        raise OSError(errno, f"unshare({' | '.join(names)}): {os.strerror(errno)}")
+
+
+def in_a_child(step) -> None:
+    """Run a probe step in a child process, so that the namespaces it enters do not change what
+    the next step finds (a user namespace without a uid map may not create another)."""
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            step()
+            os._exit(0)
+        except Exception as exc:
+            os.write(write_fd, describe(exc).encode())
+            os._exit(1)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as errors:
+        error = errors.read().decode("utf-8", "replace")
+    if os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) != 0:
+        raise OSError(error or "the probe step failed")
+
+
+def probe_pid_namespace() -> None:
+    enter_namespaces(CLONE_NEWPID)
+    first = os.fork()
+    if first == 0:
+        os._exit(0 if os.getpid() == 1 else 1)
+    if os.waitstatus_to_exitcode(os.waitpid(first, 0)[1]) != 0:
+        raise OSError("the first process in a new PID namespace is not its process 1")
+
+
+def continue_below_an_init_of_its_own() -> None:
+    """Fork twice and return in the grandchild, process 2 of the new PID namespace.
+
+    This process waits outside the namespace, and the child, the namespace's init, waits for the
+    grandchild; each exits as the one it waited for. The program does not run as init because
+    init ignores signals that have no handler, the CPU limit's SIGXCPU among them.
+    """
+    init = os.fork()
+    if init:
+        exit_as(os.waitstatus_to_exitcode(os.waitpid(init, 0)[1]))
+    program = os.fork()
+    if program:
+        status = os.waitstatus_to_exitcode(os.waitpid(program, 0)[1])
+        # Exiting ends the namespace: the kernel kills whatever the program left running in it.
+        os._exit(status if status >= 0 else SIGNAL_EXIT_BASE - status)
+
+
+def exit_as(status: int) -> None:
+    """Exit as the namespace's init did, dying of the signal it passed on as an exit status (a
+    program exiting with a status above SIGNAL_EXIT_BASE on its own reads as a signal too)."""
+    import signal
+
+    signal_number = -status if status < 0 else status - SIGNAL_EXIT_BASE if status > SIGNAL_EXIT_BASE else 0
+    if signal_number:
+        if signal_number not in (signal.SIGKILL, signal.SIGSTOP):  # whose action cannot be set
+            signal.signal(signal_number, signal.SIG_DFL)
+        os.kill(os.getpid(), signal_number)
+    os._exit(status if status >= 0 else SIGNAL_EXIT_BASE + signal_number)
 
 
 def enter_private_tmp() -> None:
