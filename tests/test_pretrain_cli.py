@@ -100,6 +100,13 @@ def test_dry_run_prints_the_plan_and_writes_nothing(cli, ws):
     for line in ("parameters", "tokens per step", "device memory"):
         assert line in table.stdout
 
+    # processes on one CPU node share its RAM: each is measured against its share
+    two = cli(*BASE, "--run", "plan", "--dry-run", "--json", "--nproc", "2").json()
+    assert two["world_size"] == 2 and two["device_memory_shared_by"] == 2
+    assert two["device_memory"] == plan["device_memory"] // 2 and plan["device_memory_shared_by"] == 1
+    table = cli(*BASE, "--run", "plan", "--dry-run", "--nproc", "2")
+    assert "(RAM / 2 processes)" in table.stdout
+
     huge = cli(*BASE, "--dry-run", "--json", *sets("model.n_layer=64 model.d_model=8192 model.n_head=64"))
     assert huge.exit_code == 0, huge.stderr  # a dry run shows what does not fit instead of refusing
     assert not huge.json()["fits"] and huge.json()["suggestion"]

@@ -116,6 +116,7 @@ def pretrain(
         fallback=fallback,
         world_size=nproc * nnodes if launching else dist.world_size,
         local_rank=dist.local_rank,
+        processes_per_node=nproc if launching else dist.local_world_size,
     )
     ws = workspace()
 
@@ -215,7 +216,9 @@ def _show_plan(summary: dict, as_json: bool) -> None:
         ),
         (
             "device memory",
-            f"{human_bytes(device_memory) if device_memory else 'unknown'} · "
+            f"{human_bytes(device_memory) if device_memory else 'unknown'}"
+            + (f" (RAM / {shared} processes)" if (shared := summary["device_memory_shared_by"]) > 1 else "")
+            + " · "
             + ("[green]fits[/green]" if summary["fits"] else "[red]does not fit[/red]"),
         ),
     ]

@@ -18,6 +18,7 @@ class DistEnv:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1  # the processes on this node
 
     @property
     def enabled(self) -> bool:
@@ -40,6 +41,7 @@ def dist_env() -> DistEnv:
         rank=int(os.environ["RANK"]),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         world_size=int(os.environ["WORLD_SIZE"]),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
     )
 
 

@@ -57,6 +57,7 @@ class PretrainOptions(RunOptions):
     tokenizer: str | None = None
     world_size: int = 1
     local_rank: int = 0
+    processes_per_node: int = 1
 
 
 @dataclass
@@ -68,6 +69,7 @@ class PretrainPlan:
     precision: Precision
     compile: bool
     world_size: int
+    processes_per_node: int
     params: int
     flops_per_token: int
     tokens_per_step: int
@@ -118,6 +120,7 @@ class PretrainPlan:
                 "total": self.memory.total,
             },
             "device_memory": self.device_memory,
+            "device_memory_shared_by": self.processes_per_node if self.device.type == "cpu" else 1,
             "fits": self.fits,
             "suggestion": self.suggestion,
             "resume_from": str(self.resume_from) if self.resume_from else None,
@@ -266,6 +269,8 @@ def make_plan(
     config.train.compile = "on" if compile_model else "off"
     memory = _memory(config, precision)
     device_memory = device_memory_bytes(device)
+    if device_memory is not None and device.type == "cpu":
+        device_memory //= options.processes_per_node  # a node's processes share its RAM; each GPU is its own
     params = count_parameters(config.model)
     tokens_per_step = config.tokens_per_step * options.world_size
     plan = PretrainPlan(
@@ -276,6 +281,7 @@ def make_plan(
         precision=precision,
         compile=compile_model,
         world_size=options.world_size,
+        processes_per_node=options.processes_per_node,
         params=params,
         flops_per_token=flops_per_token(config.model, params),
         tokens_per_step=tokens_per_step,
@@ -291,7 +297,8 @@ def make_plan(
     if enforce_memory and not plan.fits and not options.force:
         raise LlmctlError(
             f"the estimated training memory {human_bytes(memory.total)} exceeds {describe_device(device)}'s "
-            f"{human_bytes(device_memory)}; {plan.suggestion}, or pass --force to try anyway"
+            f"{human_bytes(device_memory)}{_share(device, options.processes_per_node)}; {plan.suggestion}, "
+            "or pass --force to try anyway"
         )
     plan.cache = _token_cache(store, tokenizer, build_cache)
     if plan.cache is not None:
@@ -511,3 +518,10 @@ def child_arguments(options: PretrainOptions, run: str, workspace_root: Path, de
         "--fallback": options.fallback,
     }
     return args + [flag for flag, on in switches.items() if on]
+
+
+def _share(device: torch.device, processes_per_node: int) -> str:
+    """How a CPU's RAM is split between the node's processes, for messages."""
+    if device.type != "cpu" or processes_per_node <= 1:
+        return ""
+    return f" (its RAM shared by {processes_per_node} processes)"
