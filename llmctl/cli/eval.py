@@ -219,8 +219,9 @@ def _say_what_was_left_out(report) -> None:
     if report.skipped_samples:
         note(f"skipped {report.skipped_samples} completions for problems outside --limit")
     if report.ks_above_n:
+        fewest = min(p.n for p in report.problems)
         note(f"no pass@{', pass@'.join(map(str, report.ks_above_n))}: a problem has only "
-             f"{min(p.n for p in report.problems)} samples")
+             f"{fewest} sample{'' if fewest == 1 else 's'}")
 
 
 def _render(summary: dict) -> None:
