@@ -87,8 +87,8 @@ def build(
     out.print(_sources_table(meta, human_bytes))
     splits = meta["splits"]
     success(
-        f"corpus '{name}' ({meta['kind']}): {meta['documents']:,} documents, {human_bytes(meta['bytes'])}; "
-        f"train {splits['train']['documents']:,} lines, val {splits['val']['documents']:,} "
+        f"corpus '{name}' ({meta['kind']}): {meta['documents']:,} documents, {human_bytes(meta['bytes'])} "
+        f"({splits['train']['documents']:,} train, {splits['val']['documents']:,} val) "
         f"in {meta['build_seconds']:.1f}s"
     )
 
@@ -160,8 +160,8 @@ def show(
         f"{human_bytes(meta['bytes'])} · {store.path}"
     )
     out.print(
-        f"train {splits['train']['documents']:,} lines ({human_bytes(splits['train']['bytes'])}) · "
-        f"val {splits['val']['documents']:,} lines ({human_bytes(splits['val']['bytes'])}) · "
+        f"train {splits['train']['documents']:,} documents ({human_bytes(splits['train']['bytes'])}) · "
+        f"val {splits['val']['documents']:,} documents ({human_bytes(splits['val']['bytes'])}) · "
         f"content sha256 {meta['content_sha256'][:16]} · built {_when(meta['created'])}"
     )
     out.print(_sources_table(meta, human_bytes))
