@@ -303,7 +303,7 @@ def test_pool_serves_one_model_in_order_and_evicts_the_least_recently_used(tmp_p
 
 def test_serve_command_fails_early_on_a_bad_model_or_a_busy_port(cli):
     result = cli("serve", "--model", "no-such-run", "--port", "0")
-    assert result.exit_code != 0
+    assert result.exit_code == 2  # a usage error, as for every other command given an unknown model
     assert "no-such-run" in result.stderr and "Traceback" not in result.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

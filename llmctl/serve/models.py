@@ -21,14 +21,14 @@ from pathlib import Path
 import anyio
 
 from llmctl.checkpoints import resolve_model_ref
-from llmctl.errors import LlmctlError
+from llmctl.errors import LlmctlError, UsageError
 from llmctl.generate import LoadedEngine
 from llmctl.monitor.runs import known_runs
 from llmctl.train.checkpoint import checkpoint_step, list_checkpoints, read_meta
 from llmctl.workspace import Workspace, check_name
 
 
-class ModelNotFound(LlmctlError):
+class ModelNotFound(UsageError):
     """A request named a model this server does not offer; the message says what it does offer."""
 
 
