@@ -110,16 +110,29 @@ def load_model(
     """The model, tokenizer and config of a checkpoint, in eval mode on `device`, in the stored dtype
     unless `dtype` is given."""
     from llmctl.tokenizer import load_tokenizer_file
-    from llmctl.train.checkpoint import load_full_model, read_config, read_meta
+    from llmctl.train.checkpoint import CheckpointError, load_full_model, read_config, read_meta
 
     path = resolve_model_ref(workspace, ref)
-    meta = read_meta(path)
-    config = read_config(path)
-    if meta.get("kind", "full") == "adapter":
-        from llmctl.train.adapters import load_checkpoint_model
+    try:
+        meta = read_meta(path)  # checks every file is there at its full size
+        config = read_config(path)
+        if meta.get("kind", "full") == "adapter":
+            from llmctl.train.adapters import load_checkpoint_model
 
-        model = load_checkpoint_model(path, meta)  # the base named in meta.json, the adapter merged in
-    else:
-        model = load_full_model(path, config, dtype)
+            model = load_checkpoint_model(path, meta)  # the base named in meta.json, the adapter merged in
+        else:
+            model = load_full_model(path, config, dtype)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc.message}; {_other_checkpoints(path)}") from exc
     tokenizer = load_tokenizer_file(path / "tokenizer.json")
     return LoadedModel(model.to(device).eval(), tokenizer, config, path, meta)
+
+
+def _other_checkpoints(damaged: Path) -> str:
+    """What to load instead of a damaged checkpoint: its run's other checkpoints, newest first."""
+    run_dir = damaged.parent.parent
+    others = [step for step, path in reversed(_whole_checkpoints(run_dir)) if path != damaged]
+    if damaged.parent.name != "checkpoints" or not others:
+        return "point --model at another checkpoint"
+    names = ", ".join(f"{run_dir.name}:step-{step}" for step in others[:3])
+    return f"load another checkpoint of run '{run_dir.name}' ({names})"

@@ -162,6 +162,9 @@ def test_a_corrupt_checkpoint_is_named_and_fallback_resumes_from_the_previous_on
     refused = cli("pretrain", "--run", "c", "--resume", "--max-steps", "12")
     assert refused.exit_code == 1 and f"'{weights}' is corrupt or truncated" in refused.stderr
     assert "--fallback" in refused.stderr
+    sampled = cli("sample", "--model", "c:latest", "--prompt", "x")  # any command that loads it
+    assert sampled.exit_code == 1 and f"'{weights}' is corrupt or truncated" in sampled.stderr
+    assert "load another checkpoint of run 'c' (c:step-5)" in sampled.stderr
     resumed = cli("pretrain", "--run", "c", "--resume", "--max-steps", "12", "--fallback")
     assert resumed.exit_code == 0, resumed.stderr
     assert "warning" in resumed.stderr and str(weights) in resumed.stderr
