@@ -4,10 +4,12 @@ and the command line that re-launches `llmctl` through it. There is no launcher 
 from __future__ import annotations
 
 import os
+import random
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -43,6 +45,14 @@ def dist_env() -> DistEnv:
         world_size=int(os.environ["WORLD_SIZE"]),
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
     )
+
+
+def seed_per_rank(seed: int, env: DistEnv) -> None:
+    """Seed Python's, NumPy's and torch's generators with a stream per rank, so that dropout masks
+    differ between ranks. Weights are made before this, from `seed` alone, to match on every rank."""
+    random.seed(seed + env.rank)
+    np.random.seed(seed + env.rank)
+    torch.manual_seed(seed + env.rank)
 
 
 def init_process_group(env: DistEnv, device: torch.device) -> None:

@@ -12,7 +12,6 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -21,7 +20,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from torch import nn
@@ -48,7 +46,7 @@ from llmctl.train.checkpoint import (
     write_checkpoint,
 )
 from llmctl.train.classify import TASK, classifier_from, classify_loss
-from llmctl.train.distributed import DistEnv
+from llmctl.train.distributed import DistEnv, seed_per_rank
 from llmctl.train.optim import build_optimizer
 from llmctl.train.precision import (
     Precision,
@@ -635,9 +633,7 @@ def build_trainer(
         return_large_frees_to_the_os()
     torch.manual_seed(cfg.train.seed)  # the classifier head and LoRA's A matrices start the same everywhere
     model = build_model(plan)
-    random.seed(cfg.train.seed + dist.rank)
-    np.random.seed(cfg.train.seed + dist.rank)
-    torch.manual_seed(cfg.train.seed + dist.rank)
+    seed_per_rank(cfg.train.seed, dist)
     batches = make_batches(plan, plan.encoded, dist.rank, dist.world_size)
     checkpoint_fields = {"tokenizer_sha256": plan.tokenizer.sha256, **_run_meta(plan)}
     run = RunInfo(

@@ -7,14 +7,12 @@ no registry row. Only the token cache (under the corpus, reusable) may be built 
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 
@@ -35,7 +33,7 @@ from llmctl.tokenizer import LoadedTokenizer, load_tokenizer
 from llmctl.train import distributed
 from llmctl.train.batches import TokenWindows
 from llmctl.train.checkpoint import read_meta
-from llmctl.train.distributed import DistEnv
+from llmctl.train.distributed import DistEnv, seed_per_rank
 from llmctl.train.precision import (
     Precision,
     describe_device,
@@ -438,10 +436,7 @@ def build_trainer(
     cfg = plan.config
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = Transformer(cfg.model)
-    # then a stream per rank, so dropout masks differ between ranks
-    random.seed(cfg.train.seed + dist.rank)
-    np.random.seed(cfg.train.seed + dist.rank)
-    torch.manual_seed(cfg.train.seed + dist.rank)
+    seed_per_rank(cfg.train.seed, dist)
     cache = plan.cache
     batches = TokenWindows(
         cache.train,
