@@ -6,24 +6,11 @@ one-line handling a user sees; stdout and stderr are captured separately.
 
 from __future__ import annotations
 
-import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from llmctl.cli.main import main
-
-
-@dataclass
-class CliResult:
-    exit_code: int
-    stdout: str
-    stderr: str
-
-    def json(self):
-        return json.loads(self.stdout)
+from cli_helpers import CliResult, run_cli
 
 
 @pytest.fixture
@@ -37,10 +24,7 @@ def workspace_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str], workspace_dir: Path):
     def invoke(*args: object) -> CliResult:
-        capsys.readouterr()
-        code = main([str(arg) for arg in args])
-        captured = capsys.readouterr()
-        return CliResult(code, captured.out, captured.err)
+        return run_cli(capsys, list(args))
 
     return invoke
 

@@ -5,11 +5,10 @@ however many modules use it."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_helpers import CliResult, run_cli
 from finetune_helpers import PRETRAIN, TINY_MODEL, task_records, write_jsonl
 from pretrain_helpers import one_thread
 
@@ -51,16 +50,6 @@ def base_workspace(tmp_path_factory) -> Path:
     return root
 
 
-@dataclass
-class CliResult:
-    exit_code: int
-    stdout: str
-    stderr: str
-
-    def json(self):
-        return json.loads(self.stdout)
-
-
 @pytest.fixture
 def ft(base_workspace: Path, capsys, monkeypatch):
     """`llmctl ARGS` in-process on the shared base workspace, one thread, output captured. Tests share
@@ -69,10 +58,7 @@ def ft(base_workspace: Path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "160")
 
     def invoke(*args: object) -> CliResult:
-        capsys.readouterr()
         with one_thread():
-            code = main(["--workspace", str(base_workspace), *[str(arg) for arg in args]])
-        captured = capsys.readouterr()
-        return CliResult(code, captured.out, captured.err)
+            return run_cli(capsys, ["--workspace", base_workspace, *args])
 
     return invoke
