@@ -283,10 +283,10 @@ def measure(tokenizer: Tokenizer, texts: Iterable[str]) -> dict[str, Any]:
     Raises LlmctlError at the first document that does not decode back to itself.
     """
     documents = chars = utf8_bytes = tokens = 0
-    tokenizer = text_only_encoder(tokenizer)
+    encoder = text_only_encoder(tokenizer)  # documents, as the token cache encodes them
     for batch in _batches(texts, _MEASURE_BATCH_DOCS):
-        encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
-        decoded = tokenizer.decode_batch([encoding.ids for encoding in encodings], skip_special_tokens=False)
+        encodings = encoder.encode_batch(batch, add_special_tokens=False)
+        decoded = encoder.decode_batch([encoding.ids for encoding in encodings], skip_special_tokens=False)
         for offset, (text, back) in enumerate(zip(batch, decoded, strict=True)):
             if text != back:
                 at = next((i for i, (a, b) in enumerate(zip(text, back, strict=False)) if a != b),
