@@ -57,14 +57,18 @@ def run(workspace: Workspace, repeats: int) -> None:
     build_s = _seconds(lambda: build_corpus(workspace, "stdlib", ["stdlib"], BuildOptions(overwrite=True)))
     store = CorpusStore.open(workspace, "stdlib")
     corpus_mb = store.meta["bytes"] / 1e6
-    print(f"corpus build        {corpus_mb:7.1f} MB in {build_s:6.2f} s  = {corpus_mb / build_s:6.1f} MB/s"
-          f"  ({store.meta['documents']:,} documents)")
+    print(
+        f"corpus build        {corpus_mb:7.1f} MB in {build_s:6.2f} s  = {corpus_mb / build_s:6.1f} MB/s"
+        f"  ({store.meta['documents']:,} documents)"
+    )
 
     train_s = _seconds(lambda: train_tokenizer(workspace, "stdlib-8k", "stdlib", 8192, overwrite=True))
     loaded = load_tokenizer(workspace, "stdlib-8k")
     figures = loaded.meta["figures"]
-    print(f"tokenizer train 8k  {figures['train_seconds']:6.2f} s training, {train_s:6.2f} s with the "
-          f"validation check  ({figures['chars_per_token']:.2f} chars/token on val)")
+    print(
+        f"tokenizer train 8k  {figures['train_seconds']:6.2f} s training, {train_s:6.2f} s with the "
+        f"validation check  ({figures['chars_per_token']:.2f} chars/token on val)"
+    )
 
     texts = [text for split in SPLITS for text in store.texts(split)]
     text_mb = sum(len(text.encode("utf-8")) for text in texts) / 1e6

@@ -44,8 +44,10 @@ def main() -> None:
     parser.add_argument("--model", help="a model reference in $LLMCTL_HOME [default: random weights]")
     args = parser.parse_args()
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"load average {os.getloadavg()[0]:.1f} at start")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"load average {os.getloadavg()[0]:.1f} at start"
+    )
     if args.part in ("all", "scoring"):
         scoring(args)
     if args.part in ("all", "generation"):
@@ -57,8 +59,10 @@ def scoring(args: argparse.Namespace) -> None:
     problems = load_problems()
     samples = [Sample(p.task_id, p.canonical_solution, line) for line, p in enumerate(problems, start=1)]
     profile = sandbox_profile()
-    print(f"sandbox: network {profile.network_isolation}, processes {profile.process_isolation}, "
-          f"user {profile.user}, private /tmp {profile.private_tmp}")
+    print(
+        f"sandbox: network {profile.network_isolation}, processes {profile.process_isolation}, "
+        f"user {profile.user}, private /tmp {profile.private_tmp}"
+    )
 
     best: dict[int, float] = {}
     per_program: dict[int, float] = {}
@@ -77,8 +81,10 @@ def scoring(args: argparse.Namespace) -> None:
 
     print(f"\n{'workers':>7}  {'seconds (164 programs)':>22}  {'programs/s':>10}  {'mean s/program':>14}")
     for workers in worker_counts:
-        print(f"{workers:>7}  {best[workers]:>22.2f}  {len(samples) / best[workers]:>10.1f}  "
-              f"{per_program[workers]:>14.3f}")
+        print(
+            f"{workers:>7}  {best[workers]:>22.2f}  {len(samples) / best[workers]:>10.1f}  "
+            f"{per_program[workers]:>14.3f}"
+        )
     print(f"empty program, one at a time: {empty:.3f} s (median of {EMPTY_PROGRAM_RUNS}, best repeat)")
     if 1 in best and len(best) > 1:
         for workers in worker_counts:
@@ -96,10 +102,12 @@ def generation(args: argparse.Namespace) -> None:
     prompts = [problem.prompt for problem in load_problems()[: args.prompts]]
     lengths = [len(engine.tokenizer.encode(prompt)) + 1 for prompt in prompts]
     config = GenerationConfig(temperature=0, max_new_tokens=args.max_new_tokens)
-    print(f"\ngeneration: {args.model or 'random weights, cpu-debug shape, 1024-token context, bytes'}, "
-          f"{engine.model.num_parameters() / 1e6:.1f}M parameters, {torch.get_num_threads()} threads; "
-          f"{len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens "
-          f"(mean {sum(lengths) / len(lengths):.0f}), {args.max_new_tokens} new tokens each")
+    print(
+        f"\ngeneration: {args.model or 'random weights, cpu-debug shape, 1024-token context, bytes'}, "
+        f"{engine.model.num_parameters() / 1e6:.1f}M parameters, {torch.get_num_threads()} threads; "
+        f"{len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens "
+        f"(mean {sum(lengths) / len(lengths):.0f}), {args.max_new_tokens} new tokens each"
+    )
     generate_completions(engine, prompts[:2], config.model_copy(update={"max_new_tokens": 2}))  # warm-up
     best: dict[int, tuple[float, int]] = {}
     for _ in range(args.repeats):
@@ -112,8 +120,10 @@ def generation(args: argparse.Namespace) -> None:
     print(f"{'prompts per forward':>19}  {'seconds':>8}  {'tokens/s':>9}")
     for batch_size, (seconds, tokens) in best.items():
         print(f"{batch_size:>19}  {seconds:>8.2f}  {tokens / seconds:>9.1f}")
-    print(f"batched ({args.batch_size} prompts) is {best[1][0] / best[args.batch_size][0]:.2f}x "
-          f"as fast as one prompt at a time")
+    print(
+        f"batched ({args.batch_size} prompts) is {best[1][0] / best[args.batch_size][0]:.2f}x "
+        f"as fast as one prompt at a time"
+    )
 
 
 def _engine(ref: str | None):
@@ -132,8 +142,9 @@ def _engine(ref: str | None):
     if ref is not None:
         return load_engine(Workspace(), ref).engine
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(n_layer=2, n_head=4, d_model=256, context_length=1024,
-                                    vocab_size=BYTE_VOCAB_SIZE))
+    model = Transformer(
+        ModelConfig(n_layer=2, n_head=4, d_model=256, context_length=1024, vocab_size=BYTE_VOCAB_SIZE)
+    )
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "tokenizer.json"
         build_byte_tokenizer().save(str(path))

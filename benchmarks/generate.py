@@ -56,13 +56,24 @@ def build_engine(args: argparse.Namespace, texts: list[str]) -> Engine:
     directory = scratch_dir("llmctl-bench-")
     train_bpe(texts, args.vocab).save(str(directory / "tokenizer.json"))
     tokenizer = load_tokenizer_file(directory)
-    cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
-                      context_length=args.context, vocab_size=tokenizer.vocab_size, tie_embeddings=False)
+    cfg = ModelConfig(
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        d_model=args.d_model,
+        context_length=args.context,
+        vocab_size=tokenizer.vocab_size,
+        tie_embeddings=False,
+    )
     torch.manual_seed(0)
     device = resolve_device(args.device)
     # no stop tokens: every run generates exactly the number of tokens asked for
-    return Engine(Transformer(cfg), tokenizer, stop_token_ids=[], device=device,
-                  dtype=resolve_dtype(args.precision, device))
+    return Engine(
+        Transformer(cfg),
+        tokenizer,
+        stop_token_ids=[],
+        device=device,
+        dtype=resolve_dtype(args.precision, device),
+    )
 
 
 def per_token_ms(step_seconds: list[float], position: int) -> float:
@@ -70,7 +81,7 @@ def per_token_ms(step_seconds: list[float], position: int) -> float:
     if position == 1:
         return step_seconds[0] * 1000
     low = max(1, position - WINDOW // 2)
-    return statistics.median(step_seconds[low: low + WINDOW]) * 1000
+    return statistics.median(step_seconds[low : low + WINDOW]) * 1000
 
 
 def measure(
@@ -97,8 +108,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads [default: torch's]")
-    parser.add_argument("--transformers", action="store_true",
-                        help="also time transformers' generate on the exported copy of the model")
+    parser.add_argument(
+        "--transformers",
+        action="store_true",
+        help="also time transformers' generate on the exported copy of the model",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="with --transformers: rounds, best kept")
     args = parser.parse_args()
     lengths = [int(n) for n in args.new_tokens.split(",")]
@@ -112,20 +126,26 @@ def main() -> None:
         parser.error(f"--prompt-tokens + the longest --new-tokens exceed the {engine.context_length} context")
     device = engine.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start"
+    )
     print(f"device: {device} ({name}), {str(engine.model.embed_tokens.weight.dtype).removeprefix('torch.')}")
     cfg = engine.model.cfg
-    print(f"model: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, vocab {cfg.vocab_size}, "
-          f"context {cfg.context_length}, {engine.model.num_parameters() / 1e6:.1f}M parameters; "
-          f"prompt {len(prompt_ids)} tokens, batch 1, greedy")
+    print(
+        f"model: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, vocab {cfg.vocab_size}, "
+        f"context {cfg.context_length}, {engine.model.num_parameters() / 1e6:.1f}M parameters; "
+        f"prompt {len(prompt_ids)} tokens, batch 1, greedy"
+    )
     measure(engine, prompt_ids, 8, use_cache=True)  # warm-up: allocator, kernels, lazy imports
 
     for new_tokens in lengths:
         cached_rate, cached_steps = measure(engine, prompt_ids, new_tokens, use_cache=True)
         full_rate, full_steps = measure(engine, prompt_ids, new_tokens, use_cache=False)
-        print(f"\n{new_tokens} new tokens: KV cache {cached_rate:8.1f} tokens/s   recompute {full_rate:8.1f} "
-              f"tokens/s   ratio {cached_rate / full_rate:5.1f}x")
+        print(
+            f"\n{new_tokens} new tokens: KV cache {cached_rate:8.1f} tokens/s   recompute {full_rate:8.1f} "
+            f"tokens/s   ratio {cached_rate / full_rate:5.1f}x"
+        )
         positions = [p for p in POSITIONS if p <= new_tokens]
         print("  ms per token at position " + "".join(f"{p:>9}" for p in positions))
         for label, steps in (("KV cache", cached_steps), ("recompute", full_steps)):
@@ -167,8 +187,13 @@ def time_transformers(model, prompt_ids: list[int], new_tokens: int) -> float:
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         started = time.perf_counter()
-        output = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        output = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+        )
         seconds = time.perf_counter() - started
     assert output.shape[1] - ids.shape[1] == new_tokens
     return new_tokens / seconds
@@ -190,8 +215,10 @@ def compare_with_transformers(engine: Engine, prompt_ids: list[int], lengths: li
         for _ in range(rounds):  # interleaved, so a busy neighbour slows both alike
             ours.append(measure(engine, prompt_ids, new_tokens, use_cache=True)[0])
             their_rates.append(time_transformers(theirs, prompt_ids, new_tokens))
-        print(f"  {new_tokens} new tokens: llmctl {max(ours):8.1f} tokens/s   transformers "
-              f"{max(their_rates):8.1f} tokens/s   ratio {max(ours) / max(their_rates):5.2f}x")
+        print(
+            f"  {new_tokens} new tokens: llmctl {max(ours):8.1f} tokens/s   transformers "
+            f"{max(their_rates):8.1f} tokens/s   ratio {max(ours) / max(their_rates):5.2f}x"
+        )
 
 
 def transformers_version() -> str:

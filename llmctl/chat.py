@@ -34,19 +34,113 @@ DECLINE_MESSAGE = "In code mode I only help with programming: ask me to write, f
 # The code-mode classifier is a keyword heuristic, on purpose: a request is about code when it uses
 # a programming word or contains code-like syntax. Everyday words that are also programming words
 # ("list", "test", "sort", "import") are left out, so "list the planets" is declined.
-CODE_WORDS = frozenset((
-    "code", "coding", "coder", "program", "programming", "programmer", "script", "scripts", "function",
-    "functions", "class", "classes", "bug", "bugs", "debug", "debugging", "error", "errors", "exception",
-    "traceback", "stacktrace", "compile", "compiler", "syntax", "refactor", "implement", "implementation",
-    "algorithm", "algorithms", "recursion", "recursive", "loop", "loops", "variable", "variables", "array",
-    "arrays", "dict", "dictionary", "tuple", "tuples", "string", "strings", "integer", "integers",
-    "boolean", "regex", "regexp", "sql", "database", "api", "endpoint", "json", "yaml", "xml", "csv",
-    "html", "css", "parse", "parser", "parsing", "unittest", "pytest", "def", "lambda", "async", "await",
-    "python", "javascript", "typescript", "java", "rust", "golang", "cpp", "bash", "shell", "powershell",
-    "ruby", "php", "kotlin", "swift", "haskell", "numpy", "pandas", "pytorch", "torch", "react", "django",
-    "flask", "git", "docker", "linux", "cli", "stdout", "stdin", "segfault", "null", "nullptr", "pointer",
-    "pointers", "iterator", "generator", "decorator",
-))
+CODE_WORDS = frozenset(
+    (
+        "code",
+        "coding",
+        "coder",
+        "program",
+        "programming",
+        "programmer",
+        "script",
+        "scripts",
+        "function",
+        "functions",
+        "class",
+        "classes",
+        "bug",
+        "bugs",
+        "debug",
+        "debugging",
+        "error",
+        "errors",
+        "exception",
+        "traceback",
+        "stacktrace",
+        "compile",
+        "compiler",
+        "syntax",
+        "refactor",
+        "implement",
+        "implementation",
+        "algorithm",
+        "algorithms",
+        "recursion",
+        "recursive",
+        "loop",
+        "loops",
+        "variable",
+        "variables",
+        "array",
+        "arrays",
+        "dict",
+        "dictionary",
+        "tuple",
+        "tuples",
+        "string",
+        "strings",
+        "integer",
+        "integers",
+        "boolean",
+        "regex",
+        "regexp",
+        "sql",
+        "database",
+        "api",
+        "endpoint",
+        "json",
+        "yaml",
+        "xml",
+        "csv",
+        "html",
+        "css",
+        "parse",
+        "parser",
+        "parsing",
+        "unittest",
+        "pytest",
+        "def",
+        "lambda",
+        "async",
+        "await",
+        "python",
+        "javascript",
+        "typescript",
+        "java",
+        "rust",
+        "golang",
+        "cpp",
+        "bash",
+        "shell",
+        "powershell",
+        "ruby",
+        "php",
+        "kotlin",
+        "swift",
+        "haskell",
+        "numpy",
+        "pandas",
+        "pytorch",
+        "torch",
+        "react",
+        "django",
+        "flask",
+        "git",
+        "docker",
+        "linux",
+        "cli",
+        "stdout",
+        "stdin",
+        "segfault",
+        "null",
+        "nullptr",
+        "pointer",
+        "pointers",
+        "iterator",
+        "generator",
+        "decorator",
+    )
+)
 CODE_SYNTAX = re.compile(
     r"```|`[^`\n]+`"  # markdown code
     r"|\b[A-Za-z_]\w*\("  # a call: print(
@@ -92,8 +186,12 @@ HELP = """\
 /exit            leave (Ctrl-D too); Ctrl-C stops a reply being generated"""
 
 # command -> (GenerationConfig field, value type)
-SETTINGS = {"/temp": ("temperature", float), "/top_p": ("top_p", float), "/top_k": ("top_k", int),
-            "/max": ("max_new_tokens", int)}
+SETTINGS = {
+    "/temp": ("temperature", float),
+    "/top_p": ("top_p", float),
+    "/top_k": ("top_k", int),
+    "/max": ("max_new_tokens", int),
+}
 SETTING_NAMES = {field: command for command, (field, _) in SETTINGS.items()}
 
 
@@ -126,14 +224,18 @@ class ChatSession:
     def describe(self) -> str:
         engine = self.loaded.engine
         kind = "chat model" if self.is_chat_model else "base model"
-        return (f"{self.loaded.path} · {kind} · {engine.context_length}-token context · {engine.device} · "
-                f"{self.mode} mode")
+        return (
+            f"{self.loaded.path} · {kind} · {engine.context_length}-token context · {engine.device} · "
+            f"{self.mode} mode"
+        )
 
     def base_model_note(self) -> str | None:
         if self.is_chat_model:
             return None
-        return ("this is a base model (its tokenizer has no chat template): each line you type is continued "
-                "as plain text, after the conversation so far")
+        return (
+            "this is a base model (its tokenizer has no chat template): each line you type is continued "
+            "as plain text, after the conversation so far"
+        )
 
     # ------------------------------------------------------------ prompts and replies
 
@@ -244,8 +346,9 @@ class ChatSession:
             return CommandResult("/save needs a file name ending in .md or .json", ok=False)
         path = Path(argument).expanduser()
         if path.suffix.lower() not in TRANSCRIPT_SUFFIXES:
-            return CommandResult(f"cannot save as '{path.suffix or path.name}': use a .md or .json file name",
-                                 ok=False)
+            return CommandResult(
+                f"cannot save as '{path.suffix or path.name}': use a .md or .json file name", ok=False
+            )
         try:
             path.write_text(self.transcript(path.suffix.lower()), encoding="utf-8")
         except OSError as exc:
@@ -264,10 +367,18 @@ class ChatSession:
             }
             return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
         config = self.config
-        settings = (f"temperature {config.temperature}, top_p {config.top_p}, top_k {config.top_k}, "
-                    f"max_new_tokens {config.max_new_tokens}")
-        lines = [f"# Chat with {self.loaded.ref}", "", f"- checkpoint: `{self.loaded.path}`",
-                 f"- mode: {self.mode}", f"- {settings}", ""]
+        settings = (
+            f"temperature {config.temperature}, top_p {config.top_p}, top_k {config.top_k}, "
+            f"max_new_tokens {config.max_new_tokens}"
+        )
+        lines = [
+            f"# Chat with {self.loaded.ref}",
+            "",
+            f"- checkpoint: `{self.loaded.path}`",
+            f"- mode: {self.mode}",
+            f"- {settings}",
+            "",
+        ]
         if self.system:
             lines += ["## System", "", self.system, ""]
         for message in self.messages:
@@ -330,8 +441,10 @@ class PendingReply:
             turns = "turn" if self.dropped_turns == 1 else f"{self.dropped_turns} turns"
             notes.append(f"left out the oldest {turns} to fit the {engine.context_length}-token context")
         if self.dropped_prompt_tokens:
-            notes.append(f"your message is longer than the context window: its first "
-                         f"{self.dropped_prompt_tokens} tokens were left out")
+            notes.append(
+                f"your message is longer than the context window: its first "
+                f"{self.dropped_prompt_tokens} tokens were left out"
+            )
         if self.completion is not None and self.completion.finish_reason != "stop":
             limit = "max tokens (/max)" if self.completion.finish_reason == "length" else "context window"
             notes.append(f"reply cut at the {limit}")
@@ -340,8 +453,10 @@ class PendingReply:
     def _record(self) -> None:
         if not self._recorded:
             self._recorded = True
-            self.session.messages += [{"role": "user", "content": self.user_text},
-                                      {"role": "assistant", "content": self.kept}]
+            self.session.messages += [
+                {"role": "user", "content": self.user_text},
+                {"role": "assistant", "content": self.kept},
+            ]
 
 
 # ---------------------------------------------------------------- front ends

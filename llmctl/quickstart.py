@@ -288,8 +288,12 @@ def _evaluate(workspace: Workspace, step: Step) -> None:
     loaded = load_model(workspace, BASE_RUN)
     checkpoint = describe_checkpoint(workspace, BASE_RUN, loaded.path)
     texts = CorpusStore.open(workspace, CODE_CORPUS).texts("val")
-    perplexity = {"kind": "perplexity", **checkpoint, "source": {"corpus": CODE_CORPUS, "split": "val"},
-                  **measure_perplexity(loaded.model, loaded.tokenizer, texts).as_dict()}
+    perplexity = {
+        "kind": "perplexity",
+        **checkpoint,
+        "source": {"corpus": CODE_CORPUS, "split": "val"},
+        **measure_perplexity(loaded.model, loaded.tokenizer, texts).as_dict(),
+    }
     perplexity["eval_id"] = record(workspace, "perplexity", perplexity)
     probes = {"kind": "probes", **checkpoint, **run_probes(Engine(loaded.model, loaded.tokenizer))}
     probes["eval_id"] = record(workspace, "probes", probes)
@@ -306,4 +310,3 @@ def _sample(workspace: Workspace, step: Step) -> None:
     prompt = loaded.engine.tokenizer.render_chat([{"role": "user", "content": SAMPLE_REQUEST}])
     (completion,) = loaded.engine.generate([prompt], SAMPLE)
     step.figures = {"request": SAMPLE_REQUEST, "completion": completion.text}
-

@@ -42,7 +42,14 @@ MIN_VOCAB_SIZE = BYTE_VOCAB_SIZE
 
 # Imported tokenizers name their end-of-text token in many ways; the first one present wins.
 EOT_CANDIDATES = (
-    EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<|eot_id|>", "<｜end▁of▁sentence｜>"
+    EOT_TOKEN,
+    "<|end_of_text|>",
+    "</s>",
+    "<eos>",
+    "<|eos|>",
+    "[EOS]",
+    "<|eot_id|>",
+    "<｜end▁of▁sentence｜>",
 )
 PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "<|padding|>", "[PAD]")
 
@@ -199,8 +206,11 @@ def _render_jinja_chat(
 
 def byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters, the alphabet of ByteLevel."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     mapping = {byte: chr(byte) for byte in printable}
     shifted = 0
     for byte in range(256):
@@ -289,12 +299,14 @@ def measure(tokenizer: Tokenizer, texts: Iterable[str]) -> dict[str, Any]:
         decoded = encoder.decode_batch([encoding.ids for encoding in encodings], skip_special_tokens=False)
         for offset, (text, back) in enumerate(zip(batch, decoded, strict=True)):
             if text != back:
-                at = next((i for i, (a, b) in enumerate(zip(text, back, strict=False)) if a != b),
-                          min(len(text), len(back)))
+                at = next(
+                    (i for i, (a, b) in enumerate(zip(text, back, strict=False)) if a != b),
+                    min(len(text), len(back)),
+                )
                 raise LlmctlError(
                     f"round trip failed on validation document {documents + offset}: "
                     f"decode(encode(x)) differs from x at character {at} "
-                    f"({text[at:at + 20]!r} became {back[at:at + 20]!r}); "
+                    f"({text[at : at + 20]!r} became {back[at : at + 20]!r}); "
                     "nothing was registered — report this with the corpus that caused it"
                 )
         documents += len(batch)
@@ -380,7 +392,11 @@ def _describe(tokenizer: Tokenizer, eot_token: str | None = None) -> dict[str, A
 
 def _register(workspace: Workspace, name: str, tokenizer_json: Path, meta: dict[str, Any]) -> None:
     workspace.registry().add_tokenizer(
-        name, tokenizer_json.parent, meta.get("corpus"), meta["sha256"], meta["vocab_size"],
+        name,
+        tokenizer_json.parent,
+        meta.get("corpus"),
+        meta["sha256"],
+        meta["vocab_size"],
         {key: value for key, value in meta.items() if key != "chat_template"},
     )
 
@@ -555,7 +571,10 @@ def load_tokenizer_file(
 
 # Tokenizer classes whose transformers implementation prepends BOS unless told not to.
 _BOS_BY_DEFAULT_CLASSES = (
-    "LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast",
+    "LlamaTokenizer",
+    "LlamaTokenizerFast",
+    "CodeLlamaTokenizer",
+    "CodeLlamaTokenizerFast",
 )
 
 
@@ -616,15 +635,17 @@ def list_tokenizers(workspace: Workspace) -> list[dict[str, Any]]:
     rows = []
     for row in workspace.registry(create=False).tokenizers():
         figures = row["meta"].get("figures") or {}
-        rows.append({
-            "name": row["name"],
-            "kind": row["meta"].get("kind"),
-            "vocab_size": row["vocab_size"],
-            "corpus": row["corpus"],
-            "chars_per_token": figures.get("chars_per_token"),
-            "bytes_per_token": figures.get("bytes_per_token"),
-            "sha256": row["sha256"],
-            "path": str(Path(row["path"]) / TOKENIZER_FILE),
-            "created": row["created"],
-        })
+        rows.append(
+            {
+                "name": row["name"],
+                "kind": row["meta"].get("kind"),
+                "vocab_size": row["vocab_size"],
+                "corpus": row["corpus"],
+                "chars_per_token": figures.get("chars_per_token"),
+                "bytes_per_token": figures.get("bytes_per_token"),
+                "sha256": row["sha256"],
+                "path": str(Path(row["path"]) / TOKENIZER_FILE),
+                "created": row["created"],
+            }
+        )
     return rows

@@ -195,8 +195,16 @@ class Registry:
                 "INSERT OR REPLACE INTO runs"
                 " (name, stage, path, corpus, tokenizer, base_checkpoint, created, meta)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, stage, str(path), corpus, tokenizer, base_checkpoint, time.time(),
-                 json.dumps(meta or {})),
+                (
+                    name,
+                    stage,
+                    str(path),
+                    corpus,
+                    tokenizer,
+                    base_checkpoint,
+                    time.time(),
+                    json.dumps(meta or {}),
+                ),
             )
 
     def run(self, name: str) -> dict[str, Any] | None:
@@ -219,8 +227,11 @@ class Registry:
             conn.execute(
                 "DELETE FROM evals WHERE checkpoint_id IN (SELECT id FROM checkpoints WHERE run = ?)", (name,)
             )
-            conn.execute("UPDATE runs SET base_checkpoint = NULL WHERE base_checkpoint IN"
-                         " (SELECT id FROM checkpoints WHERE run = ?)", (name,))
+            conn.execute(
+                "UPDATE runs SET base_checkpoint = NULL WHERE base_checkpoint IN"
+                " (SELECT id FROM checkpoints WHERE run = ?)",
+                (name,),
+            )
             conn.execute("DELETE FROM checkpoints WHERE run = ?", (name,))
             conn.execute("DELETE FROM runs WHERE name = ?", (name,))
 

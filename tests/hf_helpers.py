@@ -33,7 +33,10 @@ def save_tokenizer(directory: Path, add_bos: bool = True) -> None:
     )
     tokenizer.train_from_iterator(TOKENIZER_TEXT, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
         add_bos_token=add_bos,
     )
     fast.save_pretrained(directory)
@@ -91,5 +94,5 @@ def hf_greedy(model, ids: list[int], max_new_tokens: int, eos_id: int | None) ->
             eos_token_id=eos_id,
             pad_token_id=eos_id if eos_id is not None else 0,
         )
-    tokens = output[0, len(ids):].tolist()
+    tokens = output[0, len(ids) :].tolist()
     return tokens[:-1] if tokens and tokens[-1] == eos_id else tokens

@@ -22,9 +22,22 @@ from llmctl.workspace import Workspace
 
 # a model small enough that a few hundred steps take seconds on one core
 TINY = [
-    "--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.d_model=32",
-    "--set", "model.context_length=32", "--set", "train.micro_batch_size=4", "--set", "train.eval_batches=2",
-    "--set", "train.warmup_steps=5", "--set", "train.log_every=5",
+    "--set",
+    "model.n_layer=1",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "model.d_model=32",
+    "--set",
+    "model.context_length=32",
+    "--set",
+    "train.micro_batch_size=4",
+    "--set",
+    "train.eval_batches=2",
+    "--set",
+    "train.warmup_steps=5",
+    "--set",
+    "train.log_every=5",
 ]
 BASE = ["pretrain", "--corpus", "code", "--tokenizer", "tok", "--preset", "cpu-debug", *TINY]
 
@@ -63,8 +76,13 @@ def nothing_written(ws: Path, run: str) -> bool:
 
 def llmctl_process(ws: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "LLMCTL_HOME": str(ws), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "llmctl", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmctl", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_event(ws: Path, run: str, kind: str, process: subprocess.Popen, timeout: float = 60) -> dict:

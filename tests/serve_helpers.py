@@ -30,9 +30,28 @@ from llmctl.workspace import Workspace
 
 BASE_RUN = "tiny-base"
 CHAT_RUN = "tiny-chat"
-PRETRAIN = ["pretrain", "--corpus", "code", "--tokenizer", "tok", "--preset", "cpu-debug",
-            "--run-name", BASE_RUN, "--max-steps", "20", *TINY, "--set", "model.context_length=64",
-            "--set", "train.log_every=1", "--set", "train.eval_every=5", "--set", "train.save_every=5"]
+PRETRAIN = [
+    "pretrain",
+    "--corpus",
+    "code",
+    "--tokenizer",
+    "tok",
+    "--preset",
+    "cpu-debug",
+    "--run-name",
+    BASE_RUN,
+    "--max-steps",
+    "20",
+    *TINY,
+    "--set",
+    "model.context_length=64",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.eval_every=5",
+    "--set",
+    "train.save_every=5",
+]
 
 
 @functools.cache

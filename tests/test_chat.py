@@ -82,7 +82,11 @@ def test_commands_change_the_settings_replies_use(chat, run, tmp_path):
     document = json.loads(saved.read_text(encoding="utf-8"))
     settings = document["generation"]
     assert (settings["temperature"], settings["top_p"], settings["top_k"], settings["max_new_tokens"]) == (
-        0.7, 0.9, 5, 3)
+        0.7,
+        0.9,
+        5,
+        3,
+    )
     (user, assistant) = document["messages"]
     assert user == {"role": "user", "content": "hi"}
     assert len(assistant["content"].encode()) <= 3  # three byte-level tokens at most
@@ -110,8 +114,14 @@ def test_clear_resets_the_history(chat, run, tmp_path):
 
 def test_save_writes_the_transcript_as_markdown_or_json(chat, run, tmp_path):
     markdown, document = tmp_path / "t.md", tmp_path / "t.json"
-    lines = ["/system Be brief.", "hi", f"/save {markdown}", f"/save {document}", f"/save {tmp_path}/t.txt",
-             "/save /no/such/dir/t.md"]
+    lines = [
+        "/system Be brief.",
+        "hi",
+        f"/save {markdown}",
+        f"/save {document}",
+        f"/save {tmp_path}/t.txt",
+        "/save /no/such/dir/t.md",
+    ]
     result = chat(lines, "-m", run)
     assert result.exit_code == 0
     assert f"saved 2 messages to {markdown}" in result.stderr
@@ -150,8 +160,13 @@ def test_model_switches_checkpoints_and_keeps_the_conversation(chat, run, worksp
 
 def test_code_mode_answers_with_the_code_block_and_declines_the_rest(chat, run, tmp_path):
     saved = tmp_path / "code.json"
-    result = chat([ADD_REQUEST, "/clear", "what is the capital of France?", f"/save {saved}"],
-                  "-m", run, "--mode", "code")
+    result = chat(
+        [ADD_REQUEST, "/clear", "what is the capital of France?", f"/save {saved}"],
+        "-m",
+        run,
+        "--mode",
+        "code",
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stdout == f"{ADD_CODE}\n{DECLINE_MESSAGE}\n"
     messages = json.loads(saved.read_text(encoding="utf-8"))["messages"]
@@ -223,15 +238,19 @@ def test_prompts_use_the_chat_template_with_the_system_prompt(run, workspace_dir
 def test_trimming_drops_whole_turns_from_the_oldest_and_keeps_the_system_prompt(run, workspace_dir):
     session = session_for(workspace_dir, system="Be brief.")
     for index in range(12):
-        session.messages += [{"role": "user", "content": f"question {index}"},
-                             {"role": "assistant", "content": f"answer {index}"}]
+        session.messages += [
+            {"role": "user", "content": f"question {index}"},
+            {"role": "assistant", "content": f"answer {index}"},
+        ]
     ids, dropped = session.build_prompt("last")
     engine = session.loaded.engine
     assert len(ids) <= engine.context_length - min(session.config.max_new_tokens, engine.context_length // 2)
     assert dropped > 0
-    assert ids == engine.tokenizer.encode(session.render(session.messages[2 * dropped:], "last"))
+    assert ids == engine.tokenizer.encode(session.render(session.messages[2 * dropped :], "last"))
     # one turn fewer would not fit
-    assert len(engine.tokenizer.encode(session.render(session.messages[2 * dropped - 2:], "last"))) > len(ids)
+    assert len(engine.tokenizer.encode(session.render(session.messages[2 * dropped - 2 :], "last"))) > len(
+        ids
+    )
     assert engine.tokenizer.decode(ids).startswith("<|system|>\nBe brief.<|end|>\n<|user|>\nquestion")
 
 
@@ -255,12 +274,23 @@ def test_an_interrupted_reply_keeps_what_was_shown_and_the_session_goes_on(run, 
 
 
 def test_the_code_request_heuristic():
-    for request in [ADD_REQUEST, "How do I reverse a string in Python?", "fix this: print(x",
-                    "why does my loop never end", "x = [i for i in range(3)]; what is x?",
-                    "explain `git rebase`", "my main.rs does not compile"]:
+    for request in [
+        ADD_REQUEST,
+        "How do I reverse a string in Python?",
+        "fix this: print(x",
+        "why does my loop never end",
+        "x = [i for i in range(3)]; what is x?",
+        "explain `git rebase`",
+        "my main.rs does not compile",
+    ]:
         assert is_code_request(request), request
-    for request in ["what is the capital of France?", "tell me a joke", "list the planets",
-                    "how are you today", "write a poem about the sea"]:
+    for request in [
+        "what is the capital of France?",
+        "tell me a joke",
+        "list the planets",
+        "how are you today",
+        "write a poem about the sea",
+    ]:
         assert not is_code_request(request), request
 
 
@@ -288,8 +318,16 @@ class Terminal:
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-        self.process = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd,
-                                        preexec_fn=own_terminal, close_fds=True)
+        self.process = subprocess.Popen(
+            args,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            cwd=cwd,
+            preexec_fn=own_terminal,
+            close_fds=True,
+        )
         os.close(slave)
         self.master = master
         self.seen = ""  # output since the last expect() matched, escapes removed
@@ -326,8 +364,15 @@ def test_the_terminal_repl_streams_renders_stops_on_ctrl_c_and_leaves_on_ctrl_d(
     # A model that can only say "a": the final LayerNorm's zero weight leaves its bias, whatever the
     # input, and the head scores "a" d_model and every other token, stop tokens included, 0. Greedy,
     # it never stops before 4000 tokens, seconds on any CPU, so Ctrl-C always lands mid-reply.
-    endless = ModelConfig(n_layer=4, n_head=4, d_model=256, context_length=4096, vocab_size=262,
-                          norm="layernorm", tie_embeddings=False)
+    endless = ModelConfig(
+        n_layer=4,
+        n_head=4,
+        d_model=256,
+        context_length=4096,
+        vocab_size=262,
+        norm="layernorm",
+        tie_embeddings=False,
+    )
     letter = 6 + ord("a")  # the byte tokenizer's id for byte b is 6 + b
 
     def say_only_a(model) -> None:
@@ -336,8 +381,13 @@ def test_the_terminal_repl_streams_renders_stops_on_ctrl_c_and_leaves_on_ctrl_d(
         model.lm_head.weight.zero_()
         model.lm_head.weight[letter] = 1.0
 
-    write_run_checkpoint(workspace_dir, "endless", model_config=endless, edit=say_only_a,
-                         generation=GenerationConfig(temperature=0.0, max_new_tokens=4000))
+    write_run_checkpoint(
+        workspace_dir,
+        "endless",
+        model_config=endless,
+        edit=say_only_a,
+        generation=GenerationConfig(temperature=0.0, max_new_tokens=4000),
+    )
     env = {**os.environ, "LLMCTL_HOME": str(workspace_dir), "TERM": "xterm-256color", "COLUMNS": "120"}
     terminal = Terminal([sys.executable, "-m", "llmctl", "chat", "-m", run], env, cwd=tmp_path)
     try:

@@ -91,8 +91,18 @@ def test_every_model_flag_names_every_accepted_reference_form():
         for option in command.params
         if "--model" in getattr(option, "opts", ())
     }
-    expected = {"sample", "chat", "finetune", "qlora", "export", "serve",
-                "eval perplexity", "eval humaneval", "eval probes", "eval classify"}
+    expected = {
+        "sample",
+        "chat",
+        "finetune",
+        "qlora",
+        "export",
+        "serve",
+        "eval perplexity",
+        "eval humaneval",
+        "eval probes",
+        "eval classify",
+    }
     assert expected <= set(helps)
     forms = ("RUN (its best", "RUN:best", "RUN:latest", "RUN:step-N", "checkpoint directory", "Hugging Face")
     assert all(form in MODEL_REF_HELP for form in forms)

@@ -17,11 +17,28 @@ from llmctl.config import (
 from llmctl.errors import UsageError
 
 REQUIRED_KEYS = [
-    "model.n_layer", "model.n_head", "model.n_kv_head", "model.d_model", "model.d_ff",
-    "model.context_length", "model.vocab_size", "model.dropout",
-    "train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
-    "train.micro_batch_size", "train.grad_accum_steps", "train.max_steps", "train.max_time",
-    "train.eval_every", "train.save_every", "train.precision", "train.compile", "train.seed",
+    "model.n_layer",
+    "model.n_head",
+    "model.n_kv_head",
+    "model.d_model",
+    "model.d_ff",
+    "model.context_length",
+    "model.vocab_size",
+    "model.dropout",
+    "train.lr",
+    "train.min_lr",
+    "train.warmup_steps",
+    "train.weight_decay",
+    "train.grad_clip",
+    "train.micro_batch_size",
+    "train.grad_accum_steps",
+    "train.max_steps",
+    "train.max_time",
+    "train.eval_every",
+    "train.save_every",
+    "train.precision",
+    "train.compile",
+    "train.seed",
     "train.early_stopping_patience",
 ]
 
@@ -92,8 +109,9 @@ def test_set_without_equals_is_a_usage_error():
         resolve_config(overrides=["train.lr"])
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("5m", 300), ("1h30m", 5400),
-                                               ("1.5h", 5400)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90), ("90s", 90), ("5m", 300), ("1h30m", 5400), ("1.5h", 5400)]
+)
 def test_durations(text: str, seconds: float):
     assert parse_duration(text) == seconds
     assert resolve_config(overrides=[f"train.max_time={text}"]).train.max_time == seconds
@@ -112,8 +130,17 @@ def test_compile_accepts_booleans():
 def test_every_preset_validates_and_round_trips_through_yaml():
     import yaml
 
-    assert {"cpu-debug", "rtx4060-8g", "compact-8g", "small-16g", "mini-27m", "mini-46m",
-            "llm-200m", "gpt2-124m", "h100-80g"} <= set(preset_names())
+    assert {
+        "cpu-debug",
+        "rtx4060-8g",
+        "compact-8g",
+        "small-16g",
+        "mini-27m",
+        "mini-46m",
+        "llm-200m",
+        "gpt2-124m",
+        "h100-80g",
+    } <= set(preset_names())
     for name in preset_names():
         cfg = resolve_config(preset=name)
         again = RunConfig.model_validate(yaml.safe_load(cfg.to_yaml()))

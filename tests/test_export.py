@@ -49,8 +49,19 @@ def _agrees_with_transformers(ws: Path, ref: str, directory: Path, model_class: 
 
 
 def test_a_pretrained_model_exports_and_loads_in_transformers(cli, ws, tmp_path):
-    trained = cli(*BASE, "--run", "base", "--max-steps", "40", "--set", "train.lr=3e-3",
-                  "--set", "train.eval_every=20", "--set", "train.save_every=20")
+    trained = cli(
+        *BASE,
+        "--run",
+        "base",
+        "--max-steps",
+        "40",
+        "--set",
+        "train.lr=3e-3",
+        "--set",
+        "train.eval_every=20",
+        "--set",
+        "train.save_every=20",
+    )
     assert trained.exit_code == 0, trained.stderr
 
     result = cli("export", "--model", "base", "--out", tmp_path / "export", "--json")
@@ -59,8 +70,13 @@ def test_a_pretrained_model_exports_and_loads_in_transformers(cli, ws, tmp_path)
     assert document["architecture"] == "LlamaForCausalLM"
     assert document["verification"]["ok"] and document["verification"]["max_abs_diff"] < 1e-4
     assert document["verification"]["greedy_tokens"] > 0
-    files = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-             "generation_config.json"}
+    files = {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    }
     assert set(document["files"]) == files
     _agrees_with_transformers(ws, "base", tmp_path / "export", "LlamaForCausalLM")
 
@@ -80,8 +96,17 @@ def test_a_pretrained_model_exports_and_loads_in_transformers(cli, ws, tmp_path)
 
 
 def test_gpt2_shape_exports_as_gpt2_and_comes_back(cli, workspace_dir, tmp_path):
-    shape = ModelConfig(n_layer=2, n_head=4, d_model=64, context_length=64, vocab_size=262,
-                        position="learned", norm="layernorm", mlp="gelu", bias=True)
+    shape = ModelConfig(
+        n_layer=2,
+        n_head=4,
+        d_model=64,
+        context_length=64,
+        vocab_size=262,
+        position="learned",
+        norm="layernorm",
+        mlp="gelu",
+        bias=True,
+    )
     write_run_checkpoint(workspace_dir, "gpt", model_config=shape)
     # random weights are too flat for greedy paths to mean much; widen them
     checkpoint = next((workspace_dir / "runs" / "gpt" / "checkpoints").iterdir())
@@ -109,8 +134,21 @@ def test_gpt2_shape_exports_as_gpt2_and_comes_back(cli, workspace_dir, tmp_path)
 def test_an_adapter_run_is_merged_into_its_base_first(cli, workspace_dir, tmp_path):
     write_run_checkpoint(workspace_dir, "chat")
     data = write_jsonl(tmp_path / "task.jsonl", task_records())
-    tuned = cli("finetune", "--lora", "--model", "chat", "--data", data, "--run", "lora", *QUICK,
-                "--set", "train.lr=5e-2", "--max-steps", "3")
+    tuned = cli(
+        "finetune",
+        "--lora",
+        "--model",
+        "chat",
+        "--data",
+        data,
+        "--run",
+        "lora",
+        *QUICK,
+        "--set",
+        "train.lr=5e-2",
+        "--max-steps",
+        "3",
+    )
     assert tuned.exit_code == 0, tuned.stderr
 
     result = cli("export", "--model", "lora", "--out", tmp_path / "merged", "--json")

@@ -110,7 +110,7 @@ def test_a_batch_of_different_lengths_equals_each_prompt_alone(shape: str, use_c
 def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(engine: Engine):
     """Each prompt's own greedy text gives a stop string that ends it at a different step."""
     alone = [engine.generate([prompt], GREEDY)[0] for prompt in PROMPTS]
-    stops = [c.text[2 + 3 * i: 5 + 3 * i] for i, c in enumerate(alone)]
+    stops = [c.text[2 + 3 * i : 5 + 3 * i] for i, c in enumerate(alone)]
     for stop in stops:
         assert stop and len(stop) == 3
     for index, prompt in enumerate(PROMPTS):
@@ -123,8 +123,9 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(engine
 
 def test_top_k_1_equals_greedy(engine: Engine):
     greedy = engine.generate(PROMPTS, GREEDY)
-    top_1 = engine.generate(PROMPTS, GREEDY.model_copy(update={"temperature": 1.3, "top_k": 1, "seed": 5}),
-                            num_samples=2)
+    top_1 = engine.generate(
+        PROMPTS, GREEDY.model_copy(update={"temperature": 1.3, "top_k": 1, "seed": 5}), num_samples=2
+    )
     assert [c.token_ids for c in top_1] == [c.token_ids for c in greedy for _ in range(2)]
 
 
@@ -277,13 +278,14 @@ def test_incremental_decoding_never_releases_half_a_character(which: str, byte_t
 def multibyte_model(byte_tokenizer) -> Transformer:
     """A byte-level model trained until it recites MULTIBYTE, so it emits whole multi-byte characters."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(n_layer=2, d_model=64, n_head=4, context_length=128,
-                                    vocab_size=byte_tokenizer.vocab_size))
+    model = Transformer(
+        ModelConfig(n_layer=2, d_model=64, n_head=4, context_length=128, vocab_size=byte_tokenizer.vocab_size)
+    )
     ids = torch.tensor(byte_tokenizer.encode(MULTIBYTE * 3))
     starts = range(0, len(ids) - 49)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(120):
-        batch = torch.stack([ids[s: s + 49] for s in random.Random(step).sample(starts, 8)])
+        batch = torch.stack([ids[s : s + 49] for s in random.Random(step).sample(starts, 8)])
         loss = torch.nn.functional.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
         optimizer.zero_grad()
         loss.backward()
@@ -314,7 +316,7 @@ def test_a_prompt_longer_than_the_window_keeps_its_end_and_says_so(engine: Engin
     generation = engine.stream([ids], GREEDY)
     (prompt,) = generation.prompts
     room = min(GREEDY.max_new_tokens, engine.context_length // 2)
-    assert prompt.ids == ids[-(engine.context_length - room):]
+    assert prompt.ids == ids[-(engine.context_length - room) :]
     assert prompt.dropped_tokens == 150 - (engine.context_length - room)
     (completion,) = generation.completions()
     assert completion.dropped_prompt_tokens == prompt.dropped_tokens
@@ -339,8 +341,9 @@ def test_an_empty_prompt_starts_after_the_end_of_text_token(engine: Engine):
 
 
 def test_bf16_generation_on_cpu_agrees_with_itself_with_and_without_the_cache(bpe_tokenizer):
-    engine = Engine(random_model(bpe_tokenizer.vocab_size, **SHAPES["llama-gqa"]), bpe_tokenizer,
-                    dtype=torch.bfloat16)
+    engine = Engine(
+        random_model(bpe_tokenizer.vocab_size, **SHAPES["llama-gqa"]), bpe_tokenizer, dtype=torch.bfloat16
+    )
     assert engine.model.embed_tokens.weight.dtype == torch.bfloat16
     config = GREEDY.model_copy(update={"max_new_tokens": 6})
     cached = engine.generate(PROMPTS, config)

@@ -85,8 +85,18 @@ def test_tied_embeddings_stay_tied(tmp_path: Path) -> None:
 
 def test_sample_cli_takes_a_model_directory(tmp_path: Path, cli) -> None:
     hf_model = save_llama_dir(tmp_path / "llama")
-    result = cli("sample", "--model", tmp_path / "llama", "--prompt", PROMPTS[0],
-                 "--temperature", "0", "--max-new-tokens", "16", "--json")
+    result = cli(
+        "sample",
+        "--model",
+        tmp_path / "llama",
+        "--prompt",
+        PROMPTS[0],
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "16",
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     document = result.json()
     completion = document["completions"][0]

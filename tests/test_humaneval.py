@@ -39,17 +39,21 @@ def exact_pass_at_k(n: int, c: int, k: int) -> float:
 
 # pass@k
 
-@pytest.mark.parametrize(("n", "c", "k", "expected"), [
-    (5, 2, 1, 0.4),  # c / n
-    (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
-    (10, 3, 5, 1 - 21 / 252),  # 1 - C(7,5)/C(10,5)
-    (4, 1, 4, 1.0),  # every draw of 4 holds the correct one
-    (5, 0, 3, 0.0),  # c = 0
-    (5, 5, 3, 1.0),  # c = n
-    (5, 3, 3, 1.0),  # n - c < k
-    (1, 1, 1, 1.0),
-    (1, 0, 1, 0.0),
-])
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "expected"),
+    [
+        (5, 2, 1, 0.4),  # c / n
+        (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+        (10, 3, 5, 1 - 21 / 252),  # 1 - C(7,5)/C(10,5)
+        (4, 1, 4, 1.0),  # every draw of 4 holds the correct one
+        (5, 0, 3, 0.0),  # c = 0
+        (5, 5, 3, 1.0),  # c = n
+        (5, 3, 3, 1.0),  # n - c < k
+        (1, 1, 1, 1.0),
+        (1, 0, 1, 0.0),
+    ],
+)
 def test_pass_at_k_matches_hand_computed_values(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
 
@@ -73,23 +77,30 @@ def test_mean_pass_at_k_averages_problems():
 
 # stop sequences
 
-@pytest.mark.parametrize(("completion", "expected"), [
-    ("    return a + b\n", "    return a + b\n"),
-    ("    return a + b\n\ndef helper():\n    pass\n", "    return a + b\n"),
-    ("    return a + b\nclass Extra:\n    pass", "    return a + b"),
-    ("    return a + b\n\n\nif __name__ == '__main__':\n    main()", "    return a + b\n\n"),
-    ("    return a + b\nprint(add(1, 2))", "    return a + b"),
-    ("    return a + b\n# a trailing comment\n", "    return a + b"),
-    ("    x = 1\n    if x:\n        # nested comment\n        print(x)\n    return x\n",
-     "    x = 1\n    if x:\n        # nested comment\n        print(x)\n    return x\n"),  # indented: kept
-    ("    return 1\nprint('a')\ndef b():\n    pass", "    return 1"),  # the earliest stop wins
-    ("", ""),
-])
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("    return a + b\n", "    return a + b\n"),
+        ("    return a + b\n\ndef helper():\n    pass\n", "    return a + b\n"),
+        ("    return a + b\nclass Extra:\n    pass", "    return a + b"),
+        ("    return a + b\n\n\nif __name__ == '__main__':\n    main()", "    return a + b\n\n"),
+        ("    return a + b\nprint(add(1, 2))", "    return a + b"),
+        ("    return a + b\n# a trailing comment\n", "    return a + b"),
+        (
+            "    x = 1\n    if x:\n        # nested comment\n        print(x)\n    return x\n",
+            "    x = 1\n    if x:\n        # nested comment\n        print(x)\n    return x\n",
+        ),  # indented: kept
+        ("    return 1\nprint('a')\ndef b():\n    pass", "    return 1"),  # the earliest stop wins
+        ("", ""),
+    ],
+)
 def test_truncate_completion_cuts_at_the_first_new_top_level_statement(completion, expected):
     assert truncate_completion(completion) == expected
 
 
 # problems
+
 
 def test_humaneval_problems_load_from_the_package():
     problems = load_problems()
@@ -109,7 +120,7 @@ MBPP_RECORD = {
     "task_id": 2,
     "text": "Write a function to find the shared elements from the given two lists.",
     "code": "def similar_elements(test_tup1, test_tup2):\n  res = tuple(set(test_tup1) & set(test_tup2))\n"
-            "  return (res) ",
+    "  return (res) ",
     "test_list": [
         "assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))",
         "assert set(similar_elements((1, 2, 3, 4),(5, 4, 3, 7))) == set((3, 4))",
@@ -139,6 +150,7 @@ def test_a_problem_line_without_its_fields_is_named(cli, tmp_path):
 
 
 # the command
+
 
 def canonical_completions(path: Path, problems) -> Path:
     return write_jsonl(path, [{"task_id": p.task_id, "completion": p.canonical_solution} for p in problems])
@@ -172,8 +184,10 @@ def test_canonical_solutions_score_pass_at_1_of_one(cli, tmp_path, workspace_dir
 
 def test_wrong_completions_fail_and_the_table_says_so(cli, tmp_path):
     problems = load_problems()[:5]
-    completions = write_jsonl(tmp_path / "wrong.jsonl",
-                              [{"task_id": p.task_id, "completion": "    return None\n"} for p in problems])
+    completions = write_jsonl(
+        tmp_path / "wrong.jsonl",
+        [{"task_id": p.task_id, "completion": "    return None\n"} for p in problems],
+    )
     result = cli("eval", "humaneval", "--completions", completions, "--limit", 5, "--workers", 2)
     assert result.exit_code == 0, result.stderr
     assert "pass@1" in result.stdout and "0.00%" in result.stdout
@@ -189,8 +203,19 @@ def test_several_samples_give_unbiased_pass_at_k(cli, tmp_path):
         records += [{"task_id": problem.task_id, "completion": "    raise ValueError\n"}] * (4 - correct)
     completions = write_jsonl(tmp_path / "samples.jsonl", records)
     out = tmp_path / "out"
-    result = cli("eval", "humaneval", "--completions", completions, "--limit", 2, "--k", "1,2,10",
-                 "--out", out, "--json")
+    result = cli(
+        "eval",
+        "humaneval",
+        "--completions",
+        completions,
+        "--limit",
+        2,
+        "--k",
+        "1,2,10",
+        "--out",
+        out,
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     summary = result.json()
     assert summary["pass_at_k"]["pass@1"] == pytest.approx((1 / 4 + 3 / 4) / 2)
@@ -220,12 +245,25 @@ def test_hostile_completions_all_fail_through_the_command_in_bounded_time(cli, t
     problems = [{**ADD_PROBLEM, "task_id": f"Toy/{name}"} for name in attacks]
     problems_file = write_jsonl(tmp_path / "problems.jsonl", [ADD_PROBLEM, *problems])
     records = [{"task_id": "Toy/add", "completion": ADD_PROBLEM["canonical_solution"]}]
-    records += [{"task_id": f"Toy/{name}", "completion": attack + "    return a + b\n"}
-                for name, attack in attacks.items()]
+    records += [
+        {"task_id": f"Toy/{name}", "completion": attack + "    return a + b\n"}
+        for name, attack in attacks.items()
+    ]
     completions = write_jsonl(tmp_path / "hostile.jsonl", records)
     started = time.monotonic()
-    result = cli("eval", "humaneval", "--completions", completions, "--problems", problems_file,
-                 "--timeout", 1, "--workers", 2, "--json")
+    result = cli(
+        "eval",
+        "humaneval",
+        "--completions",
+        completions,
+        "--problems",
+        problems_file,
+        "--timeout",
+        1,
+        "--workers",
+        2,
+        "--json",
+    )
     assert time.monotonic() - started < 20
     assert result.exit_code == 0, result.stderr
     lines = Path(result.json()["results_file"]).read_text().splitlines()
@@ -237,6 +275,7 @@ def test_hostile_completions_all_fail_through_the_command_in_bounded_time(cli, t
 
 # errors
 
+
 def test_missing_and_malformed_completion_files_are_one_line_errors(cli, tmp_path):
     missing = cli("eval", "humaneval", "--completions", tmp_path / "absent.jsonl")
     assert missing.exit_code == 2 and "absent.jsonl' does not exist" in missing.stderr
@@ -245,8 +284,9 @@ def test_missing_and_malformed_completion_files_are_one_line_errors(cli, tmp_pat
     bad = cli("eval", "humaneval", "--completions", tmp_path / "bad.jsonl")
     assert bad.exit_code == 2 and "line 3" in bad.stderr and "not valid JSON" in bad.stderr
 
-    no_completion = write_jsonl(tmp_path / "nc.jsonl", [{"task_id": "HumanEval/0", "completion": ""},
-                                                        {"task_id": "HumanEval/1"}])
+    no_completion = write_jsonl(
+        tmp_path / "nc.jsonl", [{"task_id": "HumanEval/0", "completion": ""}, {"task_id": "HumanEval/1"}]
+    )
     result = cli("eval", "humaneval", "--completions", no_completion)
     assert result.exit_code == 2 and "line 2" in result.stderr and "no completion" in result.stderr
 

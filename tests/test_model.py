@@ -27,8 +27,13 @@ SHAPES = {
     "gqa": {"n_kv_head": 2, "tie_embeddings": False, "rope_theta": 500000.0},
     "llama3-scaling": {
         "n_kv_head": 1,
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
     },
     "gpt2": {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True},
 }
@@ -82,11 +87,18 @@ def test_gpt2_124m_has_gpt2_size_and_vocabulary():
 def test_names_follow_the_llama_family():
     names = set(build(tiny(n_kv_head=2, tie_embeddings=False)).state_dict())
     assert {
-        "embed_tokens.weight", "norm.weight", "lm_head.weight",
-        "layers.1.input_layernorm.weight", "layers.1.post_attention_layernorm.weight",
-        "layers.1.self_attn.q_proj.weight", "layers.1.self_attn.k_proj.weight",
-        "layers.1.self_attn.v_proj.weight", "layers.1.self_attn.o_proj.weight",
-        "layers.1.mlp.gate_proj.weight", "layers.1.mlp.up_proj.weight", "layers.1.mlp.down_proj.weight",
+        "embed_tokens.weight",
+        "norm.weight",
+        "lm_head.weight",
+        "layers.1.input_layernorm.weight",
+        "layers.1.post_attention_layernorm.weight",
+        "layers.1.self_attn.q_proj.weight",
+        "layers.1.self_attn.k_proj.weight",
+        "layers.1.self_attn.v_proj.weight",
+        "layers.1.self_attn.o_proj.weight",
+        "layers.1.mlp.gate_proj.weight",
+        "layers.1.mlp.up_proj.weight",
+        "layers.1.mlp.down_proj.weight",
     } <= names
     assert not any("rotary" in name or "inv_freq" in name for name in names)
     gpt2 = set(build(tiny(**SHAPES["gpt2"])).state_dict())
@@ -236,8 +248,13 @@ def test_left_padded_batch_matches_each_sequence_alone(shape: str):
     model(ids, position_ids=position_ids, attn_mask=key_mask, kv_cache=cache)
     step = tokens(2, 1, seed=6)
     real = torch.cat((real, torch.ones(2, 1, dtype=torch.bool)), dim=1)
-    decoded = model(step, position_ids=position_ids[:, -1:] + 1, attn_mask=real[:, None, None, :],
-                    kv_cache=cache, cache_position=7)
+    decoded = model(
+        step,
+        position_ids=position_ids[:, -1:] + 1,
+        attn_mask=real[:, None, None, :],
+        kv_cache=cache,
+        cache_position=7,
+    )
     assert close(decoded[0, 0], model(torch.cat((short, step[:1]), dim=1))[0, -1])
     assert close(decoded[1, 0], model(torch.cat((long, step[1:]), dim=1))[0, -1])
 
@@ -316,8 +333,13 @@ def test_peft_lora_wraps_the_attention_projections():
 
 HF_SCALINGS = {
     "none": None,
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
     "linear": {"rope_type": "linear", "factor": 2.0},
 }
 
@@ -325,9 +347,16 @@ HF_SCALINGS = {
 def hf_llama(transformers, scaling: str, tied: bool = False):
     rope = {"rope_type": "default"} | (HF_SCALINGS[scaling] or {})
     config = transformers.LlamaConfig(
-        vocab_size=100, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
-        tie_word_embeddings=tied, rope_parameters=rope | {"rope_theta": 500000.0},
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        rope_parameters=rope | {"rope_theta": 500000.0},
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
@@ -365,8 +394,14 @@ def test_our_weights_load_into_hugging_face_llama_with_the_same_logits(tied: boo
 def test_hugging_face_gpt2_weights_give_the_same_logits_both_ways(tied: bool):
     transformers = pytest.importorskip("transformers")
     hf_config = transformers.GPT2Config(
-        vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4, tie_word_embeddings=tied,
-        bos_token_id=0, eos_token_id=0,
+        vocab_size=100,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        tie_word_embeddings=tied,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(hf_config).eval()

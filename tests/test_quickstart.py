@@ -100,8 +100,13 @@ def _register_run(workspace: Workspace, run: str, end_reason: str | None, checkp
 
 def test_a_fresh_workspace_builds_everything(tmp_path: Path) -> None:
     assert actions(Workspace(tmp_path)) == {
-        "code corpus": "build", "tokenizer": "build", "instructions": "build", "pretrain": "build",
-        "finetune": "build", "eval": "run", "sample": "run",
+        "code corpus": "build",
+        "tokenizer": "build",
+        "instructions": "build",
+        "pretrain": "build",
+        "finetune": "build",
+        "eval": "run",
+        "sample": "run",
     }
 
 
@@ -155,8 +160,10 @@ def test_quickstart_runs_the_pipeline_and_a_second_run_reuses_it(cli, workspace_
     assert registry.run(BASE_RUN)["meta"]["end_reason"] in ("max_time", "finished")
 
     planned = actions(Workspace(workspace_dir))
-    assert all(planned[name] == "reuse" for name in ("code corpus", "tokenizer", "instructions",
-                                                       "pretrain", "finetune"))
+    assert all(
+        planned[name] == "reuse"
+        for name in ("code corpus", "tokenizer", "instructions", "pretrain", "finetune")
+    )
     started = time.monotonic()
     second = cli("quickstart", "--minutes", "0.25")
     assert second.exit_code == 0, second.stderr

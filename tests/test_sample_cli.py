@@ -73,8 +73,20 @@ def test_stop_strings_cut_exactly_and_accept_escapes(cli, run):
 
 
 def test_samples_are_reproducible_with_a_seed_and_stream_in_order(cli, run):
-    flags = ("-m", run, "-p", "<|user|>\n", "--temperature", "1.0", "--num-samples", "3",
-             "--max-new-tokens", "20", "--seed", "11")
+    flags = (
+        "-m",
+        run,
+        "-p",
+        "<|user|>\n",
+        "--temperature",
+        "1.0",
+        "--num-samples",
+        "3",
+        "--max-new-tokens",
+        "20",
+        "--seed",
+        "11",
+    )
     first = cli("sample", *flags, "--json").json()["completions"]
     again = cli("sample", *flags, "--json").json()["completions"]
     assert first == again

@@ -34,8 +34,9 @@ from llmctl.eval.sandbox import (
 LIMITS = SandboxLimits(timeout_s=2.0, memory_bytes=256 << 20, max_processes=8)
 SHORT_LIMITS = SandboxLimits(timeout_s=1.0, memory_bytes=256 << 20, max_processes=8)
 PROFILE = sandbox_profile()
-needs_nobody = pytest.mark.skipif(PROFILE.user != "nobody",
-                                  reason="file and signal isolation need llmctl to run as root")
+needs_nobody = pytest.mark.skipif(
+    PROFILE.user != "nobody", reason="file and signal isolation need llmctl to run as root"
+)
 
 
 def sandbox_processes() -> set[int]:
@@ -123,10 +124,13 @@ def test_endless_output_times_out_without_blocking_the_harness():
     assert result.status == TIMED_OUT
 
 
-@pytest.mark.parametrize("allocation", [
-    "block = bytearray(8 << 30)",
-    "blocks = []\nwhile True:\n    blocks.append(bytearray(16 << 20))",
-])
+@pytest.mark.parametrize(
+    "allocation",
+    [
+        "block = bytearray(8 << 30)",
+        "blocks = []\nwhile True:\n    blocks.append(bytearray(16 << 20))",
+    ],
+)
 def test_allocating_more_than_the_memory_limit_fails(allocation):
     result = run(allocation)
     assert result.status == FAILED and "MemoryError" in result.detail
@@ -140,21 +144,27 @@ def test_os_fork_is_disabled():
 def test_a_fork_bomb_around_the_guard_is_bounded_by_the_process_limit():
     # ctypes reaches libc's fork directly: only RLIMIT_NPROC (as nobody, or as an ordinary
     # user) stops it, and killing the process group at the deadline ends every copy.
-    result = run("""
+    result = run(
+        """
         import ctypes
         libc = ctypes.CDLL(None)
         while True:
             libc.fork()
-    """, SHORT_LIMITS)
+    """,
+        SHORT_LIMITS,
+    )
     assert result.status in (FAILED, TIMED_OUT)
 
 
-@pytest.mark.parametrize("spawn", [
-    "import subprocess; subprocess.run(['true'])",
-    "import os; os.system('true')",
-    "import posix; posix.system('true')",
-    "import os; os.execv('/bin/true', ['true'])",
-])
+@pytest.mark.parametrize(
+    "spawn",
+    [
+        "import subprocess; subprocess.run(['true'])",
+        "import os; os.system('true')",
+        "import posix; posix.system('true')",
+        "import os; os.execv('/bin/true', ['true'])",
+    ],
+)
 def test_starting_other_programs_is_disabled(spawn):
     result = run(spawn)
     assert result.status == FAILED and "disabled in the sandbox" in result.detail
@@ -179,15 +189,18 @@ def assert_untouched(directory: Path) -> None:
     assert stat.S_IMODE(sentinel.stat().st_mode) == 0o644
 
 
-@pytest.mark.parametrize("attack", [
-    "import os; os.remove({sentinel!r})",
-    "import shutil; shutil.rmtree({directory!r})",
-    "open({sentinel!r}, 'w').write('overwritten')",
-    "open({directory!r} + '/new.txt', 'w').write('planted')",
-    "import os; os.rename({sentinel!r}, {sentinel!r} + '.moved')",
-    "import ctypes; assert ctypes.CDLL(None).unlink({sentinel!r}.encode()) == 0",
-    "import ctypes; assert ctypes.CDLL(None).chmod({sentinel!r}.encode(), 0o666) == 0",
-])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "import os; os.remove({sentinel!r})",
+        "import shutil; shutil.rmtree({directory!r})",
+        "open({sentinel!r}, 'w').write('overwritten')",
+        "open({directory!r} + '/new.txt', 'w').write('planted')",
+        "import os; os.rename({sentinel!r}, {sentinel!r} + '.moved')",
+        "import ctypes; assert ctypes.CDLL(None).unlink({sentinel!r}.encode()) == 0",
+        "import ctypes; assert ctypes.CDLL(None).chmod({sentinel!r}.encode(), 0o666) == 0",
+    ],
+)
 @needs_nobody
 def test_files_outside_the_working_directory_survive(attack, outside_dir):
     sentinel = outside_dir / "sentinel.txt"
@@ -244,14 +257,20 @@ KILL_PARENT_AROUND_THE_GUARD = [
 ]
 
 
-@pytest.mark.parametrize("attack", KILL_PARENT + [
-    pytest.param(attack, marks=needs_nobody) for attack in KILL_PARENT_AROUND_THE_GUARD
-])
+@pytest.mark.parametrize(
+    "attack",
+    KILL_PARENT + [pytest.param(attack, marks=needs_nobody) for attack in KILL_PARENT_AROUND_THE_GUARD],
+)
 def test_the_harness_survives_a_program_that_kills_its_parent(attack):
     # The harness runs in a process (and session) of its own here, so that if it died we would see
     # it die, and a group kill that got through would not reach pytest.
-    done = subprocess.run([sys.executable, "-c", HARNESS, attack], capture_output=True, text=True, timeout=30,
-                          start_new_session=True)
+    done = subprocess.run(
+        [sys.executable, "-c", HARNESS, attack],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        start_new_session=True,
+    )
     assert done.returncode == 0, done.stderr
     assert '"status": "failed"' in done.stdout
 
@@ -277,8 +296,10 @@ assert child > 0 and os.read(detached_r, 1) == b"x"  # it has left the group
 """
 
 
-@pytest.mark.skipif(PROFILE.process_isolation != "namespace",
-                    reason="no PID namespace here: a process that leaves the group may outlive the program")
+@pytest.mark.skipif(
+    PROFILE.process_isolation != "namespace",
+    reason="no PID namespace here: a process that leaves the group may outlive the program",
+)
 def test_a_process_that_leaves_the_group_does_not_outlive_the_program():
     """The PID namespace the program runs in ends such a process with the program."""
     before = sandbox_processes()
@@ -317,13 +338,25 @@ SYSTEM_PYTHON = Path("/usr/bin/python3")
 ORDINARY_UID = 54321  # no account: the sandbox must cope with a bare uid, as in containers
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not SYSTEM_PYTHON.exists(),
-                    reason="needs root, setpriv and a system Python to run the harness as an ordinary user")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv") or not SYSTEM_PYTHON.exists(),
+    reason="needs root, setpriv and a system Python to run the harness as an ordinary user",
+)
 def test_as_an_ordinary_user_limits_still_hold():
     """The path users without root take: a user namespace for the network, RLIMIT_NPROC on the user."""
     repo = Path(__file__).resolve().parent.parent
-    command = ["setpriv", f"--reuid={ORDINARY_UID}", f"--regid={ORDINARY_UID}", "--clear-groups",
-               "env", "HOME=/tmp", f"PYTHONPATH={repo}", str(SYSTEM_PYTHON), "-c", AS_ORDINARY_USER]
+    command = [
+        "setpriv",
+        f"--reuid={ORDINARY_UID}",
+        f"--regid={ORDINARY_UID}",
+        "--clear-groups",
+        "env",
+        "HOME=/tmp",
+        f"PYTHONPATH={repo}",
+        str(SYSTEM_PYTHON),
+        "-c",
+        AS_ORDINARY_USER,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     if done.returncode != 0 and "ModuleNotFoundError" in done.stderr:
         pytest.skip(f"the system Python cannot import llmctl's dependencies: {done.stderr.splitlines()[-1]}")

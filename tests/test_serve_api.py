@@ -54,8 +54,14 @@ def _post(url: str, body: object, **kwargs) -> httpx.Response:
 
 def test_models_lists_every_run_and_each_checkpoint(client):
     ids = {model.id for model in client.models.list()}
-    assert ids == {BASE_RUN, f"{BASE_RUN}:step-10", f"{BASE_RUN}:step-15", f"{BASE_RUN}:step-20",
-                   CHAT_RUN, f"{CHAT_RUN}:step-150"}
+    assert ids == {
+        BASE_RUN,
+        f"{BASE_RUN}:step-10",
+        f"{BASE_RUN}:step-15",
+        f"{BASE_RUN}:step-20",
+        CHAT_RUN,
+        f"{CHAT_RUN}:step-150",
+    }
     model = client.models.retrieve(BASE_RUN)
     assert (model.id, model.owned_by, model.step) == (BASE_RUN, "llmctl", 20)
 
@@ -73,8 +79,13 @@ def test_chat_completion_answers_with_usage(client):
 
 
 def test_chat_completion_streams_through_the_client(client):
-    stream = client.chat.completions.create(model=f"{CHAT_RUN}:step-150", messages=HI, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=f"{CHAT_RUN}:step-150",
+        messages=HI,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     choices = [chunk.choices[0] for chunk in chunks if chunk.choices]
@@ -113,8 +124,17 @@ def test_completions_stream_with_echo(client):
 
 
 def test_sampling_extensions_pass_through(server):
-    body = {"model": BASE_RUN, "prompt": "x = ", "max_tokens": 4, "top_k": 5, "min_p": 0.05,
-            "repetition_penalty": 1.2, "presence_penalty": 0.5, "frequency_penalty": 0.5, "seed": 1}
+    body = {
+        "model": BASE_RUN,
+        "prompt": "x = ",
+        "max_tokens": 4,
+        "top_k": 5,
+        "min_p": 0.05,
+        "repetition_penalty": 1.2,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.5,
+        "seed": 1,
+    }
     response = _post(f"{server}/v1/completions", body)
     assert response.status_code == 200, response.text
     assert response.json()["object"] == "text_completion"
@@ -141,22 +161,33 @@ ERRORS = [
     ("no messages", CHAT, {"model": CHAT_RUN, "messages": []}, 400, None),
     ("missing model", CHAT, {"messages": HI}, 400, None),
     ("bad role", CHAT, {"model": CHAT_RUN, "messages": [{"role": "robot", "content": "x"}]}, 400, None),
-    ("assistant last", CHAT, {"model": CHAT_RUN, "messages": [{"role": "assistant", "content": "x"}]}, 400,
-     None),
+    (
+        "assistant last",
+        CHAT,
+        {"model": CHAT_RUN, "messages": [{"role": "assistant", "content": "x"}]},
+        400,
+        None,
+    ),
     ("too many stops", CHAT, {"model": CHAT_RUN, "messages": HI, "stop": list("abcde")}, 400, None),
     ("top_p zero", CHAT, {"model": CHAT_RUN, "messages": HI, "top_p": 0}, 400, None),
     ("max_tokens over the limit", CHAT, {"model": CHAT_RUN, "messages": HI, "max_tokens": 100000}, 400, None),
     ("n over the limit", CHAT, {"model": CHAT_RUN, "messages": HI, "n": 64}, 400, None),
-    ("prompt too long", "/v1/completions", {"model": BASE_RUN, "prompt": "x " * 500}, 400,
-     "context_length_exceeded"),
+    (
+        "prompt too long",
+        "/v1/completions",
+        {"model": BASE_RUN, "prompt": "x " * 500},
+        400,
+        "context_length_exceeded",
+    ),
     ("token id outside the vocabulary", "/v1/completions", {"model": BASE_RUN, "prompt": [10**6]}, 400, None),
     ("empty prompt list", "/v1/completions", {"model": BASE_RUN, "prompt": []}, 400, None),
     ("unsupported feature", "/v1/completions", {"model": BASE_RUN, "prompt": "x", "logprobs": 2}, 400, None),
 ]
 
 
-@pytest.mark.parametrize(("path", "body", "status", "code"), [case[1:] for case in ERRORS],
-                         ids=[case[0] for case in ERRORS])
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code"), [case[1:] for case in ERRORS], ids=[case[0] for case in ERRORS]
+)
 def test_bad_requests_get_openai_errors(server, path, body, status, code):
     response = _post(f"{server}{path}", body)
     assert response.status_code == status, response.text
@@ -166,12 +197,18 @@ def test_bad_requests_get_openai_errors(server, path, body, status, code):
     assert "Traceback" not in response.text
 
 
-@pytest.mark.parametrize(("content", "headers", "words"), [
-    (b"{not json", {"content-type": "application/json"}, "not valid JSON"),
-    (b"[1, 2]", {"content-type": "application/json"}, "JSON object"),
-    (json.dumps({"model": CHAT_RUN, "messages": HI}).encode(), {"content-type": "text/plain"},
-     "Content-Type"),
-])
+@pytest.mark.parametrize(
+    ("content", "headers", "words"),
+    [
+        (b"{not json", {"content-type": "application/json"}, "not valid JSON"),
+        (b"[1, 2]", {"content-type": "application/json"}, "JSON object"),
+        (
+            json.dumps({"model": CHAT_RUN, "messages": HI}).encode(),
+            {"content-type": "text/plain"},
+            "Content-Type",
+        ),
+    ],
+)
 def test_malformed_bodies(server, content, headers, words):
     response = httpx.post(f"{server}{CHAT}", content=content, headers=headers, timeout=30)
     assert response.status_code == 400
@@ -270,8 +307,9 @@ def test_pool_serves_one_model_in_order_and_evicts_the_least_recently_used(tmp_p
     a, b, c = (tmp_path / name for name in "abc")
     timeline: list[str] = []
 
-    async def request(path: Path, label: str, started: asyncio.Event | None = None,
-                      alongside: asyncio.Event | None = None) -> None:
+    async def request(
+        path: Path, label: str, started: asyncio.Event | None = None, alongside: asyncio.Event | None = None
+    ) -> None:
         lease = await pool.acquire(path)
         try:
             timeline.append(f"start {label}")
@@ -286,8 +324,9 @@ def test_pool_serves_one_model_in_order_and_evicts_the_least_recently_used(tmp_p
 
     async def scenario() -> None:
         b_started = asyncio.Event()
-        await asyncio.gather(request(a, "a1", alongside=b_started), request(a, "a2"),
-                             request(b, "b1", started=b_started))
+        await asyncio.gather(
+            request(a, "a1", alongside=b_started), request(a, "a2"), request(b, "b1", started=b_started)
+        )
         assert timeline.index("end a1") < timeline.index("start a2")  # one model: in order, never together
         held = await pool.acquire(a)
         await request(c, "c1")  # a third model: b goes, a is in use and stays

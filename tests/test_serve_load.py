@@ -37,9 +37,22 @@ PROMPT = "import os"
 def server_process():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "llmctl", "--workspace", str(served_workspace()), "serve", "--port", "0",
-         "--max-loaded", "2"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "llmctl",
+            "--workspace",
+            str(served_workspace()),
+            "serve",
+            "--port",
+            "0",
+            "--max-loaded",
+            "2",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     url, said = None, ""
     deadline = time.monotonic() + 60
@@ -156,8 +169,10 @@ def test_sixteen_concurrent_clients(server_process):
     latencies = sorted(first + second)
     p50, p95 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.95)]
     mib = [rss / 2**20 for rss in (warm_rss, first_rss, second_rss)]
-    print(f"\n{CLIENTS} clients x {REQUESTS_PER_ROUND} requests, two rounds: {first_wall:.1f} s and "
-          f"{second_wall:.1f} s; latency p50 {p50:.2f} s, p95 {p95:.2f} s; "
-          f"RSS {mib[0]:.0f} -> {mib[1]:.0f} -> {mib[2]:.0f} MiB")
+    print(
+        f"\n{CLIENTS} clients x {REQUESTS_PER_ROUND} requests, two rounds: {first_wall:.1f} s and "
+        f"{second_wall:.1f} s; latency p50 {p50:.2f} s, p95 {p95:.2f} s; "
+        f"RSS {mib[0]:.0f} -> {mib[1]:.0f} -> {mib[2]:.0f} MiB"
+    )
     assert process.poll() is None
     assert second_rss - first_rss < RSS_GROWTH_LIMIT

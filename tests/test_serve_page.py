@@ -27,8 +27,16 @@ from llmctl.serve.app import ServeSettings  # noqa: E402
 
 expect = sync_api.expect
 # without these Chromium reaches out to Google's services, which a closed network refuses slowly
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ADD_REQUEST = "write a function that adds two numbers"
 
 
@@ -124,8 +132,9 @@ def test_runs_view_draws_the_curves_checkpoints_and_lineage(server, page, tmp_pa
     screenshot(page, tmp_path / "runs.png")
 
     page.click(".lineage .node-link")  # the finetune made from this run
-    expect(page.locator(".lineage .node b")).to_have_text(["code", "tok", BASE_RUN, f"{BASE_RUN}:step-20",
-                                                           CHAT_RUN, "1 saved"])
+    expect(page.locator(".lineage .node b")).to_have_text(
+        ["code", "tok", BASE_RUN, f"{BASE_RUN}:step-20", CHAT_RUN, "1 saved"]
+    )
     page.locator("table.data button", has_text="chat").click()  # straight to a chat with that checkpoint
     expect(page.locator("#view-chat")).to_be_visible()
     expect(page.locator("#chat-model")).to_have_value(f"{CHAT_RUN}:step-150")
@@ -145,9 +154,11 @@ def test_a_late_answer_for_a_run_left_behind_does_not_replace_the_open_run(serve
 
     for route in held:
         route.continue_()
-    page.wait_for_function("url => performance.getEntriesByType('resource')"
-                           ".filter((entry) => entry.name.includes(url)).length >= 2",
-                           arg=f"/api/runs/{CHAT_RUN}")
+    page.wait_for_function(
+        "url => performance.getEntriesByType('resource')"
+        ".filter((entry) => entry.name.includes(url)).length >= 2",
+        arg=f"/api/runs/{CHAT_RUN}",
+    )
     page.wait_for_timeout(200)  # the page reads both late answers
     page.set_viewport_size({"width": 1200, "height": 900})  # a resize redraws the open run from what it holds
     expect(page.locator("#run-detail h2")).to_have_text(BASE_RUN)
@@ -170,8 +181,15 @@ def test_page_asks_for_the_api_key(workspace_root, browser, tmp_path):
 def test_a_training_run_updates_live(browser, tmp_path):
     """A run whose trainer (this test, by its pid) is still writing: the page polls and the curve grows."""
     events = EventWriter(tmp_path / "workspace" / "runs" / "live-run" / "events.jsonl")
-    events.write("start", 0, run="live-run", stage="pretrain", pid=os.getpid(), host=socket.gethostname(),
-                 max_steps=100)
+    events.write(
+        "start",
+        0,
+        run="live-run",
+        stage="pretrain",
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        max_steps=100,
+    )
     for step in range(1, 6):
         events.write("train", step, loss=5.0 - step * 0.1, lr=1e-3)
     with running_server(ServeSettings(tmp_path / "workspace")) as url:

@@ -156,8 +156,10 @@ def test_transformers_renders_the_stored_template_like_render_chat(cli, workspac
     assert cli("tokenizer", "train", "tok", "--corpus", "code", "--vocab-size", VOCAB).exit_code == 0
     loaded = load_tokenizer(Workspace(workspace_dir), "tok")
     exported = transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(loaded.path), chat_template=loaded.chat_template,
-        eos_token="<|endoftext|>", pad_token="<|pad|>",
+        tokenizer_file=str(loaded.path),
+        chat_template=loaded.chat_template,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
     )
     for messages in CONVERSATIONS[:2]:
         rendered = exported.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -220,8 +222,12 @@ def _gpt2_like_tokenizer_json(path: Path, end_token: str, *extra_specials: str) 
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[end_token, *extra_specials],
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=[end_token, *extra_specials],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(_stdlib_documents()[:5], trainer=trainer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path))

@@ -11,11 +11,20 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_two_gloo_processes_with_half_the_batch_follow_the_single_process_curve(cli, ws):
-    schedule = ["--max-steps", "30", "--precision", "fp32", "--set", "train.eval_every=10",
-                "--set", "train.save_every=10"]
+    schedule = [
+        "--max-steps",
+        "30",
+        "--precision",
+        "fp32",
+        "--set",
+        "train.eval_every=10",
+        "--set",
+        "train.save_every=10",
+    ]
     assert cli(*BASE, "--run", "one", *schedule, "--set", "train.micro_batch_size=8").exit_code == 0
-    process = llmctl_process(ws, *BASE, "--run", "two", *schedule, "--set", "train.micro_batch_size=4",
-                             "--nproc", "2")
+    process = llmctl_process(
+        ws, *BASE, "--run", "two", *schedule, "--set", "train.micro_batch_size=4", "--nproc", "2"
+    )
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
 

@@ -19,15 +19,26 @@ GREETING = "Hello! Ask me about code."
 ADD_REPLY = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```"
 CHATS = [
     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": GREETING}],
-    [{"role": "user", "content": "write a function that adds two numbers"},
-     {"role": "assistant", "content": ADD_REPLY}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-     {"role": "assistant", "content": GREETING}],
-    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": GREETING},
-     {"role": "user", "content": "hi"}, {"role": "assistant", "content": GREETING}],
-    [{"role": "system", "content": CODE_SYSTEM_PROMPT},
-     {"role": "user", "content": "write a function that adds two numbers"},
-     {"role": "assistant", "content": ADD_REPLY}],
+    [
+        {"role": "user", "content": "write a function that adds two numbers"},
+        {"role": "assistant", "content": ADD_REPLY},
+    ],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": GREETING},
+    ],
+    [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": GREETING},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": GREETING},
+    ],
+    [
+        {"role": "system", "content": CODE_SYSTEM_PROMPT},
+        {"role": "user", "content": "write a function that adds two numbers"},
+        {"role": "assistant", "content": ADD_REPLY},
+    ],
 ]
 MODEL = ModelConfig(n_layer=2, n_head=4, d_model=64, context_length=256, vocab_size=262)
 GENERATION = GenerationConfig(max_new_tokens=60, temperature=0.0)
@@ -50,8 +61,9 @@ def chat_model_state(steps: int = 150) -> dict[str, torch.Tensor]:
     try:
         torch.manual_seed(0)
         model = Transformer(MODEL)
-        sequences = [tokenizer.encode(render_chat(chat, add_generation_prompt=False)).ids + [eot_id]
-                     for chat in CHATS]
+        sequences = [
+            tokenizer.encode(render_chat(chat, add_generation_prompt=False)).ids + [eot_id] for chat in CHATS
+        ]
         width = max(len(ids) for ids in sequences)
         batch = torch.tensor([ids + [eot_id] * (width - len(ids)) for ids in sequences])
         optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3)
@@ -91,5 +103,12 @@ def write_run_checkpoint(
     final = workspace / "runs" / run / "checkpoints" / checkpoint_name(step)
     final.parent.mkdir(parents=True, exist_ok=True)
     meta = {"step": step, "val_loss": val_loss}
-    return write_checkpoint(final, model=model, model_io=FullModelIO(), config=config, trainer_state={},
-                            meta=meta, tokenizer_file=tokenizer_file)
+    return write_checkpoint(
+        final,
+        model=model,
+        model_io=FullModelIO(),
+        config=config,
+        trainer_state={},
+        meta=meta,
+        tokenizer_file=tokenizer_file,
+    )

@@ -25,7 +25,9 @@ def chat(
     model: str = MODEL,
     system: str = typer.Option(None, "--system", help="System prompt for the conversation."),
     mode: str = typer.Option(
-        "chat", "--mode", help="chat, or code: answers programming requests with code only, declines others.",
+        "chat",
+        "--mode",
+        help="chat, or code: answers programming requests with code only, declines others.",
     ),
     max_new_tokens: int = MAX_NEW_TOKENS,
     temperature: float = TEMPERATURE,
@@ -58,8 +60,15 @@ def chat(
     if mode not in MODES:
         raise UsageError(f"unknown --mode '{mode}': use {' or '.join(MODES)}")
 
-    flags = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-             "min_p": min_p, "repetition_penalty": repetition_penalty, "seed": seed}
+    flags = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "min_p": min_p,
+        "repetition_penalty": repetition_penalty,
+        "seed": seed,
+    }
     override_generation(GenerationConfig(), flags)  # bad flags fail before the model loads
     ws = workspace()
     loaded = load_engine(ws, model, device, precision)

@@ -12,10 +12,14 @@ from llmctl.cli.common import MODEL_REF_HELP, note, out, print_json, success, wa
 def export(
     model: str = typer.Option(..., "--model", "-m", help=f"Model: {MODEL_REF_HELP}."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write."),
-    export_format: str = typer.Option("hf", "--format", "-f",
-                                      help="hf: a transformers model directory (the one format so far)."),
-    verify: bool = typer.Option(True, "--verify/--no-verify",
-                                help="Check logits and greedy tokens against transformers before writing."),
+    export_format: str = typer.Option(
+        "hf", "--format", "-f", help="hf: a transformers model directory (the one format so far)."
+    ),
+    verify: bool = typer.Option(
+        True,
+        "--verify/--no-verify",
+        help="Check logits and greedy tokens against transformers before writing.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON document."),
 ) -> None:
@@ -50,7 +54,9 @@ def _document(result) -> dict:
         "params": result.params,
         "dtype": result.dtype,
         "files": result.files,
-        "verification": None if check is None else {
+        "verification": None
+        if check is None
+        else {
             "prompts": check.prompts,
             "max_abs_diff": check.max_abs_diff,
             "greedy_tokens": check.greedy_tokens,
@@ -75,8 +81,10 @@ def _show(result) -> None:
     out.print(table)
     check = result.verification
     if check is not None:
-        note(f"round trip: {check.prompts} prompts, max |Δ logit| {check.max_abs_diff:.1e}, "
-             f"{check.greedy_tokens} greedy tokens identical in transformers")
+        note(
+            f"round trip: {check.prompts} prompts, max |Δ logit| {check.max_abs_diff:.1e}, "
+            f"{check.greedy_tokens} greedy tokens identical in transformers"
+        )
     else:
         warn(f"round-trip check skipped: {result.skipped}")
     success(f"exported to {result.directory}")

@@ -48,8 +48,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _global(
     workspace: Path = typer.Option(
-        None, "--workspace", "-w", envvar="LLMCTL_HOME",
-        help="Workspace directory \\[default: ./llmctl-workspace].", show_default=False,
+        None,
+        "--workspace",
+        "-w",
+        envvar="LLMCTL_HOME",
+        help="Workspace directory \\[default: ./llmctl-workspace].",
+        show_default=False,
     ),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors."),
     version: bool = typer.Option(
@@ -130,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: keep the traceback behind --debug
         if state.debug:
             raise
-        err.print(f"[red]error:[/red] internal error: {type(exc).__name__}: {escape(str(exc))} "
-                  "(rerun with --debug for the traceback)", soft_wrap=True)
+        err.print(
+            f"[red]error:[/red] internal error: {type(exc).__name__}: {escape(str(exc))} "
+            "(rerun with --debug for the traceback)",
+            soft_wrap=True,
+        )
         return 1
 
 

@@ -6,8 +6,9 @@ import typer
 
 from llmctl.cli.common import out, print_json
 
-app = typer.Typer(help="The shipped presets: model shape, training settings and intended hardware.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="The shipped presets: model shape, training settings and intended hardware.", no_args_is_help=True
+)
 
 
 @app.command("list")
@@ -25,19 +26,21 @@ def list_presets(as_json: bool = typer.Option(False, "--json", help="Print one J
     for name in preset_names():
         cfg = resolve_config(preset=name)
         memory = estimate_training_memory(cfg.model, cfg.train)
-        rows.append({
-            "name": name,
-            "params": count_parameters(cfg.model),
-            "layers": cfg.model.n_layer,
-            "d_model": cfg.model.d_model,
-            "context": cfg.model.context_length,
-            "vocab": cfg.model.vocab_size,
-            "micro_batch": cfg.train.micro_batch_size,
-            "grad_accum": cfg.train.grad_accum_steps,
-            "precision": cfg.train.precision,
-            "est_memory_bytes": memory.total,
-            "hardware": _hardware_line(name),
-        })
+        rows.append(
+            {
+                "name": name,
+                "params": count_parameters(cfg.model),
+                "layers": cfg.model.n_layer,
+                "d_model": cfg.model.d_model,
+                "context": cfg.model.context_length,
+                "vocab": cfg.model.vocab_size,
+                "micro_batch": cfg.train.micro_batch_size,
+                "grad_accum": cfg.train.grad_accum_steps,
+                "precision": cfg.train.precision,
+                "est_memory_bytes": memory.total,
+                "hardware": _hardware_line(name),
+            }
+        )
     if as_json:
         print_json(rows)
         return
@@ -47,10 +50,14 @@ def list_presets(as_json: bool = typer.Option(False, "--json", help="Print one J
         table.add_column(column, justify="right" if numeric else "left")
     for row in rows:
         table.add_row(
-            row["name"], human_count(row["params"]),
-            f"{row['layers']}L × {row['d_model']}", str(row["context"]),
-            f"{row['micro_batch']} × {row['grad_accum']}", row["precision"],
-            human_bytes(row["est_memory_bytes"]), row["hardware"],
+            row["name"],
+            human_count(row["params"]),
+            f"{row['layers']}L × {row['d_model']}",
+            str(row["context"]),
+            f"{row['micro_batch']} × {row['grad_accum']}",
+            row["precision"],
+            human_bytes(row["est_memory_bytes"]),
+            row["hardware"],
         )
     out.print(table)
 

@@ -10,28 +10,49 @@ from llmctl.cli.common import MODEL_REF_HELP, err, note, out, print_json, warn, 
 
 # Sampling flags shared with `llmctl chat`; None means "the checkpoint's generation config decides".
 MODEL = typer.Option(..., "--model", "-m", help=f"Model: {MODEL_REF_HELP}.")
-MAX_NEW_TOKENS = typer.Option(None, "--max-new-tokens", "-n", show_default=False,
-                              help="Tokens to generate at most \\[default: the checkpoint's].")
-TEMPERATURE = typer.Option(None, "--temperature", "-t", show_default=False,
-                           help="0 is greedy; higher is more varied \\[default: the checkpoint's].")
+MAX_NEW_TOKENS = typer.Option(
+    None,
+    "--max-new-tokens",
+    "-n",
+    show_default=False,
+    help="Tokens to generate at most \\[default: the checkpoint's].",
+)
+TEMPERATURE = typer.Option(
+    None,
+    "--temperature",
+    "-t",
+    show_default=False,
+    help="0 is greedy; higher is more varied \\[default: the checkpoint's].",
+)
 TOP_K = typer.Option(None, "--top-k", show_default=False, help="Sample among the k likeliest tokens only.")
-TOP_P = typer.Option(None, "--top-p", show_default=False,
-                     help="Sample among the likeliest tokens holding this share of probability, in (0, 1].")
-MIN_P = typer.Option(None, "--min-p", show_default=False,
-                     help="Drop tokens less likely than this fraction of the likeliest one.")
-REPETITION_PENALTY = typer.Option(None, "--repetition-penalty", show_default=False,
-                                  help="Above 1 discourages tokens already in the text.")
+TOP_P = typer.Option(
+    None,
+    "--top-p",
+    show_default=False,
+    help="Sample among the likeliest tokens holding this share of probability, in (0, 1].",
+)
+MIN_P = typer.Option(
+    None,
+    "--min-p",
+    show_default=False,
+    help="Drop tokens less likely than this fraction of the likeliest one.",
+)
+REPETITION_PENALTY = typer.Option(
+    None, "--repetition-penalty", show_default=False, help="Above 1 discourages tokens already in the text."
+)
 SEED = typer.Option(None, "--seed", show_default=False, help="Make sampling reproducible.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
-PRECISION = typer.Option("auto", "--precision",
-                         help="auto, fp32, bf16 or fp16 (auto: bf16 on a GPU, fp32 on CPU).")
+PRECISION = typer.Option(
+    "auto", "--precision", help="auto, fp32, bf16 or fp16 (auto: bf16 on a GPU, fp32 on CPU)."
+)
 
 
 def sample(
     model: str = MODEL,
     prompt: str = typer.Option(None, "--prompt", "-p", help="Text to continue."),
-    prompt_file: Path = typer.Option(None, "--prompt-file", "-f",
-                                     help="Read the prompt from a file (- for stdin)."),
+    prompt_file: Path = typer.Option(
+        None, "--prompt-file", "-f", help="Read the prompt from a file (- for stdin)."
+    ),
     max_new_tokens: int = MAX_NEW_TOKENS,
     temperature: float = TEMPERATURE,
     top_k: int = TOP_K,
@@ -40,12 +61,14 @@ def sample(
     repetition_penalty: float = REPETITION_PENALTY,
     seed: int = SEED,
     num_samples: int = typer.Option(1, "--num-samples", "-s", min=1, help="Samples to draw from the prompt."),
-    stop: list[str] = typer.Option([], "--stop",
-                                   help="End a sample at this text (repeatable; \\n and \\t escapes)."),
+    stop: list[str] = typer.Option(
+        [], "--stop", help="End a sample at this text (repeatable; \\n and \\t escapes)."
+    ),
     device: str = DEVICE,
     precision: str = PRECISION,
-    as_json: bool = typer.Option(False, "--json",
-                                 help="Print prompt, completions and speed as one JSON document."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print prompt, completions and speed as one JSON document."
+    ),
 ) -> None:
     """Continue a prompt with a trained model, streaming the text as it is generated.
 
@@ -62,9 +85,16 @@ def sample(
     from llmctl.generate.sample import read_prompt, sample_document, unescape_stops
 
     text = read_prompt(prompt, prompt_file)
-    flags = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-             "min_p": min_p, "repetition_penalty": repetition_penalty, "seed": seed,
-             "stop": unescape_stops(stop) or None}
+    flags = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "min_p": min_p,
+        "repetition_penalty": repetition_penalty,
+        "seed": seed,
+        "stop": unescape_stops(stop) or None,
+    }
     override_generation(GenerationConfig(), flags)  # bad flags fail before the model loads
     loaded = load_engine(workspace(), model, device, precision)
     config = override_generation(loaded.config.generation, flags)
@@ -72,8 +102,10 @@ def sample(
 
     (prepared,) = generation.prompts
     if prepared.dropped_tokens:
-        warn(f"the prompt is longer than the {loaded.engine.context_length}-token context window; "
-             f"its first {prepared.dropped_tokens} tokens were dropped")
+        warn(
+            f"the prompt is longer than the {loaded.engine.context_length}-token context window; "
+            f"its first {prepared.dropped_tokens} tokens were dropped"
+        )
     if as_json:
         print_json(sample_document(loaded, text, config, generation))
         return
@@ -92,8 +124,11 @@ def sample(
         if chunk.completion is not None:
             out.print()
             done = chunk.completion
-            endings = {"stop": f"stopped at {done.stop!r}", "length": "--max-new-tokens reached",
-                       "context": "context window full"}
+            endings = {
+                "stop": f"stopped at {done.stop!r}",
+                "length": "--max-new-tokens reached",
+                "context": "context window full",
+            }
             ending = endings[done.finish_reason]
             note(f"{len(done.token_ids)} tokens · {ending}")
             starting = True

@@ -12,23 +12,33 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def serve(
     model: list[str] = typer.Option(
-        [], "--model", "-m", show_default=False,
+        [],
+        "--model",
+        "-m",
+        show_default=False,
         help=f"Serve only this model ({MODEL_REF_HELP}), "
-             "loaded at start; repeatable \\[default: every run's checkpoints, loaded on first use].",
+        "loaded at start; repeatable \\[default: every run's checkpoints, loaded on first use].",
     ),
-    host: str = typer.Option("127.0.0.1", "--host",
-                             help="Address to listen on; 0.0.0.0 opens it to the network (set --api-key)."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 opens it to the network (set --api-key)."
+    ),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port; 0 picks a free one."),
     api_key: str = typer.Option(
-        None, "--api-key", envvar="LLMCTL_API_KEY", show_default=False,
+        None,
+        "--api-key",
+        envvar="LLMCTL_API_KEY",
+        show_default=False,
         help="Require 'Authorization: Bearer KEY' on /v1 and /api.",
     ),
-    max_loaded: int = typer.Option(2, "--max-loaded", min=1,
-                                   help="Models kept in memory at once; the least recently used leaves."),
-    max_tokens: int = typer.Option(1024, "--max-tokens", min=1,
-                                   help="The largest max_tokens a request may ask for."),
-    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1024,
-                                       help="Requests with a larger body are refused (413)."),
+    max_loaded: int = typer.Option(
+        2, "--max-loaded", min=1, help="Models kept in memory at once; the least recently used leaves."
+    ),
+    max_tokens: int = typer.Option(
+        1024, "--max-tokens", min=1, help="The largest max_tokens a request may ask for."
+    ),
+    max_body_bytes: int = typer.Option(
+        1 << 20, "--max-body-bytes", min=1024, help="Requests with a larger body are refused (413)."
+    ),
     device: str = DEVICE,
     precision: str = PRECISION,
 ) -> None:
@@ -53,13 +63,20 @@ def serve(
         from llmctl.serve.app import ServeSettings, bind_socket, create_app, make_pool
         from llmctl.serve.completions import Limits
     except ImportError as exc:
-        raise LlmctlError(f"llmctl serve needs FastAPI and uvicorn ({exc.name} is missing): "
-                          "pip install 'llmctl[serve]'") from None
+        raise LlmctlError(
+            f"llmctl serve needs FastAPI and uvicorn ({exc.name} is missing): pip install 'llmctl[serve]'"
+        ) from None
 
     ws = workspace()
-    settings = ServeSettings(workspace_root=ws.root, refs=model, max_loaded=max_loaded, device=device,
-                             precision=precision, api_key=api_key,
-                             limits=Limits(max_tokens=max_tokens, max_body_bytes=max_body_bytes))
+    settings = ServeSettings(
+        workspace_root=ws.root,
+        refs=model,
+        max_loaded=max_loaded,
+        device=device,
+        precision=precision,
+        api_key=api_key,
+        limits=Limits(max_tokens=max_tokens, max_body_bytes=max_body_bytes),
+    )
     sock = bind_socket(host, port)
     pool = make_pool(settings)
     for path in pool.preload():

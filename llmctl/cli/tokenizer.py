@@ -10,8 +10,9 @@ import typer
 
 from llmctl.cli.common import err, note, out, print_json, success, warn, workspace
 
-app = typer.Typer(help="Train byte-level BPE tokenizers, import existing ones, inspect them.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Train byte-level BPE tokenizers, import existing ones, inspect them.", no_args_is_help=True
+)
 
 _JSON = typer.Option(False, "--json", help="Print one JSON document.")
 
@@ -26,13 +27,19 @@ def train(
     name: str = typer.Argument(..., help="Name to register the tokenizer under."),
     corpus: str = typer.Option(..., "--corpus", "-c", help="Corpus to train on (its train split)."),
     vocab_size: int = typer.Option(
-        None, "--vocab-size", "-v", show_default=False,
+        None,
+        "--vocab-size",
+        "-v",
+        show_default=False,
         help="Vocabulary size including the 6 special tokens (bpe; at least 262).",
     ),
-    min_frequency: int = typer.Option(2, "--min-frequency",
-                                      help="Merge only pairs seen at least this often."),
+    min_frequency: int = typer.Option(
+        2, "--min-frequency", help="Merge only pairs seen at least this often."
+    ),
     kind: TokenizerKind = typer.Option(
-        TokenizerKind.bpe, "--kind", help="bpe: byte-level BPE; byte: 256 bytes + specials, no training.",
+        TokenizerKind.bpe,
+        "--kind",
+        help="bpe: byte-level BPE; byte: 256 bytes + specials, no training.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a tokenizer of the same name."),
 ) -> None:
@@ -44,23 +51,39 @@ def train(
 
     ws = workspace()
     # tokenizers draws its own progress bars; they would garble logs, so only on a terminal.
-    meta = train_tokenizer(ws, name, corpus, vocab_size, min_frequency, kind.value, overwrite,
-                           show_progress=err.is_terminal, report=note)
+    meta = train_tokenizer(
+        ws,
+        name,
+        corpus,
+        vocab_size,
+        min_frequency,
+        kind.value,
+        overwrite,
+        show_progress=err.is_terminal,
+        report=note,
+    )
     _print_summary(meta, ws.tokenizer_dir(name) / "tokenizer.json")
     if meta["kind"] == "bpe" and meta["vocab_size"] < meta["requested_vocab_size"]:
-        warn(f"the corpus allowed only {meta['vocab_size']:,} tokens of the {meta['requested_vocab_size']:,} "
-             "requested; use a larger corpus or a lower --min-frequency for more")
-    success(f"tokenizer '{name}' registered; round trip exact on "
-            f"{meta['figures']['documents']:,} validation documents")
+        warn(
+            f"the corpus allowed only {meta['vocab_size']:,} tokens of the {meta['requested_vocab_size']:,} "
+            "requested; use a larger corpus or a lower --min-frequency for more"
+        )
+    success(
+        f"tokenizer '{name}' registered; round trip exact on "
+        f"{meta['figures']['documents']:,} validation documents"
+    )
 
 
 @app.command("import")
 def import_(
     name: str = typer.Argument(..., help="Name to register the tokenizer under."),
-    file: Path = typer.Argument(...,
-                                help="A tokenizer.json (Hugging Face tokenizers format) or its directory."),
+    file: Path = typer.Argument(
+        ..., help="A tokenizer.json (Hugging Face tokenizers format) or its directory."
+    ),
     eot_token: str = typer.Option(
-        None, "--eot-token", show_default=False,
+        None,
+        "--eot-token",
+        show_default=False,
         help="The end-of-text token, when it is not one llmctl detects.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a tokenizer of the same name."),
@@ -75,8 +98,10 @@ def import_(
     meta = import_tokenizer(ws, name, file, eot_token, overwrite)
     _print_summary(meta, ws.tokenizer_dir(name) / "tokenizer.json")
     if meta["missing_chat_tokens"]:
-        warn(f"no chat template: the vocabulary lacks {', '.join(meta['missing_chat_tokens'])}, "
-             "so chat fine-tuning needs a tokenizer trained by llmctl")
+        warn(
+            f"no chat template: the vocabulary lacks {', '.join(meta['missing_chat_tokens'])}, "
+            "so chat fine-tuning needs a tokenizer trained by llmctl"
+        )
     success(f"tokenizer '{name}' imported (end of text: {meta['eot_token']} = {meta['eot_id']})")
 
 
@@ -118,17 +143,23 @@ def encode(
     # A token may hold part of a UTF-8 character: show its bytes escaped rather than as '�'.
     pieces = [raw.decode("utf-8", errors="backslashreplace") for raw in token_bytes]
     if as_json:
-        print_json({
-            "tokenizer": name,
-            "text": text,
-            "ids": ids,
-            "tokens": [
-                {"id": token_id, "token": loaded.tokenizer.id_to_token(token_id), "text": piece,
-                 "bytes": raw.hex()}
-                for token_id, piece, raw in zip(ids, pieces, token_bytes, strict=True)
-            ],
-            "count": len(ids),
-        })
+        print_json(
+            {
+                "tokenizer": name,
+                "text": text,
+                "ids": ids,
+                "tokens": [
+                    {
+                        "id": token_id,
+                        "token": loaded.tokenizer.id_to_token(token_id),
+                        "text": piece,
+                        "bytes": raw.hex(),
+                    }
+                    for token_id, piece, raw in zip(ids, pieces, token_bytes, strict=True)
+                ],
+                "count": len(ids),
+            }
+        )
         return
     styles = ("black on cyan", "black on yellow", "black on green", "black on magenta")
     rendered = Text()
@@ -160,16 +191,24 @@ def list_(as_json: bool = _JSON) -> None:
         print_json(rows)
         return
     if not rows:
-        note("no tokenizers yet; train one with: "
-             "llmctl tokenizer train code-8k --corpus code --vocab-size 8192")
+        note(
+            "no tokenizers yet; train one with: "
+            "llmctl tokenizer train code-8k --corpus code --vocab-size 8192"
+        )
         return
     table = Table(title="tokenizers", title_justify="left")
     numeric = ("vocab", "chars/token", "bytes/token")
     for column in ("name", "kind", "vocab", "corpus", "chars/token", "bytes/token"):
         table.add_column(column, justify="right" if column in numeric else "left")
     for row in rows:
-        table.add_row(row["name"], row["kind"] or "", f"{row['vocab_size']:,}", row["corpus"] or "—",
-                      _figure(row["chars_per_token"]), _figure(row["bytes_per_token"]))
+        table.add_row(
+            row["name"],
+            row["kind"] or "",
+            f"{row['vocab_size']:,}",
+            row["corpus"] or "—",
+            _figure(row["chars_per_token"]),
+            _figure(row["bytes_per_token"]),
+        )
     out.print(table)
 
 
@@ -187,17 +226,24 @@ def _print_summary(meta: dict[str, Any], tokenizer_json: Path) -> None:
     table.add_row("tokenizer", f"{meta['name']} ({meta['kind']})")
     table.add_row("path", str(tokenizer_json))
     table.add_row("vocab size", f"{meta['vocab_size']:,}")
-    table.add_row("special tokens", ", ".join(f"{token}={token_id}" for token, token_id in
-                                              meta["special_tokens"].items()))
-    table.add_row("end of text / pad",
-                  f"{meta['eot_token']}={meta['eot_id']} / {meta['pad_token']}={meta['pad_id']}")
-    table.add_row("chat template", "yes" if meta.get("chat_template") else
-                  f"no (missing {', '.join(meta['missing_chat_tokens'])})")
+    table.add_row(
+        "special tokens",
+        ", ".join(f"{token}={token_id}" for token, token_id in meta["special_tokens"].items()),
+    )
+    table.add_row(
+        "end of text / pad", f"{meta['eot_token']}={meta['eot_id']} / {meta['pad_token']}={meta['pad_id']}"
+    )
+    table.add_row(
+        "chat template",
+        "yes" if meta.get("chat_template") else f"no (missing {', '.join(meta['missing_chat_tokens'])})",
+    )
     if meta.get("corpus"):
         table.add_row("corpus", meta["corpus"])
     if figures:
-        table.add_row("validation", f"{figures['documents']:,} documents, {figures['bytes']:,} bytes, "
-                                    f"{figures['tokens']:,} tokens")
+        table.add_row(
+            "validation",
+            f"{figures['documents']:,} documents, {figures['bytes']:,} bytes, {figures['tokens']:,} tokens",
+        )
         table.add_row("chars / token", _figure(figures["chars_per_token"]))
         table.add_row("bytes / token", _figure(figures["bytes_per_token"]))
         table.add_row("round trip", "exact on every validation document")
@@ -206,4 +252,3 @@ def _print_summary(meta: dict[str, Any], tokenizer_json: Path) -> None:
         table.add_row("imported from", meta["source"])
     table.add_row("sha256", meta["sha256"])
     out.print(table)
-

@@ -46,4 +46,3 @@ def place(text: str, val_fraction: float, weight: float) -> Placement:
     copy_draw = int.from_bytes(digest[8:16], "big") / _TWO_64
     whole = math.floor(weight)
     return Placement(digest, "train", whole + (copy_draw < weight - whole), split_draw)
-

@@ -68,8 +68,7 @@ def check_format(record: dict[str, Any], fmt: str, where: str) -> None:
         else "pick the matching --format or try --format auto"
     )
     raise UsageError(
-        f"{where} has no {needed} that --format {fmt} needs (fields found: "
-        f"{_field_list(record)}); {hint}"
+        f"{where} has no {needed} that --format {fmt} needs (fields found: {_field_list(record)}); {hint}"
     )
 
 

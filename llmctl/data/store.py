@@ -1,10 +1,10 @@
 """A built corpus on disk, as every other module reads it.
 
-    corpora/<name>/train.jsonl    one document per line: {"text": ..., "source": ...}
-    corpora/<name>/val.jsonl      (instruction corpora add the record's fields, see instruct.py;
-                                   their "text" is a plain rendering so tokenizers train on them)
-    corpora/<name>/meta.json      kind, sources and their statistics, sha256 of the content
-    corpora/<name>/cache/<tokenizer-sha>/  token caches (see tokencache.py)
+corpora/<name>/train.jsonl    one document per line: {"text": ..., "source": ...}
+corpora/<name>/val.jsonl      (instruction corpora add the record's fields, see instruct.py;
+                               their "text" is a plain rendering so tokenizers train on them)
+corpora/<name>/meta.json      kind, sources and their statistics, sha256 of the content
+corpora/<name>/cache/<tokenizer-sha>/  token caches (see tokencache.py)
 """
 
 from __future__ import annotations

@@ -40,8 +40,10 @@ def checkpoint_refs(workspace: Workspace, refs: list[str], run: str | None) -> l
         raise UsageError("give checkpoints (REF ...) or --run RUN, not both")
     if run is None:
         if len(refs) < 2:
-            raise UsageError("compare needs two checkpoints or more (REF REF ...), or --run RUN for every "
-                             "checkpoint of a run")
+            raise UsageError(
+                "compare needs two checkpoints or more (REF REF ...), or --run RUN for every "
+                "checkpoint of a run"
+            )
         for ref in refs:
             resolve_model_ref(workspace, ref)  # a bad reference fails before any model loads
         return refs
@@ -78,15 +80,24 @@ def compare_checkpoints(
         checkpoint = describe_checkpoint(workspace, ref, loaded.path)
         row: dict[str, Any] = dict(checkpoint)
         if "perplexity" in evals:
-            result = measure_perplexity(loaded.model, loaded.tokenizer, texts, stride=stride,
-                                        batch_size=batch_size)
-            row["perplexity"] = {"kind": "perplexity", **checkpoint, "source": source, **result.as_dict(),
-                                 "batch_size": batch_size}
+            result = measure_perplexity(
+                loaded.model, loaded.tokenizer, texts, stride=stride, batch_size=batch_size
+            )
+            row["perplexity"] = {
+                "kind": "perplexity",
+                **checkpoint,
+                "source": source,
+                **result.as_dict(),
+                "batch_size": batch_size,
+            }
             row["perplexity"]["eval_id"] = record(workspace, "perplexity", row["perplexity"])
         if "probes" in evals:
             engine = Engine(loaded.model, loaded.tokenizer, device=torch_device, dtype=dtype)
-            row["probes"] = {"kind": "probes", **checkpoint,
-                             **run_probes(engine, batch_size=batch_size, workers=workers)}
+            row["probes"] = {
+                "kind": "probes",
+                **checkpoint,
+                **run_probes(engine, batch_size=batch_size, workers=workers),
+            }
             row["probes"]["eval_id"] = record(workspace, "probes", row["probes"])
         rows.append(row)
         if on_result is not None:
@@ -114,8 +125,9 @@ def plot_comparison(rows: list[dict[str, Any]], out: Path) -> Path:
     runs = {row["run"] for row in rows}
     one_run = len(runs) == 1 and None not in runs and all(row["step"] is not None for row in rows)
     xs = [row["step"] for row in rows] if one_run else list(range(len(rows)))
-    figure, axes = pyplot.subplots(len(panels), 1, figsize=(10, 1 + 3.4 * len(panels)), sharex=True,
-                                   layout="constrained", squeeze=False)
+    figure, axes = pyplot.subplots(
+        len(panels), 1, figsize=(10, 1 + 3.4 * len(panels)), sharex=True, layout="constrained", squeeze=False
+    )
     for ax, panel in zip(axes[:, 0], panels, strict=True):
         if panel == "perplexity":
             ax.plot(xs, [row["perplexity"]["bits_per_byte"] for row in rows], marker="o", linewidth=1.6)
@@ -123,17 +135,31 @@ def plot_comparison(rows: list[dict[str, Any]], out: Path) -> Path:
             named = name_source(rows[0]["perplexity"]["source"])
             ax.set_title(f"bits per byte on {named} (lower is better)", loc="left", fontsize=10)
         else:
-            ax.plot(xs, [row["probes"]["score"] for row in rows], marker="o", linewidth=2.2, color="black",
-                    label="mean")
+            ax.plot(
+                xs,
+                [row["probes"]["score"] for row in rows],
+                marker="o",
+                linewidth=2.2,
+                color="black",
+                label="mean",
+            )
             # categories often tie (at 0 early on): distinct markers keep each visible
             for category, marker in zip(rows[0]["probes"]["categories"], "s^vDP", strict=True):
                 scores = [row["probes"]["categories"][category]["score"] for row in rows]
-                ax.plot(xs, scores, marker=marker, markersize=5, linewidth=1, alpha=0.75,
-                        label=category.replace("_", " "))
+                ax.plot(
+                    xs,
+                    scores,
+                    marker=marker,
+                    markersize=5,
+                    linewidth=1,
+                    alpha=0.75,
+                    label=category.replace("_", " "),
+                )
             ax.set_ylim(-0.05, 1.05)
             ax.set_ylabel("score")
-            ax.set_title(f"code probes {rows[0]['probes']['probe_set']} (higher is better)", loc="left",
-                         fontsize=10)
+            ax.set_title(
+                f"code probes {rows[0]['probes']['probe_set']} (higher is better)", loc="left", fontsize=10
+            )
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
         ax.grid(True, alpha=0.3)
     last = axes[-1, 0]

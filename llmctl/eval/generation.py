@@ -102,8 +102,9 @@ def write_completions(path: Path, task_ids: Sequence[str], generated: GeneratedC
     return path
 
 
-def sampling_summary(config: GenerationConfig, n_samples: int, batch_size: int,
-                     generated: GeneratedCompletions) -> dict[str, Any]:
+def sampling_summary(
+    config: GenerationConfig, n_samples: int, batch_size: int, generated: GeneratedCompletions
+) -> dict[str, Any]:
     """How the completions were made, for an eval's summary."""
     return {
         "n_samples": n_samples,

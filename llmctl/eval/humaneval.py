@@ -48,7 +48,7 @@ INSTALL_HINT = "pip install 'llmctl[eval]'"
 def truncate_completion(completion: str, stop_sequences: Sequence[str] = STOP_SEQUENCES) -> str:
     """The completion up to the first stop sequence (the generation side cuts with this too)."""
     cuts = [index for stop in stop_sequences if (index := completion.find(stop)) != -1]
-    return completion[:min(cuts, default=len(completion))]
+    return completion[: min(cuts, default=len(completion))]
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,17 @@ def load_problems(path: Path | None = None) -> list[Problem]:
             record = from_mbpp(record)
         missing = [key for key in PROBLEM_KEYS if not isinstance(record.get(key), str)]
         if missing:
-            raise UsageError(f"line {line_number} of {path} lacks {', '.join(missing)}: a problem needs "
-                             f"{', '.join(PROBLEM_KEYS)} (text), as in HumanEval")
+            raise UsageError(
+                f"line {line_number} of {path} lacks {', '.join(missing)}: a problem needs "
+                f"{', '.join(PROBLEM_KEYS)} (text), as in HumanEval"
+            )
         if record["task_id"] in problems:
             raise UsageError(f"line {line_number} of {path} repeats task id '{record['task_id']}'")
         problems[record["task_id"]] = Problem(
-            record["task_id"], record["prompt"], record["entry_point"], record["test"],
+            record["task_id"],
+            record["prompt"],
+            record["entry_point"],
+            record["test"],
             record.get("canonical_solution") or "",
         )
     if not problems:
@@ -132,8 +137,11 @@ def _tested_function(assertion: str, reference: str) -> str:
     """In `assert set(f(x)) == ...` the tested function is f: called, and defined by the reference
     (or, without one, the first called name that is not a builtin)."""
     try:
-        called = [node.func.id for node in ast.walk(ast.parse(assertion))
-                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)]
+        called = [
+            node.func.id
+            for node in ast.walk(ast.parse(assertion))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        ]
     except SyntaxError as exc:
         raise UsageError(f"cannot read the MBPP test {assertion!r}: {exc.msg}") from None
     try:
@@ -154,12 +162,15 @@ def load_completions(path: Path, problems: list[Problem]) -> list[Sample]:
     for line_number, record in _read_jsonl(path, "completions file"):
         missing = [key for key in ("task_id", "completion") if key not in record]
         if missing:
-            raise UsageError(f"line {line_number} of {path} has no {' or '.join(missing)}: "
-                             'each line needs {"task_id": ..., "completion": ...}')
+            raise UsageError(
+                f"line {line_number} of {path} has no {' or '.join(missing)}: "
+                'each line needs {"task_id": ..., "completion": ...}'
+            )
         task_id, completion = record["task_id"], record["completion"]
         if not isinstance(completion, str):
-            raise UsageError(f"line {line_number} of {path}: the completion must be text, "
-                             f"not {type(completion).__name__}")
+            raise UsageError(
+                f"line {line_number} of {path}: the completion must be text, not {type(completion).__name__}"
+            )
         if task_id not in known:
             raise UsageError(
                 f"line {line_number} of {path}: unknown task id {task_id!r}; the problem set has "
@@ -222,8 +233,13 @@ class ProblemResult:
             "correct": self.correct,
             **{f"pass@{k}": pass_at_k(self.n, self.correct, k) for k in ks},
             "samples": [
-                {"completion_id": index, "passed": result.passed, "result": result.describe(),
-                 "seconds": round(result.seconds, 4), "completion": sample.completion}
+                {
+                    "completion_id": index,
+                    "passed": result.passed,
+                    "result": result.describe(),
+                    "seconds": round(result.seconds, 4),
+                    "completion": sample.completion,
+                }
                 for index, (sample, result) in enumerate(zip(self.samples, self.results, strict=True))
             ],
         }
@@ -311,11 +327,15 @@ def evaluate(
 
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {problem.task_id: [pool.submit(run, problem, sample) for sample in by_task[problem.task_id]]
-                   for problem in scored}
+        futures = {
+            problem.task_id: [pool.submit(run, problem, sample) for sample in by_task[problem.task_id]]
+            for problem in scored
+        }
         try:
-            results = [ProblemResult(task_id, by_task[task_id], [future.result() for future in task_futures])
-                       for task_id, task_futures in futures.items()]
+            results = [
+                ProblemResult(task_id, by_task[task_id], [future.result() for future in task_futures])
+                for task_id, task_futures in futures.items()
+            ]
         except BaseException:  # Ctrl-C or a sandbox failure: run nothing more, wait only for running ones
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -339,8 +359,12 @@ def write_results(report: HumanEvalReport, directory: Path, source: dict[str, st
     """
     directory.mkdir(parents=True, exist_ok=True)
     results_path, summary_path = directory / "problems.jsonl", directory / "summary.json"
-    summary = {**report.summary(), **source,
-               "results_file": str(results_path), "summary_file": str(summary_path)}
+    summary = {
+        **report.summary(),
+        **source,
+        "results_file": str(results_path),
+        "summary_file": str(summary_path),
+    }
     lines = (json.dumps(problem.as_dict(report.ks)) + "\n" for problem in report.problems)
     _write_atomic(results_path, "".join(lines))
     _write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")

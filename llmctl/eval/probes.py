@@ -62,8 +62,10 @@ class ProbeSet:
 
 def load_probe_set(path: Path = PROBE_FILE) -> ProbeSet:
     tree = json.loads(path.read_text(encoding="utf-8"))
-    groups = {name: [Probe(**record) for record in tree[name]]
-              for name in ("bracket", "keyword", "indentation", "functions")}
+    groups = {
+        name: [Probe(**record) for record in tree[name]]
+        for name in ("bracket", "keyword", "indentation", "functions")
+    }
     return ProbeSet(tree["version"], **groups)
 
 
@@ -155,8 +157,9 @@ def run_probes(
     results: list[ProbeResult] = []
 
     def continue_all(probes: list[Probe], config: GenerationConfig, stops: tuple[str, ...]) -> list[str]:
-        generated = generate_completions(engine, [probe.prompt for probe in probes], config,
-                                         batch_size=batch_size, stop_sequences=stops)
+        generated = generate_completions(
+            engine, [probe.prompt for probe in probes], config, batch_size=batch_size, stop_sequences=stops
+        )
         return [texts[0] for texts in generated.texts]
 
     for probe, text in zip(probe_set.bracket, continue_all(probe_set.bracket, LINE, ("\n",)), strict=True):
@@ -180,10 +183,14 @@ def run_function_tests(
 ) -> dict[str, bool]:
     """Whether each function probe that has a test passes it with the body given for it."""
     tested = [probe for probe in probe_set.functions if probe.test]
-    problems = [Problem(f"probe/{probe.name}", probe.prompt, probe.entry_point or probe.name,
-                        probe.test or "") for probe in tested]
-    samples = [Sample(problem.task_id, body_of[probe.name], line)
-               for line, (probe, problem) in enumerate(zip(tested, problems, strict=True), start=1)]
+    problems = [
+        Problem(f"probe/{probe.name}", probe.prompt, probe.entry_point or probe.name, probe.test or "")
+        for probe in tested
+    ]
+    samples = [
+        Sample(problem.task_id, body_of[probe.name], line)
+        for line, (probe, problem) in enumerate(zip(tested, problems, strict=True), start=1)
+    ]
     report = evaluate(problems, samples, ks=[1], limits=limits, workers=workers)
     return {probe.name: outcome.correct == 1 for probe, outcome in zip(tested, report.problems, strict=True)}
 

@@ -68,8 +68,12 @@ class SandboxProfile:
     drop_to: tuple[int, int] | None  # (uid, gid) the child switches to, when started as root
 
     def as_dict(self) -> dict[str, str | bool]:
-        return {"network_isolation": self.network_isolation, "process_isolation": self.process_isolation,
-                "user": self.user, "private_tmp": self.private_tmp}
+        return {
+            "network_isolation": self.network_isolation,
+            "process_isolation": self.process_isolation,
+            "user": self.user,
+            "private_tmp": self.private_tmp,
+        }
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,9 @@ def sandbox_profile() -> SandboxProfile:
     if os.name != "posix":
         raise SandboxError("the sandbox needs Linux (or another Unix); on Windows, run llmctl under WSL")
     drop_to = _nobody_ids() if os.geteuid() == 0 else None
-    findings = _start_and_collect({"probe": True, "drop_to": drop_to}, Path(tempfile.gettempdir()),
-                                  PROBE_TIMEOUT_S)[1]
+    findings = _start_and_collect(
+        {"probe": True, "drop_to": drop_to}, Path(tempfile.gettempdir()), PROBE_TIMEOUT_S
+    )[1]
     if not findings or "network_namespace" not in findings:
         raise SandboxError("the sandbox probe did not report; the sandbox needs Linux or another Unix")
     if drop_to and not findings["dropped_privileges"]:
@@ -159,10 +164,20 @@ def _start_and_collect(config: dict, workdir: Path, timeout_s: float) -> tuple[i
     try:
         try:
             child = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT),
-                 json.dumps({**config, "result_fd": write_fd})],
-                cwd=workdir, env=_child_environment(workdir), pass_fds=(write_fd,),
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    "-B",
+                    str(CHILD_SCRIPT),
+                    json.dumps({**config, "result_fd": write_fd}),
+                ],
+                cwd=workdir,
+                env=_child_environment(workdir),
+                pass_fds=(write_fd,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
                 start_new_session=True,  # its own session and process group: killable as one
             )
         finally:

@@ -65,15 +65,66 @@ LAZY_IMPORTS = {
 # session changes. `posix` holds the originals that `os` re-exports, so both are covered.
 DISABLED = {
     "os": (
-        "kill", "killpg", "system", "popen", "fork", "forkpty", "register_at_fork",
-        "execl", "execle", "execlp", "execlpe", "execv", "execve", "execvp", "execvpe",
-        "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
-        "posix_spawn", "posix_spawnp", "putenv", "unsetenv",
-        "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate",
-        "link", "symlink", "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "chflags",
-        "lchflags", "chroot", "chdir", "fchdir",
-        "setuid", "seteuid", "setreuid", "setresuid", "setgid", "setegid", "setregid", "setresgid",
-        "setgroups", "setsid", "setpgid", "setpgrp",
+        "kill",
+        "killpg",
+        "system",
+        "popen",
+        "fork",
+        "forkpty",
+        "register_at_fork",
+        "execl",
+        "execle",
+        "execlp",
+        "execlpe",
+        "execv",
+        "execve",
+        "execvp",
+        "execvpe",
+        "spawnl",
+        "spawnle",
+        "spawnlp",
+        "spawnlpe",
+        "spawnv",
+        "spawnve",
+        "spawnvp",
+        "spawnvpe",
+        "posix_spawn",
+        "posix_spawnp",
+        "putenv",
+        "unsetenv",
+        "remove",
+        "unlink",
+        "rmdir",
+        "removedirs",
+        "rename",
+        "renames",
+        "replace",
+        "truncate",
+        "link",
+        "symlink",
+        "chmod",
+        "fchmod",
+        "lchmod",
+        "chown",
+        "fchown",
+        "lchown",
+        "chflags",
+        "lchflags",
+        "chroot",
+        "chdir",
+        "fchdir",
+        "setuid",
+        "seteuid",
+        "setreuid",
+        "setresuid",
+        "setgid",
+        "setegid",
+        "setregid",
+        "setresgid",
+        "setgroups",
+        "setsid",
+        "setpgid",
+        "setpgrp",
     ),
     "shutil": ("rmtree", "move", "chown"),
     "subprocess": ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"),
@@ -113,13 +164,22 @@ def main() -> None:
 
 def probe(config: dict) -> dict:
     """What this machine allows: a network namespace, and (as root) dropping to `nobody`."""
-    findings = {"network_namespace": False, "pid_namespace": False, "private_tmp": False,
-                "dropped_privileges": False, "errors": []}
-    steps = [("network_namespace", lambda: in_a_child(lambda: enter_namespaces(CLONE_NEWNET))),
-             ("pid_namespace", lambda: in_a_child(probe_pid_namespace))]
+    findings = {
+        "network_namespace": False,
+        "pid_namespace": False,
+        "private_tmp": False,
+        "dropped_privileges": False,
+        "errors": [],
+    }
+    steps = [
+        ("network_namespace", lambda: in_a_child(lambda: enter_namespaces(CLONE_NEWNET))),
+        ("pid_namespace", lambda: in_a_child(probe_pid_namespace)),
+    ]
     if config.get("drop_to"):
-        steps += [("private_tmp", enter_private_tmp),
-                  ("dropped_privileges", lambda: drop_privileges(*config["drop_to"]))]
+        steps += [
+            ("private_tmp", enter_private_tmp),
+            ("dropped_privileges", lambda: drop_privileges(*config["drop_to"])),
+        ]
     for finding, step in steps:
         try:
             step()
@@ -137,7 +197,8 @@ def confine(config: dict, source: str) -> None:
     # The soft limit sends SIGXCPU, which kills; the hard one a second later sends SIGKILL.
     set_limit(resource.RLIMIT_CPU, config["cpu_s"], config["cpu_s"] + 1)
     namespaces = (CLONE_NEWNET if config["network_namespace"] else 0) | (
-        CLONE_NEWPID if config["pid_namespace"] else 0)
+        CLONE_NEWPID if config["pid_namespace"] else 0
+    )
     if namespaces:
         enter_namespaces(namespaces)
     if config["pid_namespace"]:
@@ -172,8 +233,11 @@ def enter_namespaces(flags: int) -> None:
         flags |= CLONE_NEWUSER
     if libc.unshare(flags) != 0:
         errno = ctypes.get_errno()
-        names = [name for name, bit in (("CLONE_NEWNET", CLONE_NEWNET), ("CLONE_NEWPID", CLONE_NEWPID))
-                 if flags & bit]
+        names = [
+            name
+            for name, bit in (("CLONE_NEWNET", CLONE_NEWNET), ("CLONE_NEWPID", CLONE_NEWPID))
+            if flags & bit
+        ]
         raise OSError(errno, f"unshare({' | '.join(names)}): {os.strerror(errno)}")
 
 

@@ -296,8 +296,9 @@ class Engine:
 
 
 @torch.inference_mode()
-def _sample(logits: torch.Tensor, penalties: Penalties, config: GenerationConfig,
-            generator: torch.Generator) -> torch.Tensor:
+def _sample(
+    logits: torch.Tensor, penalties: Penalties, config: GenerationConfig, generator: torch.Generator
+) -> torch.Tensor:
     tokens = choose_tokens(penalties.apply(logits), config, generator)
     penalties.record(tokens)
     return tokens
@@ -306,8 +307,15 @@ def _sample(logits: torch.Tensor, penalties: Penalties, config: GenerationConfig
 class _Row:
     """One sample of one prompt: its text so far and when it ends."""
 
-    def __init__(self, index: int, prompt: Prompt, sample: int, config: GenerationConfig, engine: Engine,
-                 stop_token_ids: set[int]):
+    def __init__(
+        self,
+        index: int,
+        prompt: Prompt,
+        sample: int,
+        config: GenerationConfig,
+        engine: Engine,
+        stop_token_ids: set[int],
+    ):
         self.index = index
         self.prompt = prompt
         self.sample = sample
@@ -371,7 +379,7 @@ class _Batch:
         columns = width + max(budgets) - 1
         self.tokens = torch.zeros(len(prompts), columns, dtype=torch.long, device=device)
         for row, ids in enumerate(prompts):
-            self.tokens[row, width - len(ids):width] = torch.tensor(ids, device=device)
+            self.tokens[row, width - len(ids) : width] = torch.tensor(ids, device=device)
         self.real = torch.arange(columns, device=device)[None] >= (width - lengths)[:, None]
         self.positions = (self.real.cumsum(dim=-1) - 1).clamp(min=0)
         self.padded = bool((lengths != width).any())

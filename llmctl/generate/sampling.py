@@ -21,8 +21,13 @@ class Penalties:
     tokens only, so a long prompt does not push the model off its own subject.
     """
 
-    def __init__(self, config: GenerationConfig, prompts: Sequence[Sequence[int]], vocab_size: int,
-                 device: torch.device):
+    def __init__(
+        self,
+        config: GenerationConfig,
+        prompts: Sequence[Sequence[int]],
+        vocab_size: int,
+        device: torch.device,
+    ):
         self.repetition = config.repetition_penalty
         self.presence = config.presence_penalty
         self.frequency = config.frequency_penalty

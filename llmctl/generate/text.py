@@ -34,20 +34,20 @@ class IncrementalDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        now = self.tokenizer.decode(self.ids[self.prefix:])
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        now = self.tokenizer.decode(self.ids[self.prefix :])
         # a trailing U+FFFD is a character whose remaining bytes have not been generated yet
         if len(now) <= len(before) or now.endswith(REPLACEMENT):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
-        return now[len(before):]
+        return now[len(before) :]
 
     def flush(self) -> str:
         """The text still held at the end; a character the tokens left unfinished is dropped."""
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        now = self.tokenizer.decode(self.ids[self.prefix:])
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        now = self.tokenizer.decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
-        return now[len(before):].rstrip(REPLACEMENT)
+        return now[len(before) :].rstrip(REPLACEMENT)
 
 
 class StopMatcher:
@@ -72,7 +72,7 @@ class StopMatcher:
             released, self.held = self.held[:cut], ""
             return released
         keep = self._longest_stop_prefix_suffix()
-        released, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
+        released, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
         return released
 
     def flush(self) -> str:

@@ -21,6 +21,7 @@ StateDict = Mapping[str, torch.Tensor]
 
 # ---------------------------------------------------------------- Llama
 
+
 def from_hf_llama_state_dict(state_dict: StateDict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """An HF LlamaForCausalLM state dict as one `Transformer(cfg).load_state_dict` accepts."""
     ours = {}

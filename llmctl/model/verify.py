@@ -119,5 +119,5 @@ def _greedy(model: nn.Module, ids: list[int], max_new_tokens: int, eot_id: int) 
             eos_token_id=eot_id,
             pad_token_id=eot_id,
         )
-    tokens = output[0, len(ids):].tolist()
+    tokens = output[0, len(ids) :].tolist()
     return tokens[: tokens.index(eot_id)] if eot_id in tokens else tokens

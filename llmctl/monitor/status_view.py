@@ -130,7 +130,7 @@ RUN_COLUMNS = (
     "best ckpt",
     "latest ckpt",
 )
-NUMERIC_COLUMNS = RUN_COLUMNS[RUN_COLUMNS.index("step"):]  # right-aligned: every column from step on
+NUMERIC_COLUMNS = RUN_COLUMNS[RUN_COLUMNS.index("step") :]  # right-aligned: every column from step on
 # Columns a narrow terminal gives up first: truncating every column a little helps no one.
 DROPPED_FIRST = ("latest ckpt", "bpb", "ppl", "done", "elapsed", "best ckpt", "stage")
 

@@ -67,7 +67,7 @@ PROTECTED_PREFIXES = ("/v1/", "/api/")
 # the page loads only its own files and talks only to this server
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; "
-                               "form-action 'none'; frame-ancestors 'none'",
+    "form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
@@ -86,8 +86,14 @@ class ServeSettings:
     limits: Limits = field(default_factory=Limits)
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
@@ -108,8 +114,12 @@ class ApiKeyGuard:
             scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
             # compare_digest takes as long for a near miss as for a wild guess
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
-                response = _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                response = _error(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -127,8 +137,12 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = _error(413, f"the request body is over this server's limit of {self.max_bytes} bytes "
-                                "(llmctl serve --max-body-bytes)", code="body_too_large")
+        too_large = _error(
+            413,
+            f"the request body is over this server's limit of {self.max_bytes} bytes "
+            "(llmctl serve --max-body-bytes)",
+            code="body_too_large",
+        )
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await too_large(scope, receive, send)
@@ -160,8 +174,11 @@ class EventStream(StreamingResponse):
     stop the generation and give the model back: its lock must never outlive the request."""
 
     def __init__(self, body: AsyncIterator[str], generation: Generation, lease: Lease):
-        super().__init__(body, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            body,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self.generation = generation
         self.lease = lease
 
@@ -186,8 +203,11 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]
     if len(first["loc"]) == 1:  # the body as a whole: FastAPI parses JSON only when it is labelled so
         return "the request body must be a JSON object, sent with 'Content-Type: application/json'", None
     # drop "body" and the union members pydantic names in the location ("str", "list[str]")
-    loc = [str(part) for part in first["loc"][1:] if str(part) not in ("str", "int", "float", "bool")
-           and "[" not in str(part)]
+    loc = [
+        str(part)
+        for part in first["loc"][1:]
+        if str(part) not in ("str", "int", "float", "bool") and "[" not in str(part)
+    ]
     param = ".".join(loc) or None
     if first["type"] == "extra_forbidden":
         return f"unrecognized request argument '{param}' (llmctl serve does not support it)", param
@@ -240,8 +260,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _card(entry: ModelEntry) -> ModelCard:
-    return ModelCard(id=entry.id, created=int(entry.created), run=entry.run, step=entry.step,
-                     val_loss=entry.val_loss)
+    return ModelCard(
+        id=entry.id, created=int(entry.created), run=entry.run, step=entry.step, val_loss=entry.val_loss
+    )
 
 
 def create_app(settings: ServeSettings, pool: ModelPool | None = None) -> FastAPI:
@@ -272,8 +293,9 @@ def create_app(settings: ServeSettings, pool: ModelPool | None = None) -> FastAP
     def get_model(model_id: str) -> ModelCard:
         return _card(describe(model_id, pool.resolve(model_id)))
 
-    async def generate(request: ChatCompletionRequest | CompletionRequest,
-                       plan_request: Callable[..., Plan]) -> tuple[Lease, Plan, Generation]:
+    async def generate(
+        request: ChatCompletionRequest | CompletionRequest, plan_request: Callable[..., Plan]
+    ) -> tuple[Lease, Plan, Generation]:
         """The request's model, held for this request, and its generation started."""
         path = await anyio.to_thread.run_sync(pool.resolve, request.model)
         lease = await pool.acquire(path)

@@ -41,10 +41,18 @@ from llmctl.serve.openai_schema import (
 log = logging.getLogger("llmctl.serve")
 
 # GenerationConfig field -> the request field that sets it, so errors name what the client sent
-REQUEST_NAMES = {"max_new_tokens": "max_tokens", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
-                 "temperature": "temperature", "repetition_penalty": "repetition_penalty",
-                 "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-                 "seed": "seed", "stop": "stop"}
+REQUEST_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "temperature": "temperature",
+    "repetition_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "seed": "seed",
+    "stop": "stop",
+}
 # the engine's finish reasons in OpenAI's words: a full context window also cut the text short
 FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length"}
 SYSTEM_ROLES = ("system", "developer")
@@ -53,8 +61,14 @@ SYSTEM_ROLES = ("system", "developer")
 class ApiError(Exception):
     """A request the server refuses, answered in OpenAI's error shape with `status`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status = status
         self.body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=code))
@@ -80,13 +94,18 @@ class Plan:
     echo: list[str] | None = None  # completions with echo: each prompt's text, put before its samples
 
 
-def generation_config(loaded: LoadedEngine, request: ChatCompletionRequest | CompletionRequest,
-                      limits: Limits) -> GenerationConfig:
+def generation_config(
+    loaded: LoadedEngine, request: ChatCompletionRequest | CompletionRequest, limits: Limits
+) -> GenerationConfig:
     overrides = request.sampling()
     asked = overrides["max_new_tokens"]
     if asked is not None and asked > limits.max_tokens:
-        raise ApiError(400, f"max_tokens {asked} is over this server's limit of {limits.max_tokens} "
-                            "(llmctl serve --max-tokens)", param="max_tokens")
+        raise ApiError(
+            400,
+            f"max_tokens {asked} is over this server's limit of {limits.max_tokens} "
+            "(llmctl serve --max-tokens)",
+            param="max_tokens",
+        )
     base = loaded.config.generation
     if base.max_new_tokens > limits.max_tokens:
         base = base.model_copy(update={"max_new_tokens": limits.max_tokens})
@@ -98,8 +117,12 @@ def generation_config(loaded: LoadedEngine, request: ChatCompletionRequest | Com
 
 def _check_samples(prompts: int, request: ChatCompletionRequest | CompletionRequest, limits: Limits) -> None:
     if prompts * request.n > limits.max_samples:
-        raise ApiError(400, f"{prompts} prompt(s) x n={request.n} is over this server's limit of "
-                            f"{limits.max_samples} samples per request", param="n")
+        raise ApiError(
+            400,
+            f"{prompts} prompt(s) x n={request.n} is over this server's limit of "
+            f"{limits.max_samples} samples per request",
+            param="n",
+        )
 
 
 def _refuse_switching(ref: str) -> LoadedEngine:
@@ -118,9 +141,13 @@ def plan_chat(loaded: LoadedEngine, request: ChatCompletionRequest, limits: Limi
     ids, _ = session.build_prompt(turns[-1]["content"])
     context = loaded.engine.context_length
     if len(ids) >= context:
-        raise ApiError(400, f"the last message (with the system prompt) is {len(ids)} tokens; this model's "
-                            f"context window is {context} tokens", param="messages",
-                       code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"the last message (with the system prompt) is {len(ids)} tokens; this model's "
+            f"context window is {context} tokens",
+            param="messages",
+            code="context_length_exceeded",
+        )
     return Plan([ids], config, request.n, session.stop_token_ids())
 
 
@@ -138,9 +165,13 @@ def plan_completion(loaded: LoadedEngine, request: CompletionRequest, limits: Li
         if any(token >= vocab for token in ids):
             raise ApiError(400, f"token ids must be below the vocabulary size, {vocab}", param="prompt")
         if len(ids) >= engine.context_length:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; this model's context window is "
-                                f"{engine.context_length} tokens", param="prompt",
-                           code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt is {len(ids)} tokens; this model's context window is "
+                f"{engine.context_length} tokens",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         token_lists.append(ids)
     echo = [engine.tokenizer.decode(ids) for ids in token_lists] if request.echo else None
     return Plan(token_lists, config, request.n, None, echo)
@@ -148,8 +179,9 @@ def plan_completion(loaded: LoadedEngine, request: CompletionRequest, limits: Li
 
 def start(loaded: LoadedEngine, plan: Plan) -> Generation:
     try:
-        return loaded.engine.stream(plan.prompts, plan.config, num_samples=plan.num_samples,
-                                    stop_token_ids=plan.stop_token_ids)
+        return loaded.engine.stream(
+            plan.prompts, plan.config, num_samples=plan.num_samples, stop_token_ids=plan.stop_token_ids
+        )
     except LlmctlError as exc:
         raise ApiError(400, exc.message) from None
 
@@ -175,8 +207,11 @@ def chat_response(model: str, generation: Generation) -> ChatCompletion:
         created=int(time.time()),
         model=model,
         choices=[
-            ChatChoice(index=_index(c, generation.num_samples), message=AssistantMessage(content=c.text),
-                       finish_reason=FINISH_REASONS[c.finish_reason])
+            ChatChoice(
+                index=_index(c, generation.num_samples),
+                message=AssistantMessage(content=c.text),
+                finish_reason=FINISH_REASONS[c.finish_reason],
+            )
             for c in completions
         ],
         usage=_usage(generation),
@@ -190,9 +225,11 @@ def completion_response(model: str, generation: Generation, echo: list[str] | No
         created=int(time.time()),
         model=model,
         choices=[
-            TextChoice(index=_index(c, generation.num_samples),
-                       text=(echo[c.prompt_index] if echo else "") + c.text,
-                       finish_reason=FINISH_REASONS[c.finish_reason])
+            TextChoice(
+                index=_index(c, generation.num_samples),
+                text=(echo[c.prompt_index] if echo else "") + c.text,
+                finish_reason=FINISH_REASONS[c.finish_reason],
+            )
             for c in completions
         ],
         usage=_usage(generation),
@@ -247,14 +284,17 @@ def chat_stream(model: str, generation: Generation, include_usage: bool) -> Asyn
             found.append(chunk([ChatChunkChoice(index=item.row, delta=Delta(), finish_reason=reason)]))
         return found
 
-    opening = [chunk([ChatChunkChoice(index=row, delta=Delta(role="assistant", content=""))])
-               for row in range(rows)]
-    return event_stream(generation, opening, events,
-                        lambda: [chunk([], _usage(generation))] if include_usage else [])
+    opening = [
+        chunk([ChatChunkChoice(index=row, delta=Delta(role="assistant", content=""))]) for row in range(rows)
+    ]
+    return event_stream(
+        generation, opening, events, lambda: [chunk([], _usage(generation))] if include_usage else []
+    )
 
 
-def completion_stream(model: str, generation: Generation, include_usage: bool,
-                      echo: list[str] | None) -> AsyncIterator[str]:
+def completion_stream(
+    model: str, generation: Generation, include_usage: bool, echo: list[str] | None
+) -> AsyncIterator[str]:
     stream_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(choices: list[TextChoice], usage: Usage | None = None) -> TextCompletion:
@@ -265,7 +305,11 @@ def completion_stream(model: str, generation: Generation, include_usage: bool,
         return [chunk([TextChoice(index=item.row, text=item.text, finish_reason=reason)])]
 
     rows = range(len(generation.prompts) * generation.num_samples)
-    opening = [chunk([TextChoice(index=row, text=echo[row // generation.num_samples])]) for row in rows] \
-        if echo else []
-    return event_stream(generation, opening, events,
-                        lambda: [chunk([], _usage(generation))] if include_usage else [])
+    opening = (
+        [chunk([TextChoice(index=row, text=echo[row // generation.num_samples])]) for row in rows]
+        if echo
+        else []
+    )
+    return event_stream(
+        generation, opening, events, lambda: [chunk([], _usage(generation))] if include_usage else []
+    )

@@ -62,18 +62,20 @@ class RunsView:
             watch.refresh()
             state = watch.state
             summary = state.summary(time.time())
-            return jsonable({
-                "run": name,
-                "state": summary["state"],
-                "step": summary["step"],
-                "max_steps": summary["max_steps"],
-                "progress": summary["progress"],
-                "eta_s": summary["eta_s"],
-                "train": summary["train"],
-                "last_eval": summary["last_eval"],
-                "best_eval": summary["best_eval"],
-                "checkpoints": state.checkpoint_count,
-                "train_loss": state.train_loss.points(),
-                "val_loss": state.val_loss.points(),
-                "lr": state.lr.points(),
-            })
+            return jsonable(
+                {
+                    "run": name,
+                    "state": summary["state"],
+                    "step": summary["step"],
+                    "max_steps": summary["max_steps"],
+                    "progress": summary["progress"],
+                    "eta_s": summary["eta_s"],
+                    "train": summary["train"],
+                    "last_eval": summary["last_eval"],
+                    "best_eval": summary["best_eval"],
+                    "checkpoints": state.checkpoint_count,
+                    "train_loss": state.train_loss.points(),
+                    "val_loss": state.val_loss.points(),
+                    "lr": state.lr.points(),
+                }
+            )

@@ -354,8 +354,12 @@ def make_plan(
     resume_from = None
     if not inspect_only:
         resume_from = check_run_name(
-            workspace, run, resume=options.resume, overwrite=options.overwrite,
-            fallback=options.fallback, warn=warn,
+            workspace,
+            run,
+            resume=options.resume,
+            overwrite=options.overwrite,
+            fallback=options.fallback,
+            warn=warn,
         )
 
     device = resolve_device(config.train.device)

@@ -316,8 +316,12 @@ def _check_run_name(
     if not (options.resume or check_new_run):
         return None
     checkpoint = check_run_name(
-        workspace, run, resume=options.resume, overwrite=options.overwrite,
-        fallback=options.fallback, warn=warn,
+        workspace,
+        run,
+        resume=options.resume,
+        overwrite=options.overwrite,
+        fallback=options.fallback,
+        warn=warn,
     )
     if checkpoint is not None:
         saved_sha = read_meta(checkpoint).get("tokenizer_sha256")

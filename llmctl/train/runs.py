@@ -88,7 +88,12 @@ def open_run(
         registry.update_run_meta(run, **meta, end_reason=None)
     else:
         registry.add_run(
-            run, stage, run_dir, corpus=corpus, tokenizer=tokenizer,
-            base_checkpoint=base_checkpoint, meta=meta,
+            run,
+            stage,
+            run_dir,
+            corpus=corpus,
+            tokenizer=tokenizer,
+            base_checkpoint=base_checkpoint,
+            meta=meta,
         )
     return run_dir
