@@ -200,7 +200,7 @@ def test_unknown_format_is_refused(cli, workspace_dir, tmp_path):
 
 
 def test_without_transformers_the_check_is_skipped_and_said(cli, workspace_dir, tmp_path, monkeypatch):
-    from llmctl.model import export
+    from llmctl.export import hf as export
 
     write_run_checkpoint(workspace_dir, "chat")
     monkeypatch.setattr(export, "transformers_available", lambda: False)

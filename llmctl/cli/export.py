@@ -34,7 +34,7 @@ def export(
     Then, in Python: AutoModelForCausalLM.from_pretrained("exports/code-base")
     """
     from llmctl.errors import UsageError
-    from llmctl.model.export import FORMATS, export_hf
+    from llmctl.export.hf import FORMATS, export_hf
 
     if export_format not in FORMATS:
         raise UsageError(f"unknown --format '{export_format}'; use {', '.join(FORMATS)}")

@@ -7,7 +7,7 @@
     DIR/generation_config.json    the checkpoint's sampling defaults and stop tokens
 
 An adapter checkpoint is merged into its base first. The directory is built under a temporary
-name and the round-trip check (llmctl.model.verify) runs there: only an export that passes is
+name and the round-trip check (llmctl.export.verify) runs there: only an export that passes is
 renamed to DIR, so a failed check leaves nothing that looks like a model.
 """
 
@@ -27,7 +27,7 @@ from llmctl.config import GenerationConfig, ModelConfig
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.model import hf
 from llmctl.model.transformer import Transformer
-from llmctl.model.verify import Verification, transformers_available, verify_export
+from llmctl.export.verify import Verification, transformers_available, verify_export
 from llmctl.tokenizer import END_OF_TURN_TOKEN, HF_TOKENIZER_CONFIG, TOKENIZER_FILE, LoadedTokenizer
 from llmctl.workspace import Workspace, atomic_dir
 
