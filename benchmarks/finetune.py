@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
+from llmctl.checkpoint.files import FullModelIO, write_checkpoint
 from llmctl.config import RunConfig, resolve_config
 from llmctl.events import read_events
 from llmctl.model.sizing import count_parameters, human_bytes, human_count
 from llmctl.model.transformer import Transformer
 from llmctl.tokenizer import build_byte_tokenizer
-from llmctl.train.checkpoint import FullModelIO, write_checkpoint
 
 METHODS = {"full": ["finetune"], "lora": ["finetune", "--lora"], "qlora": ["qlora"]}
 QUICK_SHAPE = [

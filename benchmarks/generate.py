@@ -163,9 +163,9 @@ def main() -> None:
 def export_engine_model(engine: Engine) -> Path:
     """The engine's model and tokenizer as a checkpoint, exported (and round-trip checked) for
     transformers; the export's directory."""
+    from llmctl.checkpoint.files import FullModelIO, write_checkpoint
     from llmctl.config import RunConfig
     from llmctl.export.hf import export_hf
-    from llmctl.train.checkpoint import FullModelIO, write_checkpoint
     from llmctl.workspace import Workspace
 
     directory = scratch_dir("llmctl-bench-export-")

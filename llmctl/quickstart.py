@@ -278,7 +278,7 @@ def _evaluate(workspace: Workspace, step: Step) -> None:
     """Bits per byte on the code corpus's validation split and the code probes, of the pretrained
     model (the finetune's own validation loss is in its figures); recorded against its checkpoint
     as `llmctl eval` records them."""
-    from llmctl.checkpoints import load_model
+    from llmctl.checkpoint.load import load_model
     from llmctl.data.store import CorpusStore
     from llmctl.eval.perplexity import measure_perplexity
     from llmctl.eval.probes import run_probes

@@ -301,8 +301,55 @@ class Workspace:
     def tokenizer_dir(self, name: str) -> Path:
         return self.root / "tokenizers" / name
 
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
     def run_dir(self, name: str) -> Path:
-        return self.root / "runs" / name
+        return self.runs_dir / name
+
+
+# ---------------------------------------------------------------- a run's layout
+#
+#   runs/<run>/config.yaml                      the resolved RunConfig
+#   runs/<run>/events.jsonl                     the event stream
+#   runs/<run>/checkpoints/step-00001000/       one checkpoint per step
+#
+# Spelled here only: the trainer writes it, and monitor, serve, eval and merge read it.
+
+RUN_CONFIG = "config.yaml"
+EVENTS_FILE = "events.jsonl"
+CHECKPOINTS_DIRNAME = "checkpoints"
+_STEP_PREFIX = "step-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{_STEP_PREFIX}{step:08d}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint directory's name holds; None for any other name (staging ones too)."""
+    digits = path.name.removeprefix(_STEP_PREFIX)
+    return int(digits) if path.name.startswith(_STEP_PREFIX) and digits.isdigit() else None
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS_DIRNAME / checkpoint_name(step)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's checkpoint directories, oldest first. Staging directories (dot names) are skipped:
+    a directory under a step name was renamed into place whole."""
+    root = run_dir / CHECKPOINTS_DIRNAME
+    if not root.is_dir():
+        return []
+    found = [path for path in root.iterdir() if path.is_dir() and checkpoint_step(path) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run directory holding `checkpoint`, or None for a checkpoint copied elsewhere."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS_DIRNAME else None
 
 
 @contextlib.contextmanager

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from pretrain_helpers import build_template, one_thread
 
+from llmctl.checkpoint.files import FullModelIO, read_config, write_checkpoint
 from llmctl.cli.main import main
 from llmctl.model.transformer import Transformer
-from llmctl.train.checkpoint import FullModelIO, checkpoint_name, read_config, write_checkpoint
+from llmctl.workspace import checkpoint_name
 
 RUN = "base"
 STEPS = 150

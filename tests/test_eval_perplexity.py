@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from eval_helpers import RUN, STEPS, trained_workspace, untrained_checkpoint
 from pretrain_helpers import one_thread
 
-from llmctl.checkpoints import load_model
+from llmctl.checkpoint.load import load_model
 from llmctl.eval.perplexity import bits_per_byte, measure_perplexity, sliding_spans
 from llmctl.workspace import Workspace
 

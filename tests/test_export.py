@@ -14,7 +14,7 @@ from hf_helpers import hf_greedy, save_llama_dir
 from pretrain_helpers import BASE
 from tiny_checkpoints import write_run_checkpoint
 
-from llmctl.checkpoints import load_model
+from llmctl.checkpoint.load import load_model
 from llmctl.config import GenerationConfig, ModelConfig
 from llmctl.generate import Engine
 from llmctl.model import hf

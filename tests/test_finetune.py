@@ -14,8 +14,9 @@ from finetune_helpers import QUICK, TASK, exact_match, write_jsonl
 from pretrain_helpers import events_of, llmctl_process, nothing_written, one_thread, wait_for_event
 from safetensors.torch import load_file
 
-from llmctl.checkpoints import load_model, resolve_model_ref
-from llmctl.train import adapters
+from llmctl.checkpoint import load as loader
+from llmctl.checkpoint.load import load_model
+from llmctl.checkpoint.refs import resolve_model_ref
 from llmctl.train.finetune import FinetuneOptions, build_trainer, make_plan, start_finetune_run
 from llmctl.workspace import Workspace
 
@@ -95,9 +96,7 @@ def test_lora_learns_trains_few_parameters_and_saves_in_peft_format(base_workspa
         assert all("lora_" in name for name in load_file(checkpoint / "adapter_model.safetensors"))
 
         # save -> load: the base with the adapter read back computes exactly what training left
-        reloaded = adapters.load_adapter(
-            adapters.load_checkpoint_model(resolve_model_ref(ws, "base")), checkpoint
-        )
+        reloaded = loader.load_adapter(loader.load_weights(resolve_model_ref(ws, "base")), checkpoint)
         ids = torch.randint(0, plan.tokenizer.vocab_size, (2, 40))
         trainer.model.eval()
         assert torch.equal(trainer.model(ids), reloaded.eval()(ids))
@@ -178,7 +177,7 @@ def test_classification_reaches_high_accuracy(ft, base_workspace, tmp_path):
     checkpoint = resolve_model_ref(Workspace(base_workspace), "clf")
     meta = json.loads((checkpoint / "meta.json").read_text())
     assert meta["task"] == "classify" and meta["labels"] == ["ham", "spam"]
-    classifier = adapters.load_checkpoint_model(checkpoint).eval()
+    classifier = loader.load_weights(checkpoint).eval()
     from llmctl.data.sft import collate_classification, encode_classification
     from llmctl.tokenizer import load_tokenizer_file
 
@@ -262,10 +261,10 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(ft, base_workspace, tm
 def test_a_base_without_chat_tokens_asks_for_a_plain_prompt_style(ft, base_workspace, tmp_path):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+    from llmctl.checkpoint.files import FullModelIO, write_checkpoint
     from llmctl.config import ModelConfig, RunConfig
     from llmctl.model.transformer import Transformer
     from llmctl.tokenizer import EOT_TOKEN, byte_to_unicode
-    from llmctl.train.checkpoint import FullModelIO, write_checkpoint
 
     vocab = {EOT_TOKEN: 0, **{char: 1 + byte for byte, char in byte_to_unicode().items()}}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))

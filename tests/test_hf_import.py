@@ -11,11 +11,11 @@ import pytest
 import torch
 from hf_helpers import PROMPTS, hf_greedy, save_llama_dir
 
-from llmctl.checkpoints import load_model
+from llmctl.checkpoint.files import read_meta
+from llmctl.checkpoint.load import load_model
 from llmctl.config import GenerationConfig
 from llmctl.errors import LlmctlError
 from llmctl.generate import Engine
-from llmctl.train.checkpoint import read_meta
 from llmctl.workspace import Workspace
 
 pytest.importorskip("transformers")

@@ -9,9 +9,10 @@ import pytest
 import torch
 from finetune_helpers import QUICK
 
-from llmctl.checkpoints import load_model, resolve_model_ref
-from llmctl.train import adapters
-from llmctl.train.checkpoint import read_config
+from llmctl.checkpoint import load as loader
+from llmctl.checkpoint.files import read_config
+from llmctl.checkpoint.load import load_model
+from llmctl.checkpoint.refs import resolve_model_ref
 from llmctl.workspace import Workspace
 
 pytest_plugins = ["finetune_fixtures"]
@@ -53,17 +54,15 @@ def test_merged_logits_equal_base_plus_adapter(ft, base_workspace, command, run)
     adapter_dir = resolve_model_ref(ws, run)
     base_dir = resolve_model_ref(ws, "base")
     if command == "qlora":  # the base as the adapter trained on it: 4-bit layers computing in fp32
-        base = adapters.load_quantized_base(base_dir, read_config(adapter_dir), torch.device("cpu"))
+        base = loader.load_quantized_base(base_dir, read_config(adapter_dir), torch.device("cpu"))
     else:
-        base = adapters.load_checkpoint_model(base_dir)
-    unmerged = adapters.load_adapter(base, adapter_dir).eval()
+        base = loader.load_weights(base_dir)
+    unmerged = loader.load_adapter(base, adapter_dir).eval()
     folded = load_model(ws, f"{run}-merged")
     ids = torch.randint(0, folded.tokenizer.vocab_size, (2, 48))
     with torch.no_grad():
         expected, actual = unmerged(ids), folded.model(ids)
-        assert not torch.allclose(
-            expected, adapters.load_checkpoint_model(base_dir)(ids), atol=1e-3
-        )  # it trained
+        assert not torch.allclose(expected, loader.load_weights(base_dir)(ids), atol=1e-3)  # it trained
     assert torch.allclose(actual, expected, atol=1e-4, rtol=1e-4)
 
     meta = json.loads((folded.path / "meta.json").read_text())

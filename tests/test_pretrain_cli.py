@@ -20,7 +20,8 @@ from pretrain_helpers import (
 )
 from safetensors.torch import load_file
 
-from llmctl.checkpoints import load_model, resolve_model_ref
+from llmctl.checkpoint.load import load_model
+from llmctl.checkpoint.refs import resolve_model_ref
 from llmctl.errors import UsageError
 from llmctl.workspace import Workspace
 

@@ -11,7 +11,8 @@ import bitsandbytes as bnb
 from finetune_helpers import QUICK, exact_match
 from pretrain_helpers import nothing_written
 
-from llmctl.checkpoints import load_model, resolve_model_ref
+from llmctl.checkpoint.load import load_model
+from llmctl.checkpoint.refs import resolve_model_ref
 from llmctl.train.finetune import FinetuneOptions, build_model, make_plan
 from llmctl.workspace import Workspace
 

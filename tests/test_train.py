@@ -10,25 +10,25 @@ import numpy as np
 import pytest
 import torch
 
+from llmctl.checkpoint.files import (
+    CheckpointError,
+    FullModelIO,
+    load_trainer_state,
+    read_meta,
+    select_resume_checkpoint,
+    write_checkpoint,
+)
 from llmctl.config import ModelConfig, RunConfig, TrainConfig
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.events import read_events
 from llmctl.model.transformer import Transformer
 from llmctl.train.batches import TokenWindows
-from llmctl.train.checkpoint import (
-    CheckpointError,
-    FullModelIO,
-    capture_rng_state,
-    load_trainer_state,
-    read_meta,
-    restore_rng_state,
-    select_resume_checkpoint,
-    write_checkpoint,
-)
+from llmctl.train.losses import lm_loss
 from llmctl.train.mfu import gpu_peak_flops
 from llmctl.train.optim import CosineSchedule, param_groups
 from llmctl.train.precision import Precision, resolve_precision
-from llmctl.train.trainer import NONFINITE_STOP_AFTER, RunInfo, Trainer, lm_loss
+from llmctl.train.rng import capture_rng_state, restore_rng_state
+from llmctl.train.trainer import NONFINITE_STOP_AFTER, RunInfo, Trainer
 
 
 @pytest.fixture(autouse=True)

@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 
 from llmctl.chat import CODE_SYSTEM_PROMPT
+from llmctl.checkpoint.files import FullModelIO, write_checkpoint
 from llmctl.config import GenerationConfig, ModelConfig, RunConfig
 from llmctl.model.transformer import Transformer
 from llmctl.tokenizer import EOT_TOKEN, build_byte_tokenizer, render_chat
-from llmctl.train.checkpoint import FullModelIO, checkpoint_name, write_checkpoint
+from llmctl.workspace import checkpoint_name
 
 GREETING = "Hello! Ask me about code."
 ADD_REPLY = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```"

@@ -43,7 +43,7 @@ def perplexity(
     """
     import torch
 
-    from llmctl.checkpoints import load_model
+    from llmctl.checkpoint.load import load_model
     from llmctl.eval.perplexity import measure_perplexity, text_source
     from llmctl.eval.results import describe_checkpoint, record
     from llmctl.generate import resolve_device

@@ -22,14 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmctl.data import instruct
+from llmctl.data import IGNORE_INDEX, instruct
 from llmctl.data.sources import Skip
 from llmctl.data.store import CorpusStore
 from llmctl.errors import UsageError
 from llmctl.tokenizer import CHAT_SPECIAL_TOKENS, END_OF_TURN_TOKEN, LoadedTokenizer
 from llmctl.workspace import Workspace
 
-IGNORE_INDEX = -100  # the trainer's label for "no loss here" (llmctl.train.batches)
 PROMPT_STYLES = ("chat", "alpaca", "problem-solution")
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "

@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from llmctl.checkpoints import resolve_model_ref
+from llmctl.checkpoint.files import read_config, read_meta
+from llmctl.checkpoint.load import load_weights as load_checkpoint_model
+from llmctl.checkpoint.refs import resolve_model_ref
 from llmctl.data import sft
 from llmctl.errors import UsageError
 from llmctl.eval.results import describe_checkpoint
+from llmctl.model.classifier import TASK, predict
 from llmctl.tokenizer import load_tokenizer_file
-from llmctl.train.adapters import load_checkpoint_model
-from llmctl.train.checkpoint import read_config, read_meta
-from llmctl.train.classify import TASK, predict
 from llmctl.workspace import Workspace
 
 SPLITS = ("val", "train", "all")

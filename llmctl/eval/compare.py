@@ -13,14 +13,14 @@ from typing import Any
 
 import torch
 
-from llmctl.checkpoints import load_model, resolve_model_ref
+from llmctl.checkpoint.load import load_model
+from llmctl.checkpoint.refs import resolve_model_ref
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.eval.perplexity import measure_perplexity, name_source
 from llmctl.eval.probes import run_probes
 from llmctl.eval.results import describe_checkpoint, record
 from llmctl.generate import Engine, resolve_device, resolve_dtype
-from llmctl.train.checkpoint import checkpoint_step, list_checkpoints
-from llmctl.workspace import Workspace
+from llmctl.workspace import Workspace, checkpoint_step, list_checkpoints
 
 EVALS = ("perplexity", "probes")
 

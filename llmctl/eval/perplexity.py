@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from llmctl.data.store import CorpusStore
 from llmctl.errors import UsageError
+from llmctl.model.sizing import bits_per_byte
 from llmctl.model.transformer import Transformer
 from llmctl.tokenizer import LoadedTokenizer
 from llmctl.workspace import Workspace
@@ -34,15 +35,6 @@ from llmctl.workspace import Workspace
 DOCUMENTS_PER_GROUP = 256
 # Scored positions whose logits are computed at once: bounds memory at rows x vocabulary floats.
 LOGIT_ROWS = 2048
-
-
-def bits_per_byte(nats: float, n_bytes: float) -> float:
-    """Bits per UTF-8 byte of text whose tokens cost `nats` in all: nats / bytes / ln 2.
-
-    The one definition in llmctl (the trainer's val_bpb uses it too). Means work as well as
-    totals: mean nats per token over mean bytes per token gives the same figure.
-    """
-    return nats / n_bytes / math.log(2)
 
 
 @dataclass(frozen=True)

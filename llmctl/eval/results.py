@@ -15,7 +15,7 @@ from llmctl.workspace import Workspace
 
 
 def describe_checkpoint(workspace: Workspace, ref: str, path: Path) -> dict[str, Any]:
-    from llmctl.train.checkpoint import read_meta  # a Hugging Face model directory has no meta.json
+    from llmctl.checkpoint.files import read_meta
 
     row = checkpoint_row(workspace, path)
     meta = read_meta(path)

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from llmctl.checkpoints import load_model
+from llmctl.checkpoint.load import load_model
 from llmctl.config import GenerationConfig, ModelConfig
 from llmctl.errors import LlmctlError, UsageError
+from llmctl.export.verify import Verification, transformers_available, verify_export
 from llmctl.model import hf
 from llmctl.model.transformer import Transformer
-from llmctl.export.verify import Verification, transformers_available, verify_export
 from llmctl.tokenizer import END_OF_TURN_TOKEN, HF_TOKENIZER_CONFIG, TOKENIZER_FILE, LoadedTokenizer
 from llmctl.workspace import Workspace, atomic_dir
 

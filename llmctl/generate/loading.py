@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from llmctl.checkpoints import load_model
+from llmctl.checkpoint.load import load_model
 from llmctl.config import GenerationConfig, RunConfig
 from llmctl.errors import UsageError
 from llmctl.generate.engine import Engine, resolve_device, resolve_dtype

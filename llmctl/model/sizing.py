@@ -6,6 +6,7 @@ the memory figures are estimates for planning a run before launching it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from llmctl.config import ModelConfig, TrainConfig
@@ -98,3 +99,12 @@ def human_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.1f} {unit}"
     return f"{int(n)} B"
+
+
+def bits_per_byte(nats: float, n_bytes: float) -> float:
+    """Bits per UTF-8 byte of text whose tokens cost `nats` in all: nats / bytes / ln 2.
+
+    The one definition in llmctl (the trainer's val_bpb and eval perplexity use it). Means work as
+    well as totals: mean nats per token over mean bytes per token gives the same figure.
+    """
+    return nats / n_bytes / math.log(2)

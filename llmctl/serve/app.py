@@ -332,8 +332,8 @@ def create_app(settings: ServeSettings, pool: ModelPool | None = None) -> FastAP
 
     @app.get("/api/models/{model_id:path}")
     def model_detail(model_id: str) -> dict[str, Any]:
+        from llmctl.checkpoint.files import read_config
         from llmctl.tokenizer import load_tokenizer_file
-        from llmctl.train.checkpoint import read_config
 
         path = pool.resolve(model_id)
         entry = describe(model_id, path)

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import anyio
 
-from llmctl.checkpoints import resolve_model_ref
+from llmctl.checkpoint.files import read_meta
+from llmctl.checkpoint.refs import resolve_model_ref
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.generate import LoadedEngine
 from llmctl.monitor.runs import known_runs
-from llmctl.train.checkpoint import checkpoint_step, list_checkpoints, read_meta
-from llmctl.workspace import Workspace, check_name
+from llmctl.workspace import Workspace, check_name, checkpoint_step, list_checkpoints
 
 
 class ModelNotFound(UsageError):

@@ -13,7 +13,6 @@ from typing import Protocol
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
 MODEL_INPUTS = ("position_ids", "doc_ids", "attn_mask")
 
 Batch = dict[str, torch.Tensor]

@@ -24,10 +24,15 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from llmctl.checkpoints import resolve_model_ref
+from llmctl.checkpoint import load as loader
+from llmctl.checkpoint.files import AdapterModelIO, FullModelIO, read_config, read_meta, write_checkpoint
+from llmctl.checkpoint.refs import resolve_model_ref
 from llmctl.config import RunConfig, load_yaml_file, parse_assignment, resolve_config
 from llmctl.data import sft
 from llmctl.errors import LlmctlError, UsageError
+from llmctl.model import lora as lora_model
+from llmctl.model import quantize
+from llmctl.model.classifier import TASK, classifier_from
 from llmctl.model.sizing import (
     MemoryEstimate,
     count_parameters,
@@ -37,17 +42,9 @@ from llmctl.model.sizing import (
 )
 from llmctl.model.transformer import Attention, Transformer
 from llmctl.tokenizer import END_OF_TURN_TOKEN, LoadedTokenizer, load_tokenizer_file
-from llmctl.train import adapters
-from llmctl.train.checkpoint import (
-    FullModelIO,
-    checkpoint_name,
-    read_config,
-    read_meta,
-    write_checkpoint,
-)
-from llmctl.train.classify import TASK, classifier_from, classify_loss
 from llmctl.train.distributed import DistEnv, seed_per_rank
-from llmctl.train.optim import build_optimizer
+from llmctl.train.losses import classify_loss, lm_loss
+from llmctl.train.optim import build_optimizer, paged_adamw_8bit
 from llmctl.train.precision import (
     Precision,
     describe_device,
@@ -58,8 +55,8 @@ from llmctl.train.precision import (
 )
 from llmctl.train.pretrain import SAMPLE_MAX_NEW_TOKENS
 from llmctl.train.runs import RunOptions, check_run_name, open_run
-from llmctl.train.trainer import RunInfo, Sampler, Trainer, lm_loss, planned_steps
-from llmctl.workspace import Workspace, check_name
+from llmctl.train.trainer import RunInfo, Sampler, Trainer, planned_steps
+from llmctl.workspace import Workspace, check_name, checkpoint_name
 
 TASKS = ("sft", TASK)
 # Finetuning starts from trained weights: a short warmup, a lower rate than pretraining (higher for
@@ -343,9 +340,9 @@ def make_plan(
     data = sft.open_data(workspace, config.data.corpus)
     if config.adapter.enabled:
         with torch.device("meta"):
-            adapters.check_targets(Transformer(config.model), list(config.adapter.targets))
+            lora_model.check_targets(Transformer(config.model), list(config.adapter.targets))
     if config.adapter.quantize == "nf4" and not inspect_only:
-        adapters.require_bitsandbytes(resolve_device(config.train.device))
+        quantize.require_bitsandbytes(resolve_device(config.train.device))
 
     run = (
         options.run
@@ -416,7 +413,7 @@ def _size(plan: FinetunePlan) -> None:
     head = cfg.model.d_model * len(plan.labels) if plan.labels else 0
     with torch.device("meta"):
         shape = Transformer(cfg.model)
-    lora = adapters.lora_parameter_count(shape, cfg.adapter) if plan.adapter else 0
+    lora = lora_model.lora_parameter_count(shape, cfg.adapter) if plan.adapter else 0
     plan.params = params + head + lora
     plan.trainable = lora + head if plan.adapter else params + head
     plan.flops_per_token = flops_per_token(cfg.model, params) - (2 * params if plan.adapter else 0)
@@ -425,8 +422,8 @@ def _size(plan: FinetunePlan) -> None:
     mixed = plan.precision.name != "fp32"
     full_bytes = 4 * plan.params
     if cfg.adapter.quantize == "nf4":
-        quantized, kept = adapters.count_quantized(shape)
-        weight_bytes = quantized * adapters.NF4_BITS_PER_WEIGHT / 8 + 4 * (kept + head + lora)
+        quantized, kept = quantize.count_quantized(shape)
+        weight_bytes = quantized * quantize.NF4_BITS_PER_WEIGHT / 8 + 4 * (kept + head + lora)
         plan.unquantized_memory = estimate_training_memory(
             cfg.model, cfg.train, plan.trainable, full_bytes / params, mixed
         )
@@ -563,16 +560,16 @@ def build_model(plan: FinetunePlan) -> nn.Module:
     quantize = cfg.adapter.quantize == "nf4"
     base_is_full = read_meta(plan.base_path).get("kind", "full") == "full"
     if quantize and plan.task != TASK and base_is_full:
-        model = adapters.load_quantized_base(plan.base_path, cfg, plan.device)
+        model = loader.load_quantized_base(plan.base_path, cfg, plan.device)
     else:
-        model = adapters.load_checkpoint_model(plan.base_path)
+        model = loader.load_weights(plan.base_path)
         if plan.task == TASK:
             model = classifier_from(model, len(plan.labels))
         if quantize:
-            adapters.quantize_model(model, plan.device)
+            quantize.quantize_model(model, plan.device)
     set_dropout(model, cfg.model.dropout)
     if cfg.adapter.enabled:
-        model = adapters.apply_lora(model, cfg.adapter, plan.base_path)
+        model = lora_model.apply_lora(model, cfg.adapter, plan.base_path)
     return model
 
 
@@ -666,8 +663,8 @@ def build_trainer(
         compile_model=plan.compile,
         dist_env=dist,
         loss_fn=classify_loss if plan.task == TASK else lm_loss,
-        model_io=adapters.AdapterModelIO() if plan.adapter else FullModelIO(),
-        optimizer_factory=adapters.paged_adamw_8bit if _paged_optimizer(plan) else build_optimizer,
+        model_io=AdapterModelIO() if plan.adapter else FullModelIO(),
+        optimizer_factory=paged_adamw_8bit if _paged_optimizer(plan) else build_optimizer,
         flops_per_token=plan.flops_per_token,
         sampler=sft_sampler(plan),
         console=console,
@@ -747,14 +744,14 @@ def merge_to_run(workspace: Workspace, ref: str, run: str, overwrite: bool = Fal
         raise UsageError(
             f"'{ref}' is a full checkpoint; merge takes an adapter (a finetune --lora or qlora run)"
         )
-    base_path = adapters.base_of(meta, adapter_path)
+    base_path = loader.base_of(meta, adapter_path)
     registry = workspace.registry()
     run_dir = workspace.run_dir(run)
     if (run_dir.exists() or registry.run(run) is not None) and not overwrite:
         raise UsageError(f"run '{run}' already exists; pick another name or pass --overwrite")
     config = read_config(adapter_path)
     quantized = config.adapter.quantize == "nf4"
-    model = adapters.load_checkpoint_model(adapter_path, meta)
+    model = loader.load_weights(adapter_path, meta)
     config.adapter.enabled, config.adapter.quantize = False, "none"
 
     if overwrite:

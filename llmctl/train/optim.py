@@ -79,3 +79,14 @@ class CosineSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         self.step_index = int(state["step_index"])
+
+
+def paged_adamw_8bit(model: nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """bitsandbytes' paged 8-bit AdamW (CUDA only): 8-bit moments, paged to host memory under pressure."""
+    from llmctl.model.quantize import quiet_bitsandbytes_import
+
+    quiet_bitsandbytes_import()
+    import bitsandbytes as bnb
+
+    groups = [group for group in param_groups(model, train.weight_decay) if group["params"]]
+    return bnb.optim.PagedAdamW8bit(groups, lr=train.lr, betas=(train.beta1, train.beta2))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from llmctl.checkpoint.files import read_meta
 from llmctl.config import GenerationConfig, RunConfig, load_yaml_file, parse_assignment, resolve_config
 from llmctl.data.store import CorpusStore
 from llmctl.data.tokencache import TokenCache, build_token_cache, load_token_cache
@@ -32,7 +33,6 @@ from llmctl.model.transformer import Transformer
 from llmctl.tokenizer import LoadedTokenizer, load_tokenizer
 from llmctl.train import distributed
 from llmctl.train.batches import TokenWindows
-from llmctl.train.checkpoint import read_meta
 from llmctl.train.distributed import DistEnv, seed_per_rank
 from llmctl.train.precision import (
     Precision,

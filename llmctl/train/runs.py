@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmctl.checkpoint.files import select_resume_checkpoint
 from llmctl.config import RunConfig
 from llmctl.errors import UsageError
-from llmctl.train.checkpoint import select_resume_checkpoint
 from llmctl.workspace import Workspace
 
 

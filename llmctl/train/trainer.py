@@ -24,34 +24,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from llmctl.config import RunConfig, TrainConfig
-from llmctl.eval.perplexity import bits_per_byte
-from llmctl.events import EventWriter
-from llmctl.train import distributed
-from llmctl.train.batches import IGNORE_INDEX, MODEL_INPUTS, Batch, BatchSource
-from llmctl.train.checkpoint import (
-    CHECKPOINTS_DIRNAME,
+from llmctl.checkpoint.files import (
     FullModelIO,
     ModelIO,
-    capture_rng_state,
-    checkpoint_name,
-    checkpoint_step,
-    list_checkpoints,
     load_trainer_state,
     read_meta,
-    restore_rng_state,
     write_checkpoint,
 )
+from llmctl.config import RunConfig, TrainConfig
+from llmctl.events import EventWriter
+from llmctl.model.sizing import bits_per_byte
+from llmctl.train import distributed
+from llmctl.train.batches import BatchSource
 from llmctl.train.distributed import DistEnv
+from llmctl.train.losses import LossFn, lm_loss
 from llmctl.train.mfu import peak_flops
 from llmctl.train.optim import CosineSchedule, build_optimizer
 from llmctl.train.precision import Precision, describe_device, device_memory_bytes
 from llmctl.train.progress import ProgressLine
-from llmctl.workspace import Registry
+from llmctl.train.rng import capture_rng_state, restore_rng_state
+from llmctl.workspace import EVENTS_FILE, Registry, checkpoint_dir, checkpoint_step, list_checkpoints
 
 NONFINITE_STOP_AFTER = 3  # non-finite steps in a row before the run stops
 HEARTBEAT_S = 30.0
@@ -60,33 +55,10 @@ HEARTBEAT_S = 30.0
 EXIT_CODES = {"finished": 0, "max_time": 0, "max_tokens": 0, "early_stopping": 0, "nonfinite_loss": 1}
 
 
-# ---------------------------------------------------------------- losses
-
-
-@dataclass
-class LossResult:
-    """A micro-batch's mean loss over `count` items (tokens, or examples for classification), and
-    optional summed figures (`correct`, say) that evaluation reports as `val_<name>` per item."""
-
-    loss: torch.Tensor
-    count: torch.Tensor | int
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-LossFn = Callable[[nn.Module, Batch], LossResult]
 # builds the optimizer over the model's trainable parameters (QLoRA brings bitsandbytes' paged AdamW)
 OptimizerFactory = Callable[[nn.Module, TrainConfig, torch.device], torch.optim.Optimizer]
 # the model in, (prompt, generated text) pairs out; run every train.sample_every steps on rank 0
 Sampler = Callable[[nn.Module], list[tuple[str, str]]]
-
-
-def lm_loss(model: nn.Module, batch: Batch) -> LossResult:
-    """Next-token cross-entropy; labels of -100 (SFT prompts, padding) carry no loss."""
-    inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
-    logits = model(batch["input_ids"], **inputs)
-    labels = batch["labels"]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-    return LossResult(loss, (labels != IGNORE_INDEX).sum())
 
 
 # ---------------------------------------------------------------- run description and outcome
@@ -259,7 +231,7 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def fit(self) -> TrainResult:
-        self.events = _Events(self.run.dir / "events.jsonl" if self.dist.is_main else None)
+        self.events = _Events(self.run.dir / EVENTS_FILE if self.dist.is_main else None)
         self._start_time = time.monotonic()
         self._write_start()
         progress = ProgressLine(self.console, self.total_steps, self.step, enabled=self.show_progress)
@@ -490,7 +462,7 @@ class Trainer:
             **self.run.checkpoint_fields,
             **metrics,
         }
-        path = self.run.dir / CHECKPOINTS_DIRNAME / checkpoint_name(self.step)
+        path = checkpoint_dir(self.run.dir, self.step)
         write_checkpoint(
             path,
             model=self.model,
@@ -524,10 +496,7 @@ class Trainer:
         return path
 
     def _best_on_disk(self) -> int | None:
-        if (
-            self.best_step is not None
-            and (self.run.dir / CHECKPOINTS_DIRNAME / checkpoint_name(self.best_step)).is_dir()
-        ):
+        if self.best_step is not None and checkpoint_dir(self.run.dir, self.best_step).is_dir():
             return self.best_step
         return None
 

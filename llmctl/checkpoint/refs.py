@@ -1,4 +1,4 @@
-"""Model references, as every command's `--model REF` accepts them, and loading what they name.
+"""Model references, as every command's `--model REF` accepts them.
 
     code-base            the run's best checkpoint (lowest val loss; the latest if none was evaluated)
     code-base:best       the same
@@ -14,36 +14,23 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from llmctl.errors import LlmctlError, UsageError
-from llmctl.workspace import Workspace
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from llmctl.config import RunConfig
-    from llmctl.tokenizer import LoadedTokenizer
+from llmctl.workspace import Workspace, checkpoint_step, list_checkpoints, run_dir_of
 
 SELECTORS = ("best", "latest")
+META = "meta.json"
 
 
-def _whole_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    root = run_dir / "checkpoints"
-    found = []
-    for path in root.iterdir() if root.is_dir() else []:
-        digits = path.name.removeprefix("step-")
-        if path.name.startswith("step-") and digits.isdigit() and (path / "meta.json").is_file():
-            found.append((int(digits), path))
-    return sorted(found)
+def whole_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of a run's checkpoints that have their meta.json, oldest first."""
+    return [(checkpoint_step(path), path) for path in list_checkpoints(run_dir) if (path / META).is_file()]
 
 
 def _val_loss(path: Path) -> float | None:
     try:
-        value = json.loads((path / "meta.json").read_text(encoding="utf-8")).get("val_loss")
+        value = json.loads((path / META).read_text(encoding="utf-8")).get("val_loss")
     except (OSError, ValueError):
         return None
     return float(value) if isinstance(value, (int, float)) else None
@@ -53,7 +40,7 @@ def resolve_model_ref(workspace: Workspace, ref: str) -> Path:
     """The checkpoint directory `ref` names, or a one-line error saying what exists instead."""
     as_path = Path(ref).expanduser()
     if as_path.is_dir():
-        if (as_path / "meta.json").is_file() and (as_path / "config.yaml").is_file():
+        if (as_path / META).is_file() and (as_path / "config.yaml").is_file():
             return as_path.resolve()
         if (as_path / "config.json").is_file():  # its model_type is checked when it is read
             if not (as_path / "tokenizer.json").is_file():
@@ -74,7 +61,7 @@ def resolve_model_ref(workspace: Workspace, ref: str) -> Path:
         close = difflib.get_close_matches(run, known, n=1)
         hint = f"did you mean '{close[0]}'?" if close else "llmctl status lists runs"
         raise UsageError(f"no run or checkpoint directory named '{ref}' — {hint}")
-    checkpoints = _whole_checkpoints(run_dir)
+    checkpoints = whole_checkpoints(run_dir)
     if not checkpoints:
         raise LlmctlError(f"run '{run}' has no checkpoint yet")
     selector = selector or "best"
@@ -95,44 +82,13 @@ def resolve_model_ref(workspace: Workspace, ref: str) -> Path:
     raise UsageError(f"run '{run}' has no checkpoint at step {int(digits)} (it has steps {steps})")
 
 
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    tokenizer: LoadedTokenizer
-    config: RunConfig
-    path: Path  # the checkpoint directory
-    meta: dict[str, Any]
-
-
-def load_model(
-    workspace: Workspace, ref: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-) -> LoadedModel:
-    """The model, tokenizer and config of a checkpoint, in eval mode on `device`, in the stored dtype
-    unless `dtype` is given."""
-    from llmctl.tokenizer import load_tokenizer_file
-    from llmctl.train.checkpoint import CheckpointError, load_full_model, read_config, read_meta
-
-    path = resolve_model_ref(workspace, ref)
-    try:
-        meta = read_meta(path)  # checks every file is there at its full size
-        config = read_config(path)
-        if meta.get("kind", "full") == "adapter":
-            from llmctl.train.adapters import load_checkpoint_model
-
-            model = load_checkpoint_model(path, meta)  # the base named in meta.json, the adapter merged in
-        else:
-            model = load_full_model(path, config, dtype)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc.message}; {_other_checkpoints(path)}") from exc
-    tokenizer = load_tokenizer_file(path / "tokenizer.json")
-    return LoadedModel(model.to(device).eval(), tokenizer, config, path, meta)
-
-
-def _other_checkpoints(damaged: Path) -> str:
+def other_checkpoints(damaged: Path) -> str:
     """What to load instead of a damaged checkpoint: its run's other checkpoints, newest first."""
-    run_dir = damaged.parent.parent
-    others = [step for step, path in reversed(_whole_checkpoints(run_dir)) if path != damaged]
-    if damaged.parent.name != "checkpoints" or not others:
+    run_dir = run_dir_of(damaged)
+    others = (
+        [step for step, path in reversed(whole_checkpoints(run_dir)) if path != damaged] if run_dir else []
+    )
+    if not others:
         return "point --model at another checkpoint"
     names = ", ".join(f"{run_dir.name}:step-{step}" for step in others[:3])
     return f"load another checkpoint of run '{run_dir.name}' ({names})"

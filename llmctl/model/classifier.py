@@ -8,12 +8,10 @@ meta.json (`labels`, in class-index order) and `task: classify` says which model
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmctl.config import ModelConfig
 from llmctl.model.transformer import Transformer
-from llmctl.train.trainer import LossResult
 
 TASK = "classify"
 HEAD = "score"
@@ -37,15 +35,6 @@ def classifier_from(base: Transformer, n_labels: int) -> TransformerClassifier:
     classifier = TransformerClassifier(base.cfg, n_labels)
     classifier.load_state_dict(base.state_dict(), strict=False)
     return classifier
-
-
-def classify_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
-    """Cross-entropy over the classes per example; `correct` becomes the eval event's val_accuracy."""
-    logits = model(batch["input_ids"], class_positions=batch["class_positions"])
-    labels = batch["class_labels"]
-    loss = F.cross_entropy(logits.float(), labels)
-    correct = (logits.argmax(dim=-1) == labels).sum()
-    return LossResult(loss, labels.numel(), {"accuracy": correct})
 
 
 @torch.no_grad()
