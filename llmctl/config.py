@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from llmctl.errors import UsageError
 
@@ -157,6 +165,11 @@ class GenerationConfig(_Section):
     stop: list[str] = Field(default_factory=list)
 
 
+# Where a resolved key's value came from, lowest layer first; a key no layer set is a default.
+LAYERS = ("base", "preset", "config", "set", "flag")
+USER_LAYERS = ("config", "set", "flag")  # what the user typed or wrote, as against presets and bases
+
+
 class RunConfig(_Section):
     preset: str | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -164,6 +177,25 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    # dotted key -> the layer that set it (one of LAYERS), as `resolve_config` found it
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Which keys were set explicitly and by which layer (`resolve_config` records them), so
+        stage code asks the config instead of re-reading the YAML and --set it was given."""
+        return self._sources
+
+    def __eq__(self, other: object) -> bool:
+        # where values came from is not part of what the config is: two configs with the same
+        # values are equal however they were resolved
+        if not isinstance(other, RunConfig):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    def set_by_user(self, key: str) -> bool:
+        """Whether --config, --set or a flag, rather than a default, a preset or a base, set `key`."""
+        return self._sources.get(key) in USER_LAYERS
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -327,29 +359,40 @@ def resolve_config(
     flags: Mapping[str, Any] | None = None,
     base: Mapping[str, Any] | None = None,
 ) -> RunConfig:
-    """Merge the layers in order and validate once.
+    """Merge the layers in order and validate once; the config's `sources` say which layer set
+    each key.
 
     `base` (a saved run's config, say) sits between the defaults and the preset.
     `flags` are dotted keys from dedicated command-line options; None values are skipped.
     """
     tree: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    def merge(layer: str, update: Mapping[str, Any]) -> None:
+        _deep_merge(tree, update)
+        sources.update(dict.fromkeys(_flatten(update), layer))
+
     if base:
-        _deep_merge(tree, base)
+        merge("base", base)
     if preset:
-        _deep_merge(tree, load_preset(preset))
+        merge("preset", load_preset(preset))
         tree["preset"] = preset
     if config_file:
         file_tree = load_yaml_file(Path(config_file), "config file")
         _check_keys(file_tree, f"config file '{config_file}'")
-        _deep_merge(tree, file_tree)
+        merge("config", file_tree)
     for assignment in overrides:
         key, value = parse_assignment(assignment)
         _check_keys(_nest(key, value), "--set")
         _set_dotted(tree, key, value)
+        sources[key] = "set"
     for key, value in (flags or {}).items():
         if value is not None:
             _set_dotted(tree, key, value)
-    return validate_config(tree)
+            sources[key] = "flag"
+    config = validate_config(tree)
+    config._sources = sources
+    return config
 
 
 def _nest(key: str, value: Any) -> dict[str, Any]:

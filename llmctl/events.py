@@ -11,6 +11,7 @@ This module must stay free of torch: status and monitor import it.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import os
@@ -21,6 +22,42 @@ from pathlib import Path
 from typing import Any
 
 EVENT_KINDS = ("start", "train", "eval", "checkpoint", "sample", "alert", "heartbeat", "end")
+
+# The figures of a `train` event, as the trainer writes them and every reader (status, monitor,
+# plot, the page) reads them; docs/events.md describes each.
+TRAIN_FIGURES = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_bytes", "tokens", "elapsed_s")
+# The figures every `eval` event has; a stage's loss may add its own `val_<name>` (val_accuracy)
+EVAL_FIGURES = ("val_loss", "val_ppl", "val_bpb")
+
+
+class EndReason(str, enum.Enum):
+    """Why a run ended: the `reason` of its `end` event and the registry's `end_reason`."""
+
+    FINISHED = "finished"  # train.max_steps reached
+    MAX_TIME = "max_time"
+    MAX_TOKENS = "max_tokens"
+    EARLY_STOPPING = "early_stopping"
+    INTERRUPTED = "interrupted"  # SIGINT or SIGTERM: a checkpoint was written, --resume continues it
+    NONFINITE_LOSS = "nonfinite_loss"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def completed(self) -> bool:
+        """The run reached one of its limits: its last checkpoint is whole and final."""
+        return self in COMPLETED
+
+    @property
+    def exit_code(self) -> int:
+        """The trainer process's exit status (an interruption's is 128 + the signal, set apart)."""
+        return 0 if self.completed else 1
+
+
+COMPLETED = frozenset(
+    {EndReason.FINISHED, EndReason.MAX_TIME, EndReason.MAX_TOKENS, EndReason.EARLY_STOPPING}
+)
 
 
 def jsonable(value: Any) -> Any:

@@ -28,6 +28,7 @@ from typing import Any
 from rich.console import Console
 
 from llmctl.config import GenerationConfig
+from llmctl.events import COMPLETED
 from llmctl.workspace import Workspace
 
 CODE_CORPUS = "stdlib-code"
@@ -37,8 +38,6 @@ INSTRUCT_CORPUS = "stdlib-docstrings"
 BASE_RUN = "quickstart-base"
 SFT_RUN = "quickstart-sft"
 FINETUNE_SECONDS = 45
-# A run whose trainer stopped for one of these reasons is whole and is reused as it is.
-FINISHED = ("finished", "max_time", "max_tokens", "early_stopping")
 # GPU presets by the memory they need, largest first; below all of them, cpu-debug.
 GPU_PRESETS = (("small-16g", 15 * 2**30), ("rtx4060-8g", 7 * 2**30))
 CPU_PRESET = "cpu-debug"
@@ -89,7 +88,7 @@ def plan_quickstart(workspace: Workspace, options: QuickstartOptions) -> list[St
         row = registry.run(run)
         if options.fresh or row is None or not workspace.run_dir(run).is_dir():
             return "build"
-        if row["meta"].get("end_reason") in FINISHED and registry.checkpoints(run):
+        if row["meta"].get("end_reason") in COMPLETED and registry.checkpoints(run):
             return "reuse"
         return "resume" if registry.checkpoints(run) else "build"
 
@@ -253,7 +252,7 @@ def _warner(console: Console) -> Callable[[str], None]:
 def _check_ended(result, run: str) -> None:
     from llmctl.errors import LlmctlError
 
-    if result.reason not in FINISHED:
+    if not result.reason.completed:
         raise LlmctlError(
             f"run '{run}' stopped ({result.reason}) at step {result.step}; run llmctl quickstart again "
             "to resume it"

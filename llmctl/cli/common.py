@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from llmctl.events import EndReason
+
 if TYPE_CHECKING:
     from llmctl.train.trainer import TrainResult
     from llmctl.workspace import Workspace
@@ -65,7 +67,7 @@ def report_result(stage: str, run: str, result: TrainResult) -> None:
     """How a training run ended, with the command that continues an interrupted one."""
     best = f" · best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
     where = f" · {result.last_checkpoint}" if result.last_checkpoint else ""
-    if result.reason == "interrupted":
+    if result.reason is EndReason.INTERRUPTED:
         warn(
             f"run '{run}' interrupted at step {result.step:,}{where}; continue it with: "
             f"llmctl {stage} --run {run} --resume"

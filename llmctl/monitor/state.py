@@ -18,7 +18,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from llmctl.events import EventTail, as_float, jsonable
+from llmctl.events import COMPLETED, TRAIN_FIGURES, EndReason, EventTail, as_float, jsonable
 from llmctl.monitor.series import Series
 from llmctl.monitor.units import duration
 
@@ -33,15 +33,9 @@ SPIKE_COOLDOWN = 20  # train events between two spike alerts
 SMOOTHING = 0.1  # weight of the newest figure in the smoothed ("avg") throughput figures
 LOSS_SMOOTHING = 0.05
 
-END_STATES = {
-    "finished": "finished",
-    "max_time": "finished",
-    "max_tokens": "finished",
-    "early_stopping": "finished",
-    "interrupted": "stopped",
-}
+# a run's state from its end reason: completed ones finished, an interrupted one stopped, the rest failed
+END_STATES = {**dict.fromkeys(COMPLETED, "finished"), EndReason.INTERRUPTED: "stopped"}
 ACTIVE_STATES = ("running", "stalled")
-TRAIN_FIGURES = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_bytes", "tokens", "elapsed_s")
 
 
 @dataclass

@@ -35,7 +35,7 @@ from llmctl.checkpoint.files import (
     write_checkpoint,
 )
 from llmctl.config import RunConfig, TrainConfig
-from llmctl.events import EventWriter
+from llmctl.events import EndReason, EventWriter
 from llmctl.model.sizing import bits_per_byte
 from llmctl.train import distributed
 from llmctl.train.batches import BatchSource
@@ -50,9 +50,6 @@ from llmctl.workspace import EVENTS_FILE, Registry, checkpoint_dir, checkpoint_s
 
 NONFINITE_STOP_AFTER = 3  # non-finite steps in a row before the run stops
 HEARTBEAT_S = 30.0
-
-# how a run ended -> the process exit code (signals follow the shell's 128 + signal number)
-EXIT_CODES = {"finished": 0, "max_time": 0, "max_tokens": 0, "early_stopping": 0, "nonfinite_loss": 1}
 
 
 # builds the optimizer over the model's trainable parameters (QLoRA brings bitsandbytes' paged AdamW)
@@ -81,7 +78,7 @@ class RunInfo:
 
 @dataclass
 class TrainResult:
-    reason: str
+    reason: EndReason
     step: int
     tokens: int
     elapsed_s: float
@@ -91,9 +88,9 @@ class TrainResult:
 
     @property
     def exit_code(self) -> int:
-        if self.reason == "interrupted":
+        if self.reason is EndReason.INTERRUPTED:  # as the shell reports a signal: 128 + its number
             return 128 + (self.signal or signal.SIGINT)
-        return EXIT_CODES.get(self.reason, 1)
+        return self.reason.exit_code
 
 
 def planned_steps(config: RunConfig, tokens_per_step: int) -> int | None:
@@ -246,12 +243,12 @@ class Trainer:
             self.events.write(
                 "end",
                 self.step,
-                reason="error",
+                reason=EndReason.ERROR,
                 message=f"{type(exc).__name__}: {exc}"[:500],
                 elapsed_s=round(self.elapsed, 3),
                 best_val_loss=self.best_val_loss,
             )
-            self._update_run_meta(end_reason="error")
+            self._update_run_meta(end_reason=EndReason.ERROR)
             raise
         finally:
             heartbeat_stop.set()
@@ -266,7 +263,7 @@ class Trainer:
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self._start_time
 
-    def _loop(self, progress: ProgressLine) -> str:
+    def _loop(self, progress: ProgressLine) -> EndReason:
         interval = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
         while True:
             reason = self._stop_reason()
@@ -287,12 +284,12 @@ class Trainer:
                     "alert",
                     self.step,
                     level="error",
-                    kind="nonfinite_loss",
+                    kind=EndReason.NONFINITE_LOSS,
                     message=f"non-finite {what} ({loss}) at step {self.step}: step skipped "
                     f"({self._nonfinite_in_a_row} in a row)",
                 )
                 if self._nonfinite_in_a_row >= NONFINITE_STOP_AFTER:
-                    return "nonfinite_loss"
+                    return EndReason.NONFINITE_LOSS
                 continue
             self._nonfinite_in_a_row = 0
             interval["loss"] += loss
@@ -306,13 +303,13 @@ class Trainer:
             if self.step % self.train_cfg.eval_every == 0:
                 metrics = self.evaluate()
                 if self._should_stop_early(metrics):
-                    return "early_stopping"
+                    return EndReason.EARLY_STOPPING
             if self.step % self.train_cfg.save_every == 0 and self._saved_step != self.step:
                 self.save_checkpoint()
             if self.train_cfg.sample_every and self.step % self.train_cfg.sample_every == 0:
                 self._write_samples()
 
-    def _stop_reason(self) -> str | None:
+    def _stop_reason(self) -> EndReason | None:
         # every rank must stop at the same step: rank 0's clock and any rank's signal decide
         time_up = bool(self.train_cfg.max_time and self.elapsed >= self.train_cfg.max_time)
         signalled, time_up = distributed.all_reduce(
@@ -325,13 +322,13 @@ class Trainer:
                     f"[yellow]{signal.Signals(self._signal).name}: writing a checkpoint, then "
                     "stopping (press Ctrl-C again to abort)[/yellow]"
                 )
-            return "interrupted"
+            return EndReason.INTERRUPTED
         if self.train_cfg.max_steps and self.step >= self.train_cfg.max_steps:
-            return "finished"
+            return EndReason.FINISHED
         if self.train_cfg.max_tokens and self.tokens >= self.train_cfg.max_tokens:
-            return "max_tokens"
+            return EndReason.MAX_TOKENS
         if time_up:
-            return "max_time"
+            return EndReason.MAX_TIME
         return None
 
     def _optimizer_step(self) -> tuple[float, float | None]:
@@ -519,18 +516,15 @@ class Trainer:
             path.rename(doomed)
             shutil.rmtree(doomed, ignore_errors=True)
 
-    def _finish(self, reason: str) -> Path | None:
+    def _finish(self, reason: EndReason) -> Path | None:
         """Final evaluation and checkpoint as the reason allows, then the end event."""
-        if (
-            reason in ("finished", "max_time", "max_tokens", "early_stopping")
-            and self._evaluated_step != self.step
-        ):
+        if reason.completed and self._evaluated_step != self.step:
             self.evaluate()
-        if reason != "nonfinite_loss" and self._saved_step != self.step:
+        if reason is not EndReason.NONFINITE_LOSS and self._saved_step != self.step:
             self.save_checkpoint()
         checkpoints = list_checkpoints(self.run.dir) if self.dist.is_main else []
         last = checkpoints[-1] if checkpoints else None
-        if reason == "nonfinite_loss":
+        if reason is EndReason.NONFINITE_LOSS:
             self.console.print(
                 f"[red]stopped:[/red] the loss was non-finite {NONFINITE_STOP_AFTER} steps in a row at step "
                 f"{self.step}; the last good checkpoint is {last or 'none'} "
