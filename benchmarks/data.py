@@ -25,7 +25,8 @@ from pathlib import Path
 from llmctl.data.build import BuildOptions, build_corpus
 from llmctl.data.store import SPLITS, CorpusStore
 from llmctl.data.tokencache import DEFAULT_CHUNK_CHARS, build_token_cache
-from llmctl.tokenizer import load_tokenizer, train_tokenizer
+from llmctl.tokenizer import load_tokenizer
+from llmctl.tokenizer_build import train_tokenizer
 from llmctl.workspace import Workspace
 
 PIPELINE_BUDGET = 1.25

@@ -136,7 +136,8 @@ def _engine(ref: str | None):
     from llmctl.config import ModelConfig
     from llmctl.generate import Engine, load_engine
     from llmctl.model.transformer import Transformer
-    from llmctl.tokenizer import BYTE_VOCAB_SIZE, build_byte_tokenizer, load_tokenizer_file
+    from llmctl.tokenizer import BYTE_VOCAB_SIZE, load_tokenizer_file
+    from llmctl.tokenizer_build import build_byte_tokenizer
     from llmctl.workspace import Workspace
 
     if ref is not None:

@@ -35,7 +35,7 @@ from llmctl.config import RunConfig, resolve_config
 from llmctl.events import read_events
 from llmctl.model.sizing import count_parameters, human_bytes, human_count
 from llmctl.model.transformer import Transformer
-from llmctl.tokenizer import build_byte_tokenizer
+from llmctl.tokenizer_build import build_byte_tokenizer
 
 METHODS = {"full": ["finetune"], "lora": ["finetune", "--lora"], "qlora": ["qlora"]}
 QUICK_SHAPE = [

@@ -29,7 +29,8 @@ import torch
 from llmctl.config import GenerationConfig, ModelConfig
 from llmctl.generate import Engine, resolve_device, resolve_dtype
 from llmctl.model.transformer import Transformer
-from llmctl.tokenizer import load_tokenizer_file, train_bpe
+from llmctl.tokenizer import load_tokenizer_file
+from llmctl.tokenizer_build import train_bpe
 
 POSITIONS = (1, 64, 256, 512, 768, 1024)
 WINDOW = 16  # per-token times are medians over this many neighbouring tokens

@@ -28,8 +28,8 @@ from rich.console import Console
 
 from llmctl.events import EventWriter
 from llmctl.monitor.render import Dashboard
-from llmctl.monitor.state import RunWatch
 from llmctl.monitor.status import devices, run_summary
+from llmctl.monitor.watch import RunWatch
 from llmctl.workspace import Workspace
 
 

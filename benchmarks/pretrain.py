@@ -44,8 +44,9 @@ from llmctl.train.batches import TokenWindows
 from llmctl.train.distributed import DistEnv
 from llmctl.train.mfu import peak_flops
 from llmctl.train.precision import describe_device, resolve_precision
-from llmctl.train.pretrain import PretrainOptions, build_trainer, make_plan
-from llmctl.train.trainer import RunInfo, Trainer
+from llmctl.train.pretrain import PretrainOptions, make_plan
+from llmctl.train.runinfo import RunInfo
+from llmctl.train.trainer import Trainer
 from llmctl.workspace import Workspace
 
 SIX_LAYER = {"n_layer": 6, "n_head": 6, "d_model": 384, "context_length": 256, "vocab_size": 8192}
@@ -229,7 +230,7 @@ def learning(args: argparse.Namespace) -> None:
     # evaluates it on the same validation windows the run's evaluations use
     options = PretrainOptions(run=run, corpus="stdlib", tokenizer="stdlib-8k", preset="cpu-debug")
     plan = make_plan(Workspace(workspace), options)
-    initial = build_trainer(Workspace(workspace), plan, DistEnv(), show_progress=False).measure()
+    initial = plan.build_trainer(Workspace(workspace), DistEnv(), show_progress=False).measure()
     llmctl(
         "pretrain",
         "--corpus",

@@ -375,8 +375,7 @@ def resolve_config(
     if base:
         merge("base", base)
     if preset:
-        merge("preset", load_preset(preset))
-        tree["preset"] = preset
+        merge("preset", {**load_preset(preset), "preset": preset})
     if config_file:
         file_tree = load_yaml_file(Path(config_file), "config file")
         _check_keys(file_tree, f"config file '{config_file}'")

@@ -29,7 +29,7 @@ from rich.console import Console
 
 from llmctl.config import GenerationConfig
 from llmctl.events import COMPLETED
-from llmctl.workspace import Workspace
+from llmctl.workspace import EVENTS_FILE, Workspace
 
 CODE_CORPUS = "stdlib-code"
 TOKENIZER = "stdlib-code-8k"
@@ -150,7 +150,8 @@ def _code_corpus(workspace: Workspace, step: Step) -> None:
 
 
 def _tokenizer(workspace: Workspace, step: Step) -> None:
-    from llmctl.tokenizer import tokenizer_meta, train_tokenizer
+    from llmctl.tokenizer import tokenizer_meta
+    from llmctl.tokenizer_build import train_tokenizer
 
     if step.action == "build":
         train_tokenizer(workspace, TOKENIZER, CODE_CORPUS, vocab_size=VOCAB_SIZE, overwrite=True)
@@ -204,9 +205,8 @@ def docstring_pairs(source: str) -> Iterator[dict[str, str]]:
 
 
 def _pretrain(workspace: Workspace, step: Step, minutes: float, console: Console) -> None:
-    from llmctl.train.distributed import DistEnv
     from llmctl.train.precision import describe_device, device_memory_bytes, resolve_device
-    from llmctl.train.pretrain import PretrainOptions, make_plan, start_run, train
+    from llmctl.train.pretrain import PretrainOptions, make_plan
 
     if step.action != "reuse":
         device = resolve_device("auto")
@@ -222,13 +222,12 @@ def _pretrain(workspace: Workspace, step: Step, minutes: float, console: Console
         )
         plan = make_plan(workspace, options, warn=_warner(console))
         console.print(f"pretraining {BASE_RUN}: preset {preset} on {describe_device(plan.device)}")
-        start_run(workspace, plan, options.overwrite)
-        _check_ended(train(workspace, plan, DistEnv(), console=console), BASE_RUN)
+        _train(workspace, plan, console)
     step.figures = _run_figures(workspace, BASE_RUN)
 
 
 def _finetune(workspace: Workspace, step: Step, console: Console) -> None:
-    from llmctl.train.finetune import FinetuneOptions, build_trainer, make_plan, start_finetune_run
+    from llmctl.train.finetune import FinetuneOptions, make_plan
 
     if step.action != "reuse":
         options = FinetuneOptions(
@@ -239,30 +238,30 @@ def _finetune(workspace: Workspace, step: Step, console: Console) -> None:
             resume=step.action == "resume",
             overwrite=step.action == "build",
         )
-        plan = make_plan(workspace, options, warn=_warner(console))
-        start_finetune_run(workspace, plan, options.overwrite)
-        _check_ended(build_trainer(workspace, plan, console=console).fit(), SFT_RUN)
+        _train(workspace, make_plan(workspace, options, warn=_warner(console)), console)
     step.figures = _run_figures(workspace, SFT_RUN)
+
+
+def _train(workspace: Workspace, plan, console: Console) -> None:
+    from llmctl.errors import LlmctlError
+    from llmctl.train import recipe
+
+    result = recipe.train(workspace, plan, console=console)
+    if not result.reason.completed:
+        raise LlmctlError(
+            f"run '{plan.run}' stopped ({result.reason}) at step {result.step}; run llmctl quickstart again "
+            "to resume it"
+        )
 
 
 def _warner(console: Console) -> Callable[[str], None]:
     return lambda message: console.print(f"[yellow]warning:[/yellow] {message}")
 
 
-def _check_ended(result, run: str) -> None:
-    from llmctl.errors import LlmctlError
-
-    if not result.reason.completed:
-        raise LlmctlError(
-            f"run '{run}' stopped ({result.reason}) at step {result.step}; run llmctl quickstart again "
-            "to resume it"
-        )
-
-
 def _run_figures(workspace: Workspace, run: str) -> dict[str, Any]:
     from llmctl.events import read_events
 
-    events = read_events(workspace.run_dir(run) / "events.jsonl")
+    events = read_events(workspace.run_dir(run) / EVENTS_FILE)
     evals = [event for event in events if event["event"] == "eval"]
     end = next((event for event in reversed(events) if event["event"] == "end"), {})
     figures: dict[str, Any] = {"steps": end.get("step"), "minutes": round(end.get("elapsed_s", 0) / 60, 1)}

@@ -4,6 +4,9 @@
     tokenizers/<name>/meta.json        kind, special tokens and ids, chat template, training corpus,
                                        validation figures, sha256 of tokenizer.json
 
+Building one (training, the byte tokenizer, importing) is llmctl.tokenizer_build's; this module
+is what every reader of a tokenizer needs and imports nothing from llmctl.data.
+
 Trained tokenizers put their special tokens first, so ids 0..5 are the same in every llmctl
 tokenizer (`<|endoftext|>` is 0, `<|pad|>` is 1). Nothing is normalised, so decode(encode(x)) == x
 for any text; training checks this on every validation document before anything is registered.
@@ -17,16 +20,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import shutil
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from llmctl import __version__
 from llmctl.errors import LlmctlError, UsageError
-from llmctl.workspace import Workspace, atomic_dir, check_name, write_json_atomic
+from llmctl.workspace import Workspace
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -72,8 +72,6 @@ META_FILE = "meta.json"
 # versions put the template in a file of its own).
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 HF_CHAT_TEMPLATE_FILE = "chat_template.jinja"
-_TRAIN_BATCH_DOCS = 1000
-_MEASURE_BATCH_DOCS = 256
 
 Kind = Literal["bpe", "byte"]
 
@@ -201,9 +199,6 @@ def _render_jinja_chat(
         raise LlmctlError(f"the tokenizer's chat template failed: {exc}") from exc
 
 
-# --- training ---------------------------------------------------------------------------------
-
-
 def byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters, the alphabet of ByteLevel."""
     printable = [
@@ -225,105 +220,6 @@ def _unicode_to_byte() -> dict[str, int]:
     return {char: byte for byte, char in byte_to_unicode().items()}
 
 
-def _byte_level_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    model = models.BPE(vocab=vocab, merges=[]) if vocab is not None else models.BPE()
-    tokenizer = Tokenizer(model)
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer
-
-
-def build_byte_tokenizer() -> Tokenizer:
-    """The specials at 0..5, then byte b at id 6 + b: every text encodes, nothing is merged."""
-    from tokenizers import AddedToken
-
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
-    for byte, char in byte_to_unicode().items():
-        vocab[char] = len(SPECIAL_TOKENS) + byte
-    tokenizer = _byte_level_tokenizer(vocab)
-    tokenizer.add_special_tokens(
-        [AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS]
-    )
-    return tokenizer
-
-
-def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for text in texts:
-        batch.append(text)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def train_bpe(
-    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False
-) -> Tokenizer:
-    """Byte-level BPE from a stream of documents; the trainer holds word counts, never the corpus."""
-    from tokenizers import pre_tokenizers, trainers
-
-    check_vocab_size(vocab_size)
-    tokenizer = _byte_level_tokenizer()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=show_progress,
-    )
-    tokenizer.train_from_iterator(_batches(texts, _TRAIN_BATCH_DOCS), trainer=trainer)
-    return tokenizer
-
-
-def check_vocab_size(vocab_size: int) -> None:
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise UsageError(
-            f"--vocab-size {vocab_size} is too small: a byte-level tokenizer needs at least {MIN_VOCAB_SIZE} "
-            f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens); try --vocab-size 8192"
-        )
-
-
-def measure(tokenizer: Tokenizer, texts: Iterable[str]) -> dict[str, Any]:
-    """Characters and bytes per token over `texts`, and the exact round trip of every document.
-
-    Raises LlmctlError at the first document that does not decode back to itself.
-    """
-    documents = chars = utf8_bytes = tokens = 0
-    encoder = text_only_encoder(tokenizer)  # documents, as the token cache encodes them
-    for batch in _batches(texts, _MEASURE_BATCH_DOCS):
-        encodings = encoder.encode_batch(batch, add_special_tokens=False)
-        decoded = encoder.decode_batch([encoding.ids for encoding in encodings], skip_special_tokens=False)
-        for offset, (text, back) in enumerate(zip(batch, decoded, strict=True)):
-            if text != back:
-                at = next(
-                    (i for i, (a, b) in enumerate(zip(text, back, strict=False)) if a != b),
-                    min(len(text), len(back)),
-                )
-                raise LlmctlError(
-                    f"round trip failed on validation document {documents + offset}: "
-                    f"decode(encode(x)) differs from x at character {at} "
-                    f"({text[at : at + 20]!r} became {back[at : at + 20]!r}); "
-                    "nothing was registered — report this with the corpus that caused it"
-                )
-        documents += len(batch)
-        chars += sum(len(text) for text in batch)
-        utf8_bytes += sum(len(text.encode("utf-8")) for text in batch)
-        tokens += sum(len(encoding.ids) for encoding in encodings)
-    return {
-        "documents": documents,
-        "chars": chars,
-        "bytes": utf8_bytes,
-        "tokens": tokens,
-        "chars_per_token": round(chars / tokens, 4) if tokens else None,
-        "bytes_per_token": round(utf8_bytes / tokens, 4) if tokens else None,
-        "round_trip_ok": True,
-    }
-
-
 # --- the workspace side -----------------------------------------------------------------------
 
 
@@ -333,15 +229,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _check_free(workspace: Workspace, name: str, overwrite: bool) -> None:
-    check_name(name, "tokenizer")
-    registered = workspace.registry(create=False).tokenizer(name) is not None
-    if (registered or workspace.tokenizer_dir(name).exists()) and not overwrite:
-        raise UsageError(
-            f"tokenizer '{name}' already exists in {workspace.root}; pass --overwrite to replace it"
-        )
 
 
 def _special_ids(tokenizer: Tokenizer) -> dict[str, int]:
@@ -362,7 +249,7 @@ def _first_present(candidates: Sequence[str], special_ids: Mapping[str, int]) ->
     return next((token for token in candidates if token in special_ids), None)
 
 
-def _describe(tokenizer: Tokenizer, eot_token: str | None = None) -> dict[str, Any]:
+def describe_tokenizer(tokenizer: Tokenizer, eot_token: str | None = None) -> dict[str, Any]:
     """Special tokens, end-of-text and padding choices, and chat support of a tokenizer."""
     special_ids = _special_ids(tokenizer)
     if eot_token is not None:
@@ -390,87 +277,7 @@ def _describe(tokenizer: Tokenizer, eot_token: str | None = None) -> dict[str, A
     }
 
 
-def _register(workspace: Workspace, name: str, tokenizer_json: Path, meta: dict[str, Any]) -> None:
-    workspace.registry().add_tokenizer(
-        name,
-        tokenizer_json.parent,
-        meta.get("corpus"),
-        meta["sha256"],
-        meta["vocab_size"],
-        {key: value for key, value in meta.items() if key != "chat_template"},
-    )
-
-
-def train_tokenizer(
-    workspace: Workspace,
-    name: str,
-    corpus: str,
-    vocab_size: int | None,
-    min_frequency: int = 2,
-    kind: Kind = "bpe",
-    overwrite: bool = False,
-    show_progress: bool = False,
-    report: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Train (or, for kind 'byte', build), check on the validation split, store and register.
-
-    `report` hears each phase once the request is known to be valid. Returns the stored meta.
-    On any error nothing is left under tokenizers/<name> or in the registry.
-    """
-    report = report or (lambda message: None)
-    from llmctl.data.store import CorpusStore
-
-    check_name(name, "tokenizer")
-    if kind == "bpe":
-        if vocab_size is None:
-            raise UsageError("--vocab-size is required for --kind bpe; try --vocab-size 8192")
-        check_vocab_size(vocab_size)
-    elif kind == "byte":
-        if vocab_size not in (None, BYTE_VOCAB_SIZE):
-            raise UsageError(
-                f"--kind byte always has {BYTE_VOCAB_SIZE} tokens "
-                f"(256 bytes + {len(SPECIAL_TOKENS)} specials); leave out --vocab-size or use --kind bpe"
-            )
-    else:
-        raise UsageError(f"unknown tokenizer kind '{kind}': use bpe or byte")
-    if min_frequency < 1:
-        raise UsageError(f"--min-frequency {min_frequency} must be at least 1")
-    store = CorpusStore.open(workspace, name=corpus)
-    _check_free(workspace, name, overwrite)
-
-    started = time.perf_counter()
-    report(f"{'training' if kind == 'bpe' else 'building'} tokenizer '{name}' on corpus '{corpus}'")
-    if kind == "bpe":
-        tokenizer = train_bpe(store.texts("train"), vocab_size, min_frequency, show_progress)
-    else:
-        tokenizer = build_byte_tokenizer()
-    train_seconds = time.perf_counter() - started
-    report("measuring and checking decode(encode(x)) == x on every validation document")
-    figures = measure(tokenizer, store.texts("val"))
-    figures["train_seconds"] = round(train_seconds, 3)
-
-    final = workspace.tokenizer_dir(name)
-    with atomic_dir(final, overwrite=overwrite) as staging:
-        tokenizer.save(str(staging / TOKENIZER_FILE))
-        meta = {
-            "name": name,
-            "kind": kind,
-            **_describe(tokenizer),
-            "requested_vocab_size": vocab_size,
-            "min_frequency": min_frequency if kind == "bpe" else None,
-            "corpus": corpus,
-            "corpus_sha256": store.meta.get("content_sha256"),
-            "figures": figures,
-            "sha256": file_sha256(staging / TOKENIZER_FILE),
-            "created": time.time(),
-            "llmctl_version": __version__,
-        }
-        write_json_atomic(staging / META_FILE, meta)
-    _register(workspace, name, final / TOKENIZER_FILE, meta)
-    return meta
-
-
-def _read_tokenizer_file(path: Path) -> Tokenizer:
+def read_tokenizer_file(path: Path) -> Tokenizer:
     from tokenizers import Tokenizer
 
     try:
@@ -483,43 +290,13 @@ def _read_tokenizer_file(path: Path) -> Tokenizer:
         ) from exc
 
 
-def _resolve_tokenizer_file(path: Path) -> Path:
+def resolve_tokenizer_file(path: Path) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / TOKENIZER_FILE
     if not path.is_file():
         raise UsageError(f"'{path}' does not exist; pass the path of a tokenizer.json (or of its directory)")
     return path
-
-
-def import_tokenizer(
-    workspace: Workspace, name: str, source: Path, eot_token: str | None = None, overwrite: bool = False
-) -> dict[str, Any]:
-    """Register a copy of an existing tokenizer.json, keeping its own specials."""
-    check_name(name, "tokenizer")
-    source = _resolve_tokenizer_file(source)
-    tokenizer = _read_tokenizer_file(source)
-    description = _describe(tokenizer, eot_token)
-    _check_free(workspace, name, overwrite)
-
-    final = workspace.tokenizer_dir(name)
-    with atomic_dir(final, overwrite=overwrite) as staging:
-        # A byte-for-byte copy keeps the source's sha256, so caches keyed by it match the original.
-        shutil.copyfile(source, staging / TOKENIZER_FILE)
-        meta = {
-            "name": name,
-            "kind": "imported",
-            **description,
-            "source": str(source.resolve()),
-            "corpus": None,
-            "figures": {},
-            "sha256": file_sha256(staging / TOKENIZER_FILE),
-            "created": time.time(),
-            "llmctl_version": __version__,
-        }
-        write_json_atomic(staging / META_FILE, meta)
-    _register(workspace, name, final / TOKENIZER_FILE, meta)
-    return meta
 
 
 def tokenizer_meta(workspace: Workspace, name: str) -> dict[str, Any]:
@@ -548,10 +325,10 @@ def load_tokenizer_file(
 ) -> LoadedTokenizer:
     """A tokenizer.json anywhere (a checkpoint, a Hugging Face model directory, or the file itself).
     A tokenizer_config.json beside it names the end-of-text token and the chat template."""
-    path = _resolve_tokenizer_file(Path(path))
-    tokenizer = _read_tokenizer_file(path)
+    path = resolve_tokenizer_file(Path(path))
+    tokenizer = read_tokenizer_file(path)
     settings = hf_tokenizer_settings(path.parent)
-    description = _describe(tokenizer, eot_token or settings.get("eos_token"))
+    description = describe_tokenizer(tokenizer, eot_token or settings.get("eos_token"))
     description["bos_token"] = settings.get("bos_token")
     description["chat_template"] = settings.get("chat_template") or description["chat_template"]
     return LoadedTokenizer(

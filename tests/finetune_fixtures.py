@@ -14,7 +14,7 @@ from pretrain_helpers import one_thread
 
 from llmctl.cli.main import main
 from llmctl.data.build import BuildOptions, build_corpus
-from llmctl.tokenizer import train_tokenizer
+from llmctl.tokenizer_build import train_tokenizer
 from llmctl.workspace import Workspace
 
 

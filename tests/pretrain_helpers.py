@@ -17,7 +17,8 @@ from llmctl.data.build import BuildOptions, build_corpus
 from llmctl.data.store import CorpusStore
 from llmctl.data.tokencache import build_token_cache
 from llmctl.events import read_events
-from llmctl.tokenizer import load_tokenizer, train_tokenizer
+from llmctl.tokenizer import load_tokenizer
+from llmctl.tokenizer_build import train_tokenizer
 from llmctl.workspace import Workspace
 
 # a model small enough that a few hundred steps take seconds on one core

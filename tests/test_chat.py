@@ -186,7 +186,8 @@ def base_tokenizer_file(directory: Path) -> Path:
     """The byte tokenizer's ids (bytes at 6 + b) with only an end-of-text special: no chat template."""
     from tokenizers import AddedToken
 
-    from llmctl.tokenizer import SPECIAL_TOKENS, _byte_level_tokenizer
+    from llmctl.tokenizer import SPECIAL_TOKENS
+    from llmctl.tokenizer_build import _byte_level_tokenizer
 
     vocab = {EOT_TOKEN: 0, **{char: len(SPECIAL_TOKENS) + byte for byte, char in byte_to_unicode().items()}}
     tokenizer = _byte_level_tokenizer(vocab)

@@ -67,6 +67,52 @@ def test_layers_apply_in_order(tmp_path: Path):
     assert cfg.train.seed == RunConfig().train.seed  # a None flag is "not given"
 
 
+def test_the_resolved_config_says_which_layer_set_each_key(tmp_path: Path):
+    config_file = tmp_path / "override.yaml"
+    config_file.write_text("train:\n  lr: 1.0e-4\n  warmup_steps: 7\nmodel:\n  n_layer: 3\n")
+    cfg = resolve_config(
+        preset="rtx4060-8g",
+        config_file=config_file,
+        overrides=["train.lr=5e-5"],
+        flags={"train.max_steps": 42, "train.seed": None},
+        base={"data": {"tokenizer": "tok"}},
+    )
+    sources = cfg.sources
+    assert sources["data.tokenizer"] == "base" and sources["model.d_model"] == "preset"
+    assert sources["model.n_layer"] == "config" and sources["train.warmup_steps"] == "config"
+    assert sources["train.lr"] == "set" and sources["train.max_steps"] == "flag"
+    assert "train.seed" not in sources and "model.dropout" not in sources  # defaults
+    assert cfg.set_by_user("train.lr") and cfg.set_by_user("model.n_layer")
+    assert not cfg.set_by_user("model.d_model") and not cfg.set_by_user("data.tokenizer")
+    # where values came from is not part of what the config is
+    assert cfg == RunConfig.model_validate(cfg.model_dump()) and RunConfig.model_validate({}).sources == {}
+
+
+def test_config_show_sources_names_the_layer_of_every_key(cli, tmp_path: Path):
+    config_file = tmp_path / "override.yaml"
+    config_file.write_text("train:\n  warmup_steps: 7\n")
+    shown = cli(
+        "config",
+        "show",
+        "--preset",
+        "cpu-debug",
+        "--config",
+        config_file,
+        "--set",
+        "train.lr=1e-3",
+        "--sources",
+        "--json",
+    )
+    assert shown.exit_code == 0, shown.stderr
+    rows = shown.json()
+    assert rows["train.lr"] == {"value": 0.001, "source": "set"}
+    assert rows["train.warmup_steps"] == {"value": 7, "source": "config"}
+    assert rows["model.n_layer"]["source"] == "preset" and rows["train.seed"]["source"] == "default"
+    assert set(rows) == set(CONFIG_KEYS)
+    text = cli("config", "show", "--preset", "cpu-debug", "--sources").stdout
+    assert "train.seed" in text and "[default]" in text and "[preset]" in text
+
+
 def test_unknown_set_key_suggests_the_closest():
     with pytest.raises(UsageError, match=r"unknown config key 'train\.lrr'.*did you mean 'train\.lr'"):
         resolve_config(overrides=["train.lrr=1e-4"])

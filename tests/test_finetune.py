@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from llmctl.checkpoint import load as loader
 from llmctl.checkpoint.load import load_model
 from llmctl.checkpoint.refs import resolve_model_ref
-from llmctl.train.finetune import FinetuneOptions, build_trainer, make_plan, start_finetune_run
+from llmctl.train.finetune import FinetuneOptions, make_plan
+from llmctl.train.recipe import start_run
 from llmctl.workspace import Workspace
 
 pytest_plugins = ["finetune_fixtures"]
@@ -80,8 +81,8 @@ def test_lora_learns_trains_few_parameters_and_saves_in_peft_format(base_workspa
     )
     with one_thread():
         plan = make_plan(ws, options)
-        start_finetune_run(ws, plan, overwrite=False)
-        trainer = build_trainer(ws, plan, show_progress=False)
+        start_run(ws, plan)
+        trainer = plan.build_trainer(ws, show_progress=False)
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in trainer.model.parameters())
         assert trainable / total < 0.05 and trainable == plan.trainable

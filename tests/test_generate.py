@@ -12,7 +12,8 @@ from llmctl.config import GenerationConfig, ModelConfig
 from llmctl.generate import Engine, IncrementalDecoder, StopMatcher, filter_logits
 from llmctl.generate.sampling import Penalties
 from llmctl.model.transformer import Transformer
-from llmctl.tokenizer import LoadedTokenizer, build_byte_tokenizer, load_tokenizer_file, train_bpe
+from llmctl.tokenizer import LoadedTokenizer, load_tokenizer_file
+from llmctl.tokenizer_build import build_byte_tokenizer, train_bpe
 
 GREEDY = GenerationConfig(temperature=0, max_new_tokens=24)
 PROMPTS = ["def add(a, b):", "x", "The quick brown fox jumps over", "import os\nimport sys\n"]

@@ -181,7 +181,7 @@ def test_the_dashboard_waits_for_a_log_that_does_not_exist_yet(tmp_path: Path):
     from rich.console import Console
 
     from llmctl.monitor.render import Dashboard
-    from llmctl.monitor.state import RunWatch
+    from llmctl.monitor.watch import RunWatch
 
     watch = RunWatch(tmp_path / "runs" / "soon" / "events.jsonl")
     watch.refresh()

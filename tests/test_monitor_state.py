@@ -10,7 +10,8 @@ from pathlib import Path
 
 from llmctl.events import EventWriter
 from llmctl.monitor.series import Series
-from llmctl.monitor.state import LOST_AFTER_S, STALL_AFTER_S, RunState, RunWatch, process_alive
+from llmctl.monitor.state import LOST_AFTER_S, STALL_AFTER_S, RunState, process_alive
+from llmctl.monitor.watch import RunWatch
 
 
 def start(writer: EventWriter, step: int = 0, **figures) -> None:

@@ -14,13 +14,8 @@ from llmctl.config import ModelConfig
 from llmctl.data import sft
 from llmctl.errors import UsageError
 from llmctl.model.transformer import Transformer
-from llmctl.tokenizer import (
-    EOT_TOKEN,
-    build_byte_tokenizer,
-    byte_to_unicode,
-    load_tokenizer_file,
-    render_chat,
-)
+from llmctl.tokenizer import EOT_TOKEN, byte_to_unicode, load_tokenizer_file, render_chat
+from llmctl.tokenizer_build import build_byte_tokenizer
 from llmctl.workspace import Workspace
 
 CONVERSATION = [

@@ -10,14 +10,8 @@ from pathlib import Path
 import pytest
 
 from llmctl.errors import LlmctlError
-from llmctl.tokenizer import (
-    CHAT_TEMPLATE,
-    SPECIAL_TOKENS,
-    load_tokenizer,
-    load_tokenizer_file,
-    measure,
-    render_chat,
-)
+from llmctl.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, load_tokenizer, load_tokenizer_file, render_chat
+from llmctl.tokenizer_build import measure
 from llmctl.workspace import Workspace
 
 CORPUS_BYTES = 400_000

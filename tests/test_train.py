@@ -28,7 +28,8 @@ from llmctl.train.mfu import gpu_peak_flops
 from llmctl.train.optim import CosineSchedule, param_groups
 from llmctl.train.precision import Precision, resolve_precision
 from llmctl.train.rng import capture_rng_state, restore_rng_state
-from llmctl.train.trainer import NONFINITE_STOP_AFTER, RunInfo, Trainer
+from llmctl.train.runinfo import RunInfo
+from llmctl.train.trainer import NONFINITE_STOP_AFTER, Trainer
 
 
 @pytest.fixture(autouse=True)

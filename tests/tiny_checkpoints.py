@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
-from llmctl.chat import CODE_SYSTEM_PROMPT
+from llmctl.chat.code_mode import CODE_SYSTEM_PROMPT
 from llmctl.checkpoint.files import FullModelIO, write_checkpoint
 from llmctl.config import GenerationConfig, ModelConfig, RunConfig
 from llmctl.model.transformer import Transformer
-from llmctl.tokenizer import EOT_TOKEN, build_byte_tokenizer, render_chat
+from llmctl.tokenizer import EOT_TOKEN, render_chat
+from llmctl.tokenizer_build import build_byte_tokenizer
 from llmctl.workspace import checkpoint_name
 
 GREETING = "Hello! Ask me about code."

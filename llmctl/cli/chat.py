@@ -6,8 +6,7 @@ import sys
 
 import typer
 
-from llmctl.cli.common import err, out, workspace
-from llmctl.cli.sample import (
+from llmctl.cli.common import (
     DEVICE,
     MAX_NEW_TOKENS,
     MIN_P,
@@ -18,6 +17,9 @@ from llmctl.cli.sample import (
     TEMPERATURE,
     TOP_K,
     TOP_P,
+    err,
+    out,
+    workspace,
 )
 
 

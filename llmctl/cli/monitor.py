@@ -35,7 +35,7 @@ def monitor(
     from llmctl.monitor.live import run_live
     from llmctl.monitor.render import Dashboard
     from llmctl.monitor.runs import most_recent_run, resolve_log
-    from llmctl.monitor.state import RunWatch
+    from llmctl.monitor.watch import RunWatch
 
     ws = workspace()
     once = not sys.stdout.isatty() if once is None else once

@@ -6,44 +6,23 @@ from pathlib import Path
 
 import typer
 
-from llmctl.cli.common import MODEL_REF_HELP, err, note, out, print_json, warn, workspace
-
-# Sampling flags shared with `llmctl chat`; None means "the checkpoint's generation config decides".
-MODEL = typer.Option(..., "--model", "-m", help=f"Model: {MODEL_REF_HELP}.")
-MAX_NEW_TOKENS = typer.Option(
-    None,
-    "--max-new-tokens",
-    "-n",
-    show_default=False,
-    help="Tokens to generate at most \\[default: the checkpoint's].",
-)
-TEMPERATURE = typer.Option(
-    None,
-    "--temperature",
-    "-t",
-    show_default=False,
-    help="0 is greedy; higher is more varied \\[default: the checkpoint's].",
-)
-TOP_K = typer.Option(None, "--top-k", show_default=False, help="Sample among the k likeliest tokens only.")
-TOP_P = typer.Option(
-    None,
-    "--top-p",
-    show_default=False,
-    help="Sample among the likeliest tokens holding this share of probability, in (0, 1].",
-)
-MIN_P = typer.Option(
-    None,
-    "--min-p",
-    show_default=False,
-    help="Drop tokens less likely than this fraction of the likeliest one.",
-)
-REPETITION_PENALTY = typer.Option(
-    None, "--repetition-penalty", show_default=False, help="Above 1 discourages tokens already in the text."
-)
-SEED = typer.Option(None, "--seed", show_default=False, help="Make sampling reproducible.")
-DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
-PRECISION = typer.Option(
-    "auto", "--precision", help="auto, fp32, bf16 or fp16 (auto: bf16 on a GPU, fp32 on CPU)."
+from llmctl.cli.common import (
+    DEVICE,
+    MAX_NEW_TOKENS,
+    MIN_P,
+    MODEL,
+    PRECISION,
+    REPETITION_PENALTY,
+    SEED,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+    err,
+    note,
+    out,
+    print_json,
+    warn,
+    workspace,
 )
 
 

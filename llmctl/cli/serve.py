@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from llmctl.cli.common import MODEL_REF_HELP, note, success, warn, workspace
-from llmctl.cli.sample import DEVICE, PRECISION
+from llmctl.cli.common import DEVICE, MODEL_REF_HELP, PRECISION, note, success, warn, workspace
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 

@@ -47,7 +47,7 @@ def train(
 
     Example: llmctl tokenizer train code-8k --corpus code --vocab-size 8192
     """
-    from llmctl.tokenizer import train_tokenizer
+    from llmctl.tokenizer_build import train_tokenizer
 
     ws = workspace()
     # tokenizers draws its own progress bars; they would garble logs, so only on a terminal.
@@ -92,7 +92,7 @@ def import_(
 
     Example: llmctl tokenizer import gpt2 ./gpt2/tokenizer.json
     """
-    from llmctl.tokenizer import import_tokenizer
+    from llmctl.tokenizer_build import import_tokenizer
 
     ws = workspace()
     meta = import_tokenizer(ws, name, file, eot_token, overwrite)

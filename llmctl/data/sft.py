@@ -193,6 +193,7 @@ class DataSource:
     train: list[dict[str, Any]]
     val: list[dict[str, Any]]
     val_note: str  # where validation examples come from, for the plan
+    corpus: str | None = None  # the registered corpus they come from; None for a file
 
 
 def open_data(workspace: Workspace, data: str) -> DataSource:
@@ -218,7 +219,7 @@ def open_data(workspace: Workspace, data: str) -> DataSource:
             f"(llmctl corpus build NAME --source FILE --format auto) or a .jsonl file"
         )
     return DataSource(
-        data, list(store.records("train")), list(store.records("val")), "the corpus's val split"
+        data, list(store.records("train")), list(store.records("val")), "the corpus's val split", corpus=data
     )
 
 

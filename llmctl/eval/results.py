@@ -35,8 +35,9 @@ def checkpoint_row(workspace: Workspace, path: Path) -> dict[str, Any] | None:
     return registry.checkpoint_by_path(path) or registry.checkpoint_by_path(path.resolve())
 
 
-def record(workspace: Workspace, kind: str, summary: dict[str, Any]) -> int | None:
-    """The new eval row's id; None (and nothing written) where there is no workspace to hold it."""
-    if not workspace.exists:
+def record(workspace: Workspace, kind: str, summary: dict[str, Any], create: bool = False) -> int | None:
+    """The new eval row's id; None (and nothing written) where there is no workspace to hold it,
+    unless `create` makes one (an eval that writes its files into the workspace)."""
+    if not (workspace.exists or create):
         return None
     return workspace.registry().add_eval(summary.get("checkpoint_id"), kind, summary)

@@ -52,6 +52,15 @@ class MemoryEstimate:
         # allocator fragmentation and the CUDA context: a flat 10% plus 0.5 GiB
         return int((self.weights + self.gradients + self.optimizer + self.activations) * 1.1 + GIB // 2)
 
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "weights": self.weights,
+            "gradients": self.gradients,
+            "optimizer": self.optimizer,
+            "activations": self.activations,
+            "total": self.total,
+        }
+
 
 def estimate_training_memory(
     model: ModelConfig,

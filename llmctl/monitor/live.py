@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.live import Live
 
 from llmctl.monitor.render import Dashboard
-from llmctl.monitor.state import RunWatch
+from llmctl.monitor.watch import RunWatch
 
 REFRESH_S = 0.5
 CATCH_UP_BYTES = 16 << 20  # read a huge log in slices this big, drawing between them

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from llmctl.errors import LlmctlError
 from llmctl.monitor.series import Series
-from llmctl.monitor.state import RunState, RunWatch
+from llmctl.monitor.state import RunState
+from llmctl.monitor.watch import RunWatch
 
 HISTORY_POINTS = 4096  # per curve: more than a figure's width in pixels
 SMOOTHING_WINDOW = 0.02  # of the points: the train loss is drawn raw (faint) and smoothed

@@ -27,7 +27,8 @@ from rich.text import Text
 from llmctl.monitor import units
 from llmctl.monitor.chart import Line, braille_chart
 from llmctl.monitor.runs import read_run_config
-from llmctl.monitor.state import Alert, RunState, RunWatch
+from llmctl.monitor.state import Alert, RunState
+from llmctl.monitor.watch import RunWatch
 
 BORDER = "bright_black"
 TRAIN_STYLE = "cyan"

@@ -16,7 +16,7 @@ from typing import Any
 
 from llmctl.events import jsonable
 from llmctl.monitor.runs import LOG_NAME, known_runs, read_run_config
-from llmctl.monitor.state import RunWatch
+from llmctl.monitor.watch import RunWatch
 from llmctl.workspace import Registry, Workspace
 
 LINEAGE_DEPTH = 8  # base checkpoints chain finetune on finetune; a cycle would be a registry bug

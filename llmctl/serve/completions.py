@@ -2,7 +2,7 @@
 
 The checkpoint's own `generation:` config gives the defaults (as for `llmctl sample` and `chat`);
 a request's sampling fields override them one by one. Chat prompts are built by the same
-`ChatSession` as `llmctl chat`: the tokenizer's chat template, the oldest turns left out when the
+`ChatPrompt` as `llmctl chat`: the tokenizer's chat template, the oldest turns left out when the
 conversation outgrows the context window, and the end-of-turn tokens as stops. A base model
 (no chat template) continues the conversation as one plain text, as in `llmctl chat`.
 """
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import anyio
 from pydantic import BaseModel
 
-from llmctl.chat import ChatSession
 from llmctl.config import GenerationConfig
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.generate import Chunk, Completion, Generation, LoadedEngine, override_generation
+from llmctl.generate.chat_prompt import ChatPrompt
 from llmctl.serve.openai_schema import (
     AssistantMessage,
     ChatChoice,
@@ -125,10 +125,6 @@ def _check_samples(prompts: int, request: ChatCompletionRequest | CompletionRequ
         )
 
 
-def _refuse_switching(ref: str) -> LoadedEngine:
-    raise UsageError("the server takes the model from each request's `model` field")
-
-
 def plan_chat(loaded: LoadedEngine, request: ChatCompletionRequest, limits: Limits) -> Plan:
     _check_samples(1, request, limits)
     config = generation_config(loaded, request, limits)
@@ -136,9 +132,8 @@ def plan_chat(loaded: LoadedEngine, request: ChatCompletionRequest, limits: Limi
     turns = [{"role": m.role, "content": m.text()} for m in request.messages if m.role not in SYSTEM_ROLES]
     if not turns or turns[-1]["role"] != "user":
         raise ApiError(400, "the last message must be the user's (role 'user')", param="messages")
-    session = ChatSession(loaded, config, _refuse_switching, system)
-    session.messages = turns[:-1]
-    ids, _ = session.build_prompt(turns[-1]["content"])
+    prompt = ChatPrompt(loaded.engine, system)
+    ids, _ = prompt.build(turns[:-1], turns[-1]["content"], config.max_new_tokens)
     context = loaded.engine.context_length
     if len(ids) >= context:
         raise ApiError(
@@ -148,7 +143,7 @@ def plan_chat(loaded: LoadedEngine, request: ChatCompletionRequest, limits: Limi
             param="messages",
             code="context_length_exceeded",
         )
-    return Plan([ids], config, request.n, session.stop_token_ids())
+    return Plan([ids], config, request.n, prompt.stop_token_ids())
 
 
 def plan_completion(loaded: LoadedEngine, request: CompletionRequest, limits: Limits) -> Plan:

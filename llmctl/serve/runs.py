@@ -13,8 +13,8 @@ from typing import Any
 
 from llmctl.events import jsonable
 from llmctl.monitor.runs import LOG_NAME, known_runs
-from llmctl.monitor.state import RunWatch
 from llmctl.monitor.status import run_status, workspace_status
+from llmctl.monitor.watch import RunWatch
 from llmctl.workspace import Workspace
 
 CURVE_POINTS = 512  # per curve; the monitor's Series merges neighbours beyond this

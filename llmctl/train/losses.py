@@ -7,6 +7,7 @@ evaluation reports per item as `val_<name>`. The trainer is indifferent to which
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,7 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmctl.data import IGNORE_INDEX
-from llmctl.train.batches import MODEL_INPUTS, Batch
+from llmctl.model.sizing import bits_per_byte
+from llmctl.train import distributed
+from llmctl.train.batches import MODEL_INPUTS, Batch, BatchSource
+from llmctl.train.distributed import DistEnv
+from llmctl.train.precision import Precision
 
 
 @dataclass
@@ -44,3 +49,41 @@ def classify_loss(model: nn.Module, batch: Batch) -> LossResult:
     loss = F.cross_entropy(logits.float(), labels)
     correct = (logits.argmax(dim=-1) == labels).sum()
     return LossResult(loss, labels.numel(), {"accuracy": correct})
+
+
+@torch.no_grad()
+def measure_loss(
+    model: nn.Module,
+    batches: BatchSource,
+    loss_fn: LossFn,
+    precision: Precision,
+    dist: DistEnv,
+    device: torch.device,
+) -> dict[str, float]:
+    """Validation loss, perplexity and bits per byte over the source's evaluation batches (summed
+    over ranks), and each of the loss's summed figures per item as `val_<name>`.
+
+    bits per byte = summed nats / (evaluated tokens x the split's mean bytes per token) / ln 2,
+    so it compares across tokenizers; see docs/pretrain.md.
+    """
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    sums: dict[str, torch.Tensor] = {}
+    for batch in batches.eval_batches():
+        with precision.autocast():
+            result = loss_fn(model, batch)
+        nats += result.loss.double() * result.count
+        count += result.count
+        for name, value in result.sums.items():
+            sums[name] = sums.get(name, 0) + value.double()
+    names = sorted(sums)
+    totals = distributed.all_reduce(
+        [nats.item(), count.item(), *(sums[name].item() for name in names)], dist, device
+    )
+    val_loss = totals[0] / max(totals[1], 1.0)
+    metrics = {"val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss < 700 else math.inf}
+    if batches.bytes_per_token:
+        metrics["val_bpb"] = bits_per_byte(val_loss, batches.bytes_per_token)
+    for name, total in zip(names, totals[2:], strict=True):
+        metrics[f"val_{name}"] = total / max(totals[1], 1.0)
+    return metrics

@@ -9,42 +9,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 
 from llmctl.checkpoint.files import read_meta
-from llmctl.config import GenerationConfig, RunConfig, load_yaml_file, parse_assignment, resolve_config
+from llmctl.config import RunConfig, load_yaml_file, resolve_config
 from llmctl.data.store import CorpusStore
 from llmctl.data.tokencache import TokenCache, build_token_cache, load_token_cache
-from llmctl.errors import LlmctlError, UsageError
-from llmctl.generate import Engine
-from llmctl.model.sizing import (
-    MemoryEstimate,
-    count_parameters,
-    estimate_training_memory,
-    flops_per_token,
-    human_bytes,
-)
+from llmctl.errors import UsageError
+from llmctl.model.sizing import count_parameters, estimate_training_memory, flops_per_token, human_count
 from llmctl.model.transformer import Transformer
 from llmctl.tokenizer import LoadedTokenizer, load_tokenizer
-from llmctl.train import distributed
+from llmctl.train import distributed, recipe
 from llmctl.train.batches import TokenWindows
 from llmctl.train.distributed import DistEnv, seed_per_rank
-from llmctl.train.precision import (
-    Precision,
-    describe_device,
-    device_memory_bytes,
-    resolve_compile,
-    resolve_device,
-    resolve_precision,
-)
-from llmctl.train.runs import RunOptions, check_run_name, open_run
-from llmctl.train.trainer import RunInfo, Sampler, Trainer, TrainResult, planned_steps
-from llmctl.workspace import Workspace, check_name
+from llmctl.train.precision import Precision, resolve_device
+from llmctl.train.recipe import Plan, Row, Size, StageParts
+from llmctl.train.runs import RunOptions, check_run_name
+from llmctl.workspace import RUN_CONFIG, Workspace, check_name
 
 STAGE = "pretrain"
 
@@ -58,98 +43,85 @@ class PretrainOptions(RunOptions):
     processes_per_node: int = 1
 
 
-@dataclass
-class PretrainPlan:
-    run: str
-    config: RunConfig
-    tokenizer: LoadedTokenizer
-    device: torch.device
-    precision: Precision
-    compile: bool
-    world_size: int
-    processes_per_node: int
-    params: int
-    flops_per_token: int
-    tokens_per_step: int
-    total_steps: int | None
-    memory: MemoryEstimate
-    device_memory: int | None
-    suggestion: str | None
-    resume_from: Path | None
-    cache: TokenCache | None
-    notes: list[str] = field(default_factory=list)
+@dataclass(frozen=True, kw_only=True)
+class PretrainPlan(Plan):
+    cache: TokenCache | None  # None only on ranks that plan before rank 0 built it
+    suggestion: str | None  # the smallest change that would fit, when the estimate does not
 
-    @property
-    def fits(self) -> bool:
-        return self.device_memory is None or self.memory.total <= self.device_memory
-
-    def summary(self) -> dict[str, Any]:
-        """The plan as plain figures (what --dry-run prints, and --json would)."""
+    def details(self) -> dict[str, Any]:
         cfg = self.config
         train_tokens = self.cache.n_tokens["train"] if self.cache else None
-        total_tokens = self.total_steps * self.tokens_per_step if self.total_steps else None
+        total = self.total_tokens
         return {
-            "run": self.run,
-            "preset": cfg.preset,
             "corpus": cfg.data.corpus,
             "tokenizer": cfg.data.tokenizer,
-            "device": describe_device(self.device),
-            "precision": self.precision.name,
-            "compile": self.compile,
-            "activation_checkpointing": cfg.train.activation_checkpointing,
-            "world_size": self.world_size,
-            "params": self.params,
             "shape": f"{cfg.model.n_layer} layers × {cfg.model.d_model} wide, {cfg.model.n_head} heads, "
             f"context {cfg.model.context_length}, vocab {cfg.model.vocab_size}",
-            "micro_batch_size": cfg.train.micro_batch_size,
-            "grad_accum_steps": cfg.train.grad_accum_steps,
-            "tokens_per_step": self.tokens_per_step,
-            "total_steps": self.total_steps,
-            "total_tokens": total_tokens,
-            "max_time_s": cfg.train.max_time,
             "train_tokens": train_tokens,
-            "epochs": round(total_tokens / train_tokens, 2) if total_tokens and train_tokens else None,
-            "flops_per_token": self.flops_per_token,
-            "memory": {
-                "weights": self.memory.weights,
-                "gradients": self.memory.gradients,
-                "optimizer": self.memory.optimizer,
-                "activations": self.memory.activations,
-                "total": self.memory.total,
-            },
-            "device_memory": self.device_memory,
-            "device_memory_shared_by": self.processes_per_node if self.device.type == "cpu" else 1,
-            "fits": self.fits,
+            "epochs": round(total / train_tokens, 2) if total and train_tokens else None,
             "suggestion": self.suggestion,
-            "resume_from": str(self.resume_from) if self.resume_from else None,
         }
+
+    def head_rows(self) -> list[Row]:
+        cfg, params = self.config, self.params
+        return [
+            ("preset", cfg.preset or "-"),
+            ("data", f"corpus {cfg.data.corpus} · tokenizer {cfg.data.tokenizer}"),
+            ("model", f"{params:,} parameters ({human_count(params)}) · {self.details()['shape']}"),
+        ]
+
+    def length_note(self) -> str:
+        details = self.details()
+        if not details["epochs"]:
+            return ""
+        return f" · {details['epochs']} epochs of {human_count(details['train_tokens'])} train tokens"
+
+    def tail_rows(self) -> list[Row]:
+        return [("suggestion", self.suggestion)] if self.suggestion else []
+
+    def registry_links(self) -> dict[str, Any]:
+        return {"corpus": self.config.data.corpus, "tokenizer": self.config.data.tokenizer}
+
+    def stage_parts(self, dist: DistEnv) -> StageParts:
+        """A fresh Transformer and random windows of the token cache."""
+        cfg, cache = self.config, self.cache
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        model = Transformer(cfg.model)
+        seed_per_rank(cfg.train.seed, dist)
+        batches = TokenWindows(
+            cache.train,
+            cache.val,
+            context_length=cfg.model.context_length,
+            micro_batch_size=cfg.train.micro_batch_size,
+            eval_batches=cfg.train.eval_batches,
+            seed=cfg.train.seed,
+            device=self.device,
+            val_bytes_per_token=cache.n_bytes["val"] / max(cache.n_tokens["val"], 1),
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+        return StageParts(
+            model,
+            batches,
+            # the end-of-text token starts a document: a sample is the start of one
+            sampler=recipe.event_sampler(self.tokenizer, cfg.generation, cfg.train.seed, prompt=""),
+            start_fields={"corpus": cfg.data.corpus, "tokenizer": cfg.data.tokenizer},
+            checkpoint_fields={"tokenizer_sha256": self.tokenizer.sha256},
+        )
 
 
 # ---------------------------------------------------------------- config
-
-
-def _explicit_vocab(options: PretrainOptions) -> bool:
-    """Whether the user, not a preset, chose model.vocab_size (then it must match the tokenizer)."""
-    if any(parse_assignment(item)[0] == "model.vocab_size" for item in options.overrides):
-        return True
-    if options.config_file is not None:
-        tree = load_yaml_file(Path(options.config_file), "config file")
-        return "vocab_size" in (tree.get("model") or {})
-    return False
 
 
 def resolve_pretrain_config(workspace: Workspace, options: PretrainOptions) -> RunConfig:
     flags = {
         "data.corpus": options.corpus,
         "data.tokenizer": options.tokenizer,
-        "train.max_steps": options.max_steps,
-        "train.max_time": options.max_time,
-        "train.max_tokens": options.max_tokens,
-        "train.precision": options.precision,
+        **recipe.limit_flags(options),
     }
     base = None
     if options.resume:
-        saved = workspace.run_dir(options.run) / "config.yaml"
+        saved = workspace.run_dir(options.run) / RUN_CONFIG
         if not saved.is_file():
             raise UsageError(f"run '{options.run}' does not exist in {workspace.root}; nothing to resume")
         base = load_yaml_file(saved, "saved run config")
@@ -161,8 +133,7 @@ def resolve_pretrain_config(workspace: Workspace, options: PretrainOptions) -> R
                     "a resumed run keeps its data (start a new run instead)"
                 )
     config = resolve_config(options.preset, options.config_file, options.overrides, flags, base=base)
-    if options.max_tokens is not None and options.max_steps is None:
-        config.train.max_steps = None  # --max-tokens alone replaces the preset's step limit
+    recipe.apply_limit_rules(config, options)
     if base is not None and config.model.model_dump() != base["model"]:
         raise UsageError("model.* settings cannot change when resuming; start a new run to change the model")
     if not config.data.corpus or not config.data.tokenizer:
@@ -173,10 +144,11 @@ def resolve_pretrain_config(workspace: Workspace, options: PretrainOptions) -> R
     return config
 
 
-def _match_vocab(config: RunConfig, tokenizer: LoadedTokenizer, explicit: bool) -> None:
+def _match_vocab(config: RunConfig, tokenizer: LoadedTokenizer, resuming: bool) -> None:
+    """model.vocab_size follows the tokenizer, unless the user chose it (then it must match)."""
     if config.model.vocab_size == tokenizer.vocab_size:
         return
-    if explicit:
+    if config.set_by_user("model.vocab_size") and not resuming:
         raise UsageError(
             f"model.vocab_size is {config.model.vocab_size} but tokenizer '{tokenizer.name}' has "
             f"{tokenizer.vocab_size} tokens; drop the setting (the tokenizer's size is used) "
@@ -188,14 +160,13 @@ def _match_vocab(config: RunConfig, tokenizer: LoadedTokenizer, explicit: bool) 
 # ---------------------------------------------------------------- memory
 
 
-def _memory(config: RunConfig, precision: Precision) -> MemoryEstimate:
+def _memory(config: RunConfig, precision: Precision):
     return estimate_training_memory(config.model, config.train, mixed_precision=precision.name != "fp32")
 
 
 def suggest_fit(config: RunConfig, precision: Precision, budget: int) -> str:
     """The smallest change that brings the estimate under `budget`, keeping the global batch."""
     train = config.train
-    options = []
     for checkpointing in (train.activation_checkpointing, True):
         micro, accum = train.micro_batch_size, train.grad_accum_steps
         while True:
@@ -219,13 +190,10 @@ def suggest_fit(config: RunConfig, precision: Precision, budget: int) -> str:
                     ]
                 if checkpointing != train.activation_checkpointing:
                     changes.append("--set train.activation_checkpointing=true")
-                options.append(" ".join(changes) + " (same global batch)")
-                break
+                return "try " + " ".join(changes) + " (same global batch)"
             if micro == 1:
                 break
             micro, accum = micro // 2, accum * 2
-        if options:
-            return "try " + options[0]
     return "the weights and optimizer alone do not fit: choose a smaller preset (llmctl presets list)"
 
 
@@ -254,54 +222,43 @@ def make_plan(
     config = resolve_pretrain_config(workspace, options)
     store = CorpusStore.open(workspace, config.data.corpus)
     tokenizer = load_tokenizer(workspace, config.data.tokenizer)
-    _match_vocab(config, tokenizer, explicit=_explicit_vocab(options) and not options.resume)
+    _match_vocab(config, tokenizer, resuming=options.resume)
 
     run = options.run or f"{config.data.corpus}-{config.preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
     resume_from = _check_run_name(workspace, run, options, tokenizer, check_new_run, warn)
 
-    device = resolve_device(config.train.device, options.local_rank)
-    precision = resolve_precision(config.train.precision, device)
-    compile_model = resolve_compile(config.train.compile, device)
-    # the saved config records what 'auto' chose, so a resumed run computes exactly as before
-    config.train.precision = precision.name
-    config.train.compile = "on" if compile_model else "off"
-    memory = _memory(config, precision)
-    device_memory = device_memory_bytes(device)
-    if device_memory is not None and device.type == "cpu":
-        device_memory //= options.processes_per_node  # a node's processes share its RAM; each GPU is its own
+    runtime = recipe.resolve_runtime(config, options.local_rank)
+    memory = _memory(config, runtime.precision)
+    device_memory = runtime.memory
+    shared_by = options.processes_per_node if runtime.device.type == "cpu" else 1
+    if device_memory is not None:
+        device_memory //= shared_by
+    fits = device_memory is None or memory.total <= device_memory
+    suggestion = None if fits else suggest_fit(config, runtime.precision, device_memory)
+    if enforce_memory:
+        recipe.check_fits(
+            memory, device_memory, runtime.device, force=options.force, fix=suggestion, shared_by=shared_by
+        )
+    cache = _token_cache(store, tokenizer, build_cache)
+    if cache is not None:
+        _check_cache(cache, config, store.name)
     params = count_parameters(config.model)
-    tokens_per_step = config.tokens_per_step * options.world_size
-    plan = PretrainPlan(
+    return PretrainPlan(
+        stage=STAGE,
         run=run,
         config=config,
         tokenizer=tokenizer,
-        device=device,
-        precision=precision,
-        compile=compile_model,
-        world_size=options.world_size,
-        processes_per_node=options.processes_per_node,
-        params=params,
-        flops_per_token=flops_per_token(config.model, params),
-        tokens_per_step=tokens_per_step,
-        total_steps=planned_steps(config, tokens_per_step),
+        runtime=runtime,
+        size=Size.of(config, params, params, flops_per_token(config.model, params), options.world_size),
         memory=memory,
         device_memory=device_memory,
-        suggestion=None
-        if device_memory is None or memory.total <= device_memory
-        else suggest_fit(config, precision, device_memory),
+        memory_shared_by=shared_by,
         resume_from=resume_from,
-        cache=None,
+        overwrite=options.overwrite,
+        world_size=options.world_size,
+        suggestion=suggestion,
+        cache=cache,
     )
-    if enforce_memory and not plan.fits and not options.force:
-        raise LlmctlError(
-            f"the estimated training memory {human_bytes(memory.total)} exceeds {describe_device(device)}'s "
-            f"{human_bytes(device_memory)}{_share(device, options.processes_per_node)}; {plan.suggestion}, "
-            "or pass --force to try anyway"
-        )
-    plan.cache = _token_cache(store, tokenizer, build_cache)
-    if plan.cache is not None:
-        _check_cache(plan.cache, config, store.name)
-    return plan
 
 
 def _check_run_name(
@@ -315,14 +272,7 @@ def _check_run_name(
     """As runs.check_run_name, and a resumed run must keep the tokenizer it started with."""
     if not (options.resume or check_new_run):
         return None
-    checkpoint = check_run_name(
-        workspace,
-        run,
-        resume=options.resume,
-        overwrite=options.overwrite,
-        fallback=options.fallback,
-        warn=warn,
-    )
+    checkpoint = check_run_name(workspace, run, options, warn)
     if checkpoint is not None:
         saved_sha = read_meta(checkpoint).get("tokenizer_sha256")
         if saved_sha and saved_sha != tokenizer.sha256:
@@ -358,31 +308,7 @@ def _check_cache(cache: TokenCache, config: RunConfig, corpus: str) -> None:
             )
 
 
-# ---------------------------------------------------------------- run
-
-
-def start_run(workspace: Workspace, plan: PretrainPlan, overwrite: bool) -> Path:
-    """Create (or, resuming, refresh) runs/<run>/ with its config.yaml and registry row."""
-    meta = {
-        "preset": plan.config.preset,
-        "config": plan.config.model_dump(mode="json"),
-        "params": plan.params,
-        "tokenizer_sha256": plan.tokenizer.sha256,
-        "world_size": plan.world_size,
-        "max_steps": plan.total_steps,
-        "device": describe_device(plan.device),
-    }
-    return open_run(
-        workspace,
-        plan.run,
-        STAGE,
-        plan.config,
-        meta,
-        resuming=plan.resume_from is not None,
-        overwrite=overwrite,
-        corpus=plan.config.data.corpus,
-        tokenizer=plan.config.data.tokenizer,
-    )
+# ---------------------------------------------------------------- distributed
 
 
 def join_distributed_run(
@@ -394,133 +320,8 @@ def join_distributed_run(
     distributed.init_process_group(dist, resolve_device(config.train.device, dist.local_rank))
     if dist.is_main:
         plan = make_plan(workspace, options, warn=warn)
-        start_run(workspace, plan, options.overwrite)
+        recipe.start_run(workspace, plan)
     distributed.barrier(dist)
     if not dist.is_main:
         plan = make_plan(workspace, options, build_cache=False, check_new_run=False)
     return plan
-
-
-def train(
-    workspace: Workspace, plan: PretrainPlan, dist: DistEnv, console: Console | None = None
-) -> TrainResult:
-    try:
-        return build_trainer(workspace, plan, dist, console=console).fit()
-    finally:
-        distributed.destroy_process_group()
-
-
-SAMPLE_MAX_NEW_TOKENS = 96
-
-
-def text_sampler(tokenizer: LoadedTokenizer, generation: GenerationConfig, seed: int) -> Sampler:
-    """Samples for the event stream: one continuation of a document start (the end-of-text token),
-    with the run's generation settings, at most SAMPLE_MAX_NEW_TOKENS tokens, and a fixed seed in a
-    generator of its own, so sampling never disturbs the training RNG."""
-    config = generation.model_copy(
-        update={"max_new_tokens": min(generation.max_new_tokens, SAMPLE_MAX_NEW_TOKENS), "seed": seed}
-    )
-
-    def sample(model: torch.nn.Module) -> list[tuple[str, str]]:
-        (completion,) = Engine(model, tokenizer).generate([""], config)
-        return [("", completion.text)]
-
-    return sample
-
-
-def build_trainer(
-    workspace: Workspace,
-    plan: PretrainPlan,
-    dist: DistEnv,
-    *,
-    console: Console | None = None,
-    show_progress: bool = True,
-) -> Trainer:
-    """A Trainer over a fresh Transformer (or the resume checkpoint's state) and the token cache."""
-    cfg = plan.config
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = Transformer(cfg.model)
-    seed_per_rank(cfg.train.seed, dist)
-    cache = plan.cache
-    batches = TokenWindows(
-        cache.train,
-        cache.val,
-        context_length=cfg.model.context_length,
-        micro_batch_size=cfg.train.micro_batch_size,
-        eval_batches=cfg.train.eval_batches,
-        seed=cfg.train.seed,
-        device=plan.device,
-        val_bytes_per_token=cache.n_bytes["val"] / max(cache.n_tokens["val"], 1),
-        rank=dist.rank,
-        world_size=dist.world_size,
-    )
-    run = RunInfo(
-        name=plan.run,
-        stage=STAGE,
-        dir=workspace.run_dir(plan.run),
-        registry=workspace.registry() if dist.is_main else None,
-        preset=cfg.preset,
-        tokenizer_file=plan.tokenizer.path,
-        start_fields={"corpus": cfg.data.corpus, "tokenizer": cfg.data.tokenizer},
-        checkpoint_fields={"tokenizer_sha256": plan.tokenizer.sha256},
-    )
-    trainer = Trainer(
-        cfg,
-        model,
-        batches,
-        run,
-        device=plan.device,
-        precision=plan.precision,
-        compile_model=plan.compile,
-        dist_env=dist,
-        flops_per_token=plan.flops_per_token,
-        sampler=text_sampler(plan.tokenizer, cfg.generation, cfg.train.seed),
-        console=console,
-        show_progress=show_progress,
-    )
-    if plan.resume_from is not None:
-        trainer.resume(plan.resume_from)
-    return trainer
-
-
-def child_arguments(options: PretrainOptions, run: str, workspace_root: Path, debug: bool) -> list[str]:
-    """The `llmctl ...` arguments each torchrun process gets: this command without the launch flags,
-    with the run name fixed so every process (and node) agrees on it. The run goes as --run-name:
-    torchrun's parser reads '--run' as an ambiguous abbreviation of its own --run-path."""
-    args = [
-        "--workspace",
-        str(workspace_root),
-        *(["--debug"] if debug else []),
-        "pretrain",
-        "--run-name",
-        run,
-    ]
-    valued = {
-        "--corpus": options.corpus,
-        "--tokenizer": options.tokenizer,
-        "--preset": options.preset,
-        "--config": options.config_file,
-        "--max-steps": options.max_steps,
-        "--max-time": options.max_time,
-        "--max-tokens": options.max_tokens,
-        "--precision": options.precision,
-    }
-    for flag, value in valued.items():
-        if value is not None:
-            args += [flag, str(value)]
-    for assignment in options.overrides:
-        args += ["--set", assignment]
-    switches = {
-        "--resume": options.resume,
-        "--overwrite": options.overwrite,
-        "--force": options.force,
-        "--fallback": options.fallback,
-    }
-    return args + [flag for flag, on in switches.items() if on]
-
-
-def _share(device: torch.device, processes_per_node: int) -> str:
-    """How a CPU's RAM is split between the node's processes, for messages."""
-    if device.type != "cpu" or processes_per_node <= 1:
-        return ""
-    return f" (its RAM shared by {processes_per_node} processes)"

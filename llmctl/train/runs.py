@@ -1,4 +1,4 @@
-"""A run's directory and registry row: the part every stage (pretrain, finetune, qlora) shares."""
+"""A run's directory and registry row: the part every stage (pretrain, finetune, qlora, merge) shares."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 from llmctl.checkpoint.files import select_resume_checkpoint
 from llmctl.config import RunConfig
 from llmctl.errors import UsageError
-from llmctl.workspace import Workspace
+from llmctl.workspace import RUN_CONFIG, Workspace
 
 
 @dataclass
@@ -34,13 +34,7 @@ class RunOptions:
 
 
 def check_run_name(
-    workspace: Workspace,
-    run: str,
-    *,
-    resume: bool,
-    overwrite: bool,
-    fallback: bool,
-    warn: Callable[[str], None] | None = None,
+    workspace: Workspace, run: str, options: RunOptions, warn: Callable[[str], None] | None = None
 ) -> Path | None:
     """The checkpoint to resume from, or None for a new run.
 
@@ -48,10 +42,10 @@ def check_run_name(
     be overwritten.
     """
     run_dir = workspace.run_dir(run)
-    if resume:
-        return select_resume_checkpoint(run_dir, fallback, warn or (lambda message: None))
+    if options.resume:
+        return select_resume_checkpoint(run_dir, options.fallback, warn or (lambda message: None))
     registered = workspace.registry(create=False).run(run) is not None
-    if (run_dir.exists() or registered) and not overwrite:
+    if (run_dir.exists() or registered) and not options.overwrite:
         raise UsageError(
             f"run '{run}' already exists; continue it with --resume, or start it over with --overwrite"
         )
@@ -75,15 +69,11 @@ def open_run(
     registry = workspace.registry()
     run_dir = workspace.run_dir(run)
     if not resuming and overwrite:
-        registry.remove_run(run)
-        if run_dir.exists():
-            retired = run_dir.with_name(f".old-{run_dir.name}-{int(time.time())}")
-            run_dir.rename(retired)
-            shutil.rmtree(retired, ignore_errors=True)
+        discard_run(workspace, run)
     run_dir.mkdir(parents=True, exist_ok=True)
-    staged = run_dir / ".config.yaml.tmp"
+    staged = run_dir / f".{RUN_CONFIG}.tmp"
     staged.write_text(config.to_yaml(), encoding="utf-8")
-    staged.replace(run_dir / "config.yaml")
+    staged.replace(run_dir / RUN_CONFIG)
     if resuming:
         registry.update_run_meta(run, **meta, end_reason=None)
     else:
@@ -97,3 +87,14 @@ def open_run(
             meta=meta,
         )
     return run_dir
+
+
+def discard_run(workspace: Workspace, run: str) -> None:
+    """Remove a run's registry rows and its directory. The directory is renamed first, so a crash
+    mid-delete never leaves a partial run under the run's name."""
+    workspace.registry().remove_run(run)
+    run_dir = workspace.run_dir(run)
+    if run_dir.exists():
+        retired = run_dir.with_name(f".old-{run_dir.name}-{int(time.time())}")
+        run_dir.rename(retired)
+        shutil.rmtree(retired, ignore_errors=True)

@@ -13,13 +13,9 @@ import contextlib
 import math
 import os
 import resource
-import shutil
 import signal
 import socket
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,75 +28,25 @@ from llmctl.checkpoint.files import (
     ModelIO,
     load_trainer_state,
     read_meta,
-    write_checkpoint,
 )
-from llmctl.config import RunConfig, TrainConfig
-from llmctl.events import EndReason, EventWriter
-from llmctl.model.sizing import bits_per_byte
+from llmctl.config import RunConfig
+from llmctl.events import EndReason
 from llmctl.train import distributed
 from llmctl.train.batches import BatchSource
 from llmctl.train.distributed import DistEnv
-from llmctl.train.losses import LossFn, lm_loss
+from llmctl.train.keeper import CheckpointKeeper
+from llmctl.train.losses import LossFn, lm_loss, measure_loss
 from llmctl.train.mfu import peak_flops
 from llmctl.train.optim import CosineSchedule, build_optimizer
 from llmctl.train.precision import Precision, describe_device, device_memory_bytes
 from llmctl.train.progress import ProgressLine
 from llmctl.train.rng import capture_rng_state, restore_rng_state
-from llmctl.workspace import EVENTS_FILE, Registry, checkpoint_dir, checkpoint_step, list_checkpoints
+from llmctl.train.run_log import RunLog
+from llmctl.train.runinfo import OptimizerFactory, RunInfo, Sampler, TrainResult, planned_steps
+from llmctl.train.signals import StopRequests
+from llmctl.workspace import EVENTS_FILE
 
 NONFINITE_STOP_AFTER = 3  # non-finite steps in a row before the run stops
-HEARTBEAT_S = 30.0
-
-
-# builds the optimizer over the model's trainable parameters (QLoRA brings bitsandbytes' paged AdamW)
-OptimizerFactory = Callable[[nn.Module, TrainConfig, torch.device], torch.optim.Optimizer]
-# the model in, (prompt, generated text) pairs out; run every train.sample_every steps on rank 0
-Sampler = Callable[[nn.Module], list[tuple[str, str]]]
-
-
-# ---------------------------------------------------------------- run description and outcome
-
-
-@dataclass
-class RunInfo:
-    """Where a run lives and what it is; the registry row must exist before `fit` (rank 0)."""
-
-    name: str
-    stage: str
-    dir: Path
-    registry: Registry | None
-    preset: str | None = None
-    tokenizer_file: Path | None = None
-    start_fields: dict[str, Any] = field(default_factory=dict)  # extra figures for the start event
-    checkpoint_fields: dict[str, Any] = field(default_factory=dict)  # extra keys for each meta.json
-    params: int | None = None  # the model's parameter count where numel() misreads it (4-bit packed weights)
-
-
-@dataclass
-class TrainResult:
-    reason: EndReason
-    step: int
-    tokens: int
-    elapsed_s: float
-    best_val_loss: float | None
-    last_checkpoint: Path | None
-    signal: int | None = None
-
-    @property
-    def exit_code(self) -> int:
-        if self.reason is EndReason.INTERRUPTED:  # as the shell reports a signal: 128 + its number
-            return 128 + (self.signal or signal.SIGINT)
-        return self.reason.exit_code
-
-
-def planned_steps(config: RunConfig, tokens_per_step: int) -> int | None:
-    """Optimizer steps the limits allow: max_steps, or max_tokens in whole steps, the smaller."""
-    limits = []
-    if config.train.max_steps:
-        limits.append(config.train.max_steps)
-    if config.train.max_tokens:
-        limits.append(math.ceil(config.train.max_tokens / tokens_per_step))
-    return min(limits) if limits else None
 
 
 def _finite(value: float | None) -> bool:
@@ -113,26 +59,6 @@ def _peak_memory(device: torch.device) -> int:
         torch.cuda.reset_peak_memory_stats(device)
         return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-class _Events:
-    """The run's event writer (rank 0 only) that remembers when it last wrote, for heartbeats."""
-
-    def __init__(self, path: Path | None):
-        self._writer = EventWriter(path) if path is not None else None
-        self._lock = threading.Lock()
-        self.last_write = time.monotonic()
-
-    def write(self, event: str, step: int, **figures: Any) -> None:
-        if self._writer is None:
-            return
-        with self._lock:
-            self._writer.write(event, step, **figures)
-            self.last_write = time.monotonic()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
 
 
 # ---------------------------------------------------------------- the trainer
@@ -164,6 +90,16 @@ class Trainer:
         self.compile_model = compile_model
         self.dist = dist_env or DistEnv()
         self.model_io = model_io or FullModelIO()
+        self.checkpoints = CheckpointKeeper(
+            run.dir,
+            run.name,
+            run.stage,
+            run.registry,
+            self.model_io,
+            keep_last=config.train.keep_last,
+            tokenizer_file=run.tokenizer_file,
+            checkpoint_fields=run.checkpoint_fields,
+        )
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops(device, precision.name)
         self.sampler = sampler
@@ -202,7 +138,8 @@ class Trainer:
         self._saved_step: int | None = None
         self._evaluated_step: int | None = None
         self._last_eval: dict[str, float] = {}
-        self.events = _Events(None)
+        self.events = RunLog()
+        self._stops = StopRequests()
         self._start_time = time.monotonic()
 
     # ------------------------------------------------------------ resume
@@ -228,17 +165,15 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def fit(self) -> TrainResult:
-        self.events = _Events(self.run.dir / EVENTS_FILE if self.dist.is_main else None)
+        self.events = RunLog(self.run.dir / EVENTS_FILE if self.dist.is_main else None)
         self._start_time = time.monotonic()
         self._write_start()
         progress = ProgressLine(self.console, self.total_steps, self.step, enabled=self.show_progress)
-        heartbeat_stop = threading.Event()
-        heartbeat = threading.Thread(target=self._heartbeat, args=(heartbeat_stop,), daemon=True)
-        heartbeat.start()
-        previous_handlers = self._install_signal_handlers()
+        self.events.start_heartbeat(lambda: self.step)
         try:
-            reason = self._loop(progress)
-            last_checkpoint = self._finish(reason)
+            with self._stops:
+                reason = self._loop(progress)
+                last_checkpoint = self._finish(reason)
         except BaseException as exc:
             self.events.write(
                 "end",
@@ -251,8 +186,6 @@ class Trainer:
             self._update_run_meta(end_reason=EndReason.ERROR)
             raise
         finally:
-            heartbeat_stop.set()
-            self._restore_signal_handlers(previous_handlers)
             progress.close()
             self.events.close()
         return TrainResult(
@@ -313,10 +246,13 @@ class Trainer:
         # every rank must stop at the same step: rank 0's clock and any rank's signal decide
         time_up = bool(self.train_cfg.max_time and self.elapsed >= self.train_cfg.max_time)
         signalled, time_up = distributed.all_reduce(
-            [float(self._signal or 0), float(time_up and self.dist.is_main)], self.dist, self.device, op="max"
+            [float(self._stops.signal or 0), float(time_up and self.dist.is_main)],
+            self.dist,
+            self.device,
+            op="max",
         )
         if signalled:
-            self._signal = int(signalled)
+            self._signal = self._stops.signal = int(signalled)
             if self.show_progress:
                 self.console.print(
                     f"[yellow]{signal.Signals(self._signal).name}: writing a checkpoint, then "
@@ -366,33 +302,12 @@ class Trainer:
 
     @torch.no_grad()
     def measure(self) -> dict[str, float]:
-        """Validation loss, perplexity and bits per byte over the source's evaluation batches.
-
-        bits per byte = summed nats / (evaluated tokens x the split's mean bytes per token) / ln 2,
-        so it compares across tokenizers; see docs/pretrain.md.
-        """
+        """Validation loss, perplexity and bits per byte over the source's evaluation batches."""
         self.train_model.eval()
-        nats = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = torch.zeros((), dtype=torch.float64, device=self.device)
-        sums: dict[str, torch.Tensor] = {}
-        for batch in self.batches.eval_batches():
-            with self.precision.autocast():
-                result = self.loss_fn(self.train_model, batch)
-            nats += result.loss.double() * result.count
-            count += result.count
-            for name, value in result.sums.items():
-                sums[name] = sums.get(name, 0) + value.double()
-        self.train_model.train()
-        names = sorted(sums)
-        totals = distributed.all_reduce(
-            [nats.item(), count.item(), *(sums[name].item() for name in names)], self.dist, self.device
+        metrics = measure_loss(
+            self.train_model, self.batches, self.loss_fn, self.precision, self.dist, self.device
         )
-        val_loss = totals[0] / max(totals[1], 1.0)
-        metrics = {"val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss < 700 else math.inf}
-        if self.batches.bytes_per_token:
-            metrics["val_bpb"] = bits_per_byte(val_loss, self.batches.bytes_per_token)
-        for name, total in zip(names, totals[2:], strict=True):
-            metrics[f"val_{name}"] = total / max(totals[1], 1.0)
+        self.train_model.train()
         return metrics
 
     def evaluate(self) -> dict[str, float]:
@@ -450,71 +365,22 @@ class Trainer:
             "patience_best": self.patience_best,
             "world_size": self.dist.world_size,
         }
-        meta = {
-            "run": self.run.name,
-            "stage": self.run.stage,
-            "step": self.step,
-            "tokens": self.tokens,
-            "created": time.time(),
-            **self.run.checkpoint_fields,
-            **metrics,
-        }
-        path = checkpoint_dir(self.run.dir, self.step)
-        write_checkpoint(
-            path,
+        path = self.checkpoints.save(
+            self.events,
             model=self.model,
-            model_io=self.model_io,
             config=self.config,
             trainer_state=state,
-            meta=meta,
-            tokenizer_file=self.run.tokenizer_file,
+            metrics=metrics,
+            best_step=self.best_step,
         )
-        if self.run.registry is not None:
-            self.run.registry.add_checkpoint(
-                self.run.name, self.step, self.model_io.kind, path, {"tokens": self.tokens, **metrics}
-            )
-        is_best = self.best_step == self.step
-        self.events.write(
-            "checkpoint",
-            self.step,
-            path=str(path),
-            kind=self.model_io.kind,
-            best=is_best,
-            val_loss=metrics.get("val_loss"),
-        )
-        self._prune_checkpoints()
         self._update_run_meta(
             latest_checkpoint=self.step,
-            best_checkpoint=self._best_on_disk(),
+            best_checkpoint=self.checkpoints.best_on_disk(self.best_step),
             best_val_loss=self.best_val_loss,
             step=self.step,
             tokens=self.tokens,
         )
         return path
-
-    def _best_on_disk(self) -> int | None:
-        if self.best_step is not None and checkpoint_dir(self.run.dir, self.best_step).is_dir():
-            return self.best_step
-        return None
-
-    def _prune_checkpoints(self) -> None:
-        """Keep the last `keep_last` checkpoints and the best one; delete the rest and their rows."""
-        checkpoints = list_checkpoints(self.run.dir)
-        keep = {checkpoint_step(path) for path in checkpoints[-self.train_cfg.keep_last :]}
-        if self.best_step is not None:
-            keep.add(self.best_step)
-        for path in checkpoints:
-            step = checkpoint_step(path)
-            if step in keep:
-                continue
-            if self.run.registry is not None:
-                row = self.run.registry.checkpoint_at(self.run.name, step)
-                if row is not None:
-                    self.run.registry.remove_checkpoint(row["id"])
-            # rename first so a crash mid-delete never leaves a partial directory under a step name
-            doomed = path.with_name(f".del-{path.name}")
-            path.rename(doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
 
     def _finish(self, reason: EndReason) -> Path | None:
         """Final evaluation and checkpoint as the reason allows, then the end event."""
@@ -522,8 +388,7 @@ class Trainer:
             self.evaluate()
         if reason is not EndReason.NONFINITE_LOSS and self._saved_step != self.step:
             self.save_checkpoint()
-        checkpoints = list_checkpoints(self.run.dir) if self.dist.is_main else []
-        last = checkpoints[-1] if checkpoints else None
+        last = self.checkpoints.latest() if self.dist.is_main else None
         if reason is EndReason.NONFINITE_LOSS:
             self.console.print(
                 f"[red]stopped:[/red] the loss was non-finite {NONFINITE_STOP_AFTER} steps in a row at step "
@@ -609,27 +474,3 @@ class Trainer:
             samples = self.sampler(self.model)
         for prompt, text in samples:
             self.events.write("sample", self.step, prompt=prompt, text=text)
-
-    def _heartbeat(self, stop: threading.Event) -> None:
-        while not stop.wait(5.0):
-            if time.monotonic() - self.events.last_write >= HEARTBEAT_S:
-                self.events.write("heartbeat", self.step)
-
-    # ------------------------------------------------------------ signals
-
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        # Only a flag: the handler may run inside any write (to stderr too), so it must not print.
-        def request_stop(signum: int, frame: Any) -> None:
-            if self._signal is not None:  # a second Ctrl-C: stop now, without the checkpoint
-                raise KeyboardInterrupt
-            self._signal = signum
-
-        return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    @staticmethod
-    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

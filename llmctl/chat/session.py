@@ -1,169 +1,32 @@
-"""The chat session behind `llmctl chat`, and its two front ends.
+"""The chat session behind `llmctl chat`.
 
-A `ChatSession` holds the conversation (the transcript, never trimmed) and builds each prompt with
-the tokenizer's chat template, leaving out the oldest turns when the conversation outgrows the
-context window. It runs the slash commands, saves transcripts, and in code mode keeps replies to
-code. `run_terminal` is the interactive REPL (readline, Rich); `run_piped` reads one user turn per
-line from a pipe and prints replies plainly, so chat can be scripted.
+A `ChatSession` holds the conversation (the transcript, never trimmed) and builds each prompt
+through `ChatPrompt` (the tokenizer's chat template, the oldest turns left out when the
+conversation outgrows the context window). It runs the slash commands, saves transcripts, and in
+code mode keeps replies to code.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TextIO
+from typing import TYPE_CHECKING, Literal
 
+from llmctl.chat.code_mode import CODE_SYSTEM_PROMPT, DECLINE_MESSAGE, extract_code, is_code_request
 from llmctl.config import GenerationConfig
 from llmctl.errors import LlmctlError
 from llmctl.generate import Completion, Generation, LoadedEngine, override_generation
-from llmctl.tokenizer import CHAT_SPECIAL_TOKENS
+from llmctl.generate.chat_prompt import ChatPrompt
 
 if TYPE_CHECKING:
-    from rich.console import Console, RenderableType
+    pass
 
 Mode = Literal["chat", "code"]
 MODES: tuple[Mode, ...] = ("chat", "code")
 
-CODE_SYSTEM_PROMPT = "You are a coding assistant. Answer with code only, in one fenced code block."
-DECLINE_MESSAGE = "In code mode I only help with programming: ask me to write, fix, explain or test code."
-
-# The code-mode classifier is a keyword heuristic, on purpose: a request is about code when it uses
-# a programming word or contains code-like syntax. Everyday words that are also programming words
-# ("list", "test", "sort", "import") are left out, so "list the planets" is declined.
-CODE_WORDS = frozenset(
-    (
-        "code",
-        "coding",
-        "coder",
-        "program",
-        "programming",
-        "programmer",
-        "script",
-        "scripts",
-        "function",
-        "functions",
-        "class",
-        "classes",
-        "bug",
-        "bugs",
-        "debug",
-        "debugging",
-        "error",
-        "errors",
-        "exception",
-        "traceback",
-        "stacktrace",
-        "compile",
-        "compiler",
-        "syntax",
-        "refactor",
-        "implement",
-        "implementation",
-        "algorithm",
-        "algorithms",
-        "recursion",
-        "recursive",
-        "loop",
-        "loops",
-        "variable",
-        "variables",
-        "array",
-        "arrays",
-        "dict",
-        "dictionary",
-        "tuple",
-        "tuples",
-        "string",
-        "strings",
-        "integer",
-        "integers",
-        "boolean",
-        "regex",
-        "regexp",
-        "sql",
-        "database",
-        "api",
-        "endpoint",
-        "json",
-        "yaml",
-        "xml",
-        "csv",
-        "html",
-        "css",
-        "parse",
-        "parser",
-        "parsing",
-        "unittest",
-        "pytest",
-        "def",
-        "lambda",
-        "async",
-        "await",
-        "python",
-        "javascript",
-        "typescript",
-        "java",
-        "rust",
-        "golang",
-        "cpp",
-        "bash",
-        "shell",
-        "powershell",
-        "ruby",
-        "php",
-        "kotlin",
-        "swift",
-        "haskell",
-        "numpy",
-        "pandas",
-        "pytorch",
-        "torch",
-        "react",
-        "django",
-        "flask",
-        "git",
-        "docker",
-        "linux",
-        "cli",
-        "stdout",
-        "stdin",
-        "segfault",
-        "null",
-        "nullptr",
-        "pointer",
-        "pointers",
-        "iterator",
-        "generator",
-        "decorator",
-    )
-)
-CODE_SYNTAX = re.compile(
-    r"```|`[^`\n]+`"  # markdown code
-    r"|\b[A-Za-z_]\w*\("  # a call: print(
-    r"|[{};]|==|!=|<=|>=|=>|->|::|\+=|&&|\|\|"  # operators and braces
-    r"|\b\w+\.(?:py|js|ts|rs|go|c|cpp|h|java|rb|sh|sql|json|yaml|yml|toml|ipynb)\b"  # file names
-)
-FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:\n?```|\Z)", re.S)
 TRANSCRIPT_SUFFIXES = (".md", ".json")
-
-
-def is_code_request(text: str) -> bool:
-    """Whether code mode answers `text`: it names a programming word (CODE_WORDS) or has code syntax."""
-    words = set(re.findall(r"[a-z][a-z+#]*", text.lower()))
-    return bool(words & CODE_WORDS) or bool(CODE_SYNTAX.search(text))
-
-
-def extract_code(reply: str) -> tuple[str, str | None]:
-    """(code, language) of a reply: its first fenced block (an unclosed fence runs to the end),
-    else the whole reply, taken to be bare code."""
-    match = FENCE.search(reply)
-    if match is None:
-        return reply.strip("\n"), None
-    return match.group(2).rstrip("\n"), match.group(1) or None
 
 
 @dataclass
@@ -219,7 +82,7 @@ class ChatSession:
 
     @property
     def is_chat_model(self) -> bool:
-        return self.loaded.engine.tokenizer.chat_template is not None
+        return self._prompt().is_chat_model
 
     def describe(self) -> str:
         engine = self.loaded.engine
@@ -240,40 +103,17 @@ class ChatSession:
     # ------------------------------------------------------------ prompts and replies
 
     def render(self, messages: list[dict[str, str]], user_text: str) -> str:
-        tokenizer = self.loaded.engine.tokenizer
-        if self.is_chat_model:
-            system = [{"role": "system", "content": self.system}] if self.system else []
-            turn = [{"role": "user", "content": user_text}]
-            return tokenizer.render_chat(system + messages + turn, add_generation_prompt=True)
-        # a base model continues one plain document: each typed line, then what the model added to it
-        parts: list[str] = []
-        for message in [*messages, {"role": "user", "content": user_text}]:
-            if message["role"] == "user" and parts:
-                parts.append("\n")
-            parts.append(message["content"])
-        return "".join(parts)
+        return self._prompt().render(messages, user_text)
 
     def build_prompt(self, user_text: str) -> tuple[list[int], int]:
-        """The prompt's token ids and how many of the oldest turns were left out so the reply has
-        room: min(max_new_tokens, context / 2) tokens, as the engine reserves. A message too long
-        even alone is left to the engine, which keeps its end."""
-        engine = self.loaded.engine
-        budget = engine.context_length - min(self.config.max_new_tokens, engine.context_length // 2)
-        turn_starts = [i for i, message in enumerate(self.messages) if message["role"] == "user"]
-        for dropped, start in enumerate([*turn_starts, len(self.messages)]):
-            ids = engine.tokenizer.encode(self.render(self.messages[start:], user_text))
-            if len(ids) <= budget:
-                return ids, dropped
-        return ids, len(turn_starts)
+        """The prompt's token ids and how many of the oldest turns were left out (ChatPrompt.build)."""
+        return self._prompt().build(self.messages, user_text, self.config.max_new_tokens)
 
     def stop_token_ids(self) -> set[int]:
-        """End of text, and for chat models the end of a turn or the start of another one."""
-        tokenizer = self.loaded.engine.tokenizer
-        stops = {tokenizer.eot_id}
-        if self.is_chat_model:
-            specials = tokenizer.special_ids
-            stops |= {specials[token] for token in CHAT_SPECIAL_TOKENS if token in specials}
-        return stops
+        return self._prompt().stop_token_ids()
+
+    def _prompt(self) -> ChatPrompt:
+        return ChatPrompt(self.loaded.engine, self.system)
 
     def send(self, user_text: str) -> PendingReply:
         """Start the reply to `user_text`; it joins the transcript once it ends or is interrupted."""
@@ -457,112 +297,3 @@ class PendingReply:
                 {"role": "user", "content": self.user_text},
                 {"role": "assistant", "content": self.kept},
             ]
-
-
-# ---------------------------------------------------------------- front ends
-
-
-def run_piped(session: ChatSession, lines: Iterable[str], out: TextIO, note: Callable[[str], None]) -> None:
-    """One user turn per line; replies to `out` as plain text, one per turn, command output to `note`."""
-    for raw in lines:
-        line = raw.rstrip("\r\n")
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            result = session.command(line)
-            note(result.message if result.ok else f"error: {result.message}")
-            if result.exit:
-                return
-            continue
-        pending = session.send(line)
-        if session.mode == "code" and not pending.declined:
-            for _ in pending:
-                pass
-            out.write(pending.code[0])
-        else:
-            for text in pending:
-                out.write(text)
-                out.flush()
-        out.write("\n")
-        out.flush()
-        for message in pending.notes():
-            note(message)
-
-
-def run_terminal(session: ChatSession, console: Console, history_file: Path | None) -> None:
-    """The interactive REPL: readline editing and history, replies streamed then rendered with Rich."""
-    readline = _readline(history_file)
-    console.print(f"[dim]{session.describe()}[/dim]")
-    if note := session.base_model_note():
-        console.print(f"[yellow]note:[/yellow] {note}")
-    console.print("[dim]/help for commands · Ctrl-C stops a reply · Ctrl-D leaves[/dim]")
-    try:
-        while True:
-            try:
-                line = input("you› ")
-            except EOFError:
-                console.print()
-                return
-            except KeyboardInterrupt:
-                console.print()
-                continue
-            if not line.strip():
-                continue
-            if line.startswith("/"):
-                result = session.command(line)
-                style = "dim" if result.ok else "red"
-                console.print(result.message, style=style, markup=False, highlight=False)
-                if result.exit:
-                    return
-                continue
-            _show_reply(console, session, session.send(line))
-    finally:
-        if readline is not None and history_file is not None:
-            with contextlib.suppress(OSError):
-                history_file.parent.mkdir(parents=True, exist_ok=True)
-                readline.write_history_file(str(history_file))
-
-
-def _readline(history_file: Path | None):
-    """GNU readline gives input() line editing and ↑ history; it is absent on some platforms."""
-    try:
-        import readline
-    except ImportError:
-        return None
-    if history_file is not None and history_file.is_file():
-        with contextlib.suppress(OSError):
-            readline.read_history_file(str(history_file))
-    readline.set_history_length(1000)
-    return readline
-
-
-def _show_reply(console: Console, session: ChatSession, pending: PendingReply) -> None:
-    from rich.live import Live
-    from rich.text import Text
-
-    with Live(Text(""), console=console, vertical_overflow="visible", refresh_per_second=12) as live:
-        try:
-            for _ in pending:
-                live.update(Text(pending.text))
-        except KeyboardInterrupt:
-            pending.interrupt()
-        live.update(_rendered(session, pending))
-    if pending.interrupted:
-        console.print("[dim](stopped)[/dim]")
-    for message in pending.notes():
-        console.print(f"[dim]{message}[/dim]", highlight=False)
-
-
-def _rendered(session: ChatSession, pending: PendingReply) -> RenderableType:
-    """A finished reply: code mode shows the code block highlighted, a chat model's reply is
-    Markdown (its fenced code highlighted too), a base model's continuation is plain text."""
-    from rich.markdown import Markdown
-    from rich.syntax import Syntax
-    from rich.text import Text
-
-    if session.mode == "code" and not pending.declined:
-        code, language = pending.code
-        return Syntax(code, language or "python", theme="ansi_dark", background_color="default")
-    if session.is_chat_model:
-        return Markdown(pending.text, code_theme="ansi_dark")
-    return Text(pending.text)
