@@ -16,12 +16,12 @@ from llmctl.generate.engine import (
     GenerationStats,
     Prompt,
     in_row_order,
-    resolve_device,
     resolve_dtype,
 )
 from llmctl.generate.loading import LoadedEngine, load_engine, override_generation
 from llmctl.generate.sampling import choose_tokens, filter_logits
 from llmctl.generate.text import IncrementalDecoder, StopMatcher
+from llmctl.model.device import resolve_device
 
 __all__ = [
     "Chunk",

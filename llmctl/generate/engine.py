@@ -134,18 +134,6 @@ def in_row_order(chunks: Iterable[Chunk]) -> Iterator[Chunk]:
                 current += 1
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return device
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on a GPU that has it (fp16 on older ones); fp32 on CPU, where small models decode
     fastest in fp32."""

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from llmctl.checkpoint.load import load_model
 from llmctl.config import GenerationConfig, RunConfig
 from llmctl.errors import UsageError
-from llmctl.generate.engine import Engine, resolve_device, resolve_dtype
+from llmctl.generate.engine import Engine, resolve_dtype
+from llmctl.model.device import resolve_device
 from llmctl.workspace import Workspace
 
 

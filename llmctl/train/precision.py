@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from llmctl.errors import UsageError
+from llmctl.model.device import resolve_device as resolve_model_device
 from llmctl.train.mfu import cpu_has_fast_bf16
 
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,21 +37,8 @@ class Precision:
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    """'auto' is the CUDA GPU of this rank when there is one, else the CPU."""
-    if requested == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError as exc:
-        raise UsageError(
-            f"invalid value for 'train.device': '{requested}' (use auto, cpu, cuda or cuda:N)"
-        ) from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("train.device is 'cuda' but no CUDA GPU is visible; use --set train.device=cpu")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    return device
+    """The device `train.device` names, for this process of a run (see llmctl.model.device)."""
+    return resolve_model_device(requested, local_rank, setting="train.device")
 
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:

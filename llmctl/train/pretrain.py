@@ -228,6 +228,9 @@ def make_plan(
     resume_from = _check_run_name(workspace, run, options, tokenizer, check_new_run, warn)
 
     runtime = recipe.resolve_runtime(config, options.local_rank)
+    if runtime.device.type == "cuda" and options.processes_per_node > 1:
+        # every process of the node takes the GPU of its local rank: the last one must exist too
+        resolve_device(config.train.device, options.processes_per_node - 1)
     memory = _memory(config, runtime.precision)
     device_memory = runtime.memory
     shared_by = options.processes_per_node if runtime.device.type == "cpu" else 1
