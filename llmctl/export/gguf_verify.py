@@ -35,7 +35,7 @@ from llmctl.tokenizer import CHAT_SPECIAL_TOKENS, END_OF_TURN_TOKEN, LoadedToken
 TOLERANCES = {"f32": 1e-4, "f16": 5e-2, "bf16": 5e-1}
 # llama.cpp's CPU GELU looks its output up in a table indexed by the input rounded to f16, so even
 # an f32 `gpt2` file computes its MLPs to about 1e-3 (docs/export.md)
-GPT2_F32_TOLERANCE = 5e-3
+GPT2_F32_TOLERANCE = 1e-2
 # largest relative rise of perplexity over llmctl's fp32 model
 PERPLEXITY_TOLERANCES = {"q8_0": 0.01, "q4_0": 0.25}
 GREEDY_TOKENS = 32

@@ -7,6 +7,7 @@
         llama.logprobs(context, ids, vocab)  # every token's log-probability at each position of ids
         llama.score(context, ids)            # the log-probability of each token of ids
         llama.chat(messages, n)              # /v1/chat/completions: a reply as a chat client gets it
+        llama.sampling_defaults()            # /props: the sampling settings the file gave it
 
 xllamacpp's Python API covers completions but not tokenizing or templates; the server it starts
 answers llama-server's documented HTTP API, which covers all of them, so everything goes through
@@ -134,6 +135,13 @@ class LlamaCpp:
         if answer["tokens"][: len(ids)] != list(ids) or [step["id"] for step in steps] != list(ids):
             raise LlmctlError("llama.cpp did not report each token of the text it was made to follow")
         return steps
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """What a request that sets no sampling option gets (llama.cpp reads them from the file)."""
+        request = urllib.request.Request(self._base + "/props")
+        with self._http.open(request, timeout=60) as response:
+            settings = json.loads(response.read())["default_generation_settings"]
+        return settings.get("params", settings)
 
     def chat(self, messages: Sequence[Mapping[str, str]], max_tokens: int) -> ChatReply:
         request = {"messages": list(messages), "max_tokens": max_tokens, "temperature": 0.0}
