@@ -102,9 +102,11 @@ class LlamaCpp:
     def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
         return self._post("/apply-template", {"messages": list(messages)})["prompt"]
 
-    def greedy(self, ids: Sequence[int], max_tokens: int) -> Continuation:
-        """Up to `max_tokens` greedy tokens after `ids`, and the end-of-generation token if one ended them."""
-        answer = self._complete({"prompt": list(ids), "n_predict": max_tokens, "temperature": 0.0})
+    def greedy(self, ids: Sequence[int], max_tokens: int, ignore_eos: bool = False) -> Continuation:
+        """Up to `max_tokens` greedy tokens after `ids`, and the end-of-generation token if one ended
+        them (none does with `ignore_eos`: exactly `max_tokens` come back)."""
+        request = {"prompt": list(ids), "n_predict": max_tokens, "temperature": 0.0, "ignore_eos": ignore_eos}
+        answer = self._complete(request)
         return Continuation(answer["tokens"], answer["stop_type"] == "eos")
 
     def logprobs(self, context: Sequence[int], ids: Sequence[int], vocab_size: int) -> torch.Tensor:
