@@ -2,6 +2,8 @@
 
     python benchmarks/generate.py [--new-tokens 256,1024] [--device cpu] [--precision fp32]
     python benchmarks/generate.py --new-tokens 256 --transformers     # and transformers' generate
+    python benchmarks/generate.py --new-tokens 256 --gguf --n-layer 6 --n-head 8 --d-model 512 \
+        --context 1024 --threads 2                                    # and llama.cpp on GGUF exports
 
 One randomly initialised model (default: 4 layers, 256 wide, 8k vocabulary, 1280 context, the
 shape of a small code model), one 8k byte-level BPE trained on the standard library, one prompt
@@ -114,7 +116,12 @@ def main() -> None:
         action="store_true",
         help="also time transformers' generate on the exported copy of the model",
     )
-    parser.add_argument("--rounds", type=int, default=3, help="with --transformers: rounds, best kept")
+    parser.add_argument(
+        "--gguf",
+        action="store_true",
+        help="also time llama.cpp (xllamacpp) on f32 and q8_0 GGUF exports of the model",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="with --transformers / --gguf: rounds")
     args = parser.parse_args()
     lengths = [int(n) for n in args.new_tokens.split(",")]
     if args.threads:
@@ -153,6 +160,8 @@ def main() -> None:
             print(f"  {label:<24}" + "".join(f"{per_token_ms(steps, p):9.2f}" for p in positions))
     if args.transformers:
         compare_with_transformers(engine, prompt_ids, lengths, args.rounds)
+    if args.gguf:
+        compare_with_llamacpp(engine, prompt_ids, lengths, args.rounds)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 
@@ -161,13 +170,10 @@ def main() -> None:
 # than transformers' generate running the exported copy of the same model (`llmctl export`).
 
 
-def export_engine_model(engine: Engine) -> Path:
-    """The engine's model and tokenizer as a checkpoint, exported (and round-trip checked) for
-    transformers; the export's directory."""
+def engine_checkpoint(engine: Engine) -> tuple[Path, Path]:
+    """The engine's model and tokenizer written as a checkpoint; (scratch directory, checkpoint)."""
     from llmctl.checkpoint.files import FullModelIO, write_checkpoint
     from llmctl.config import RunConfig
-    from llmctl.export.hf import export_hf
-    from llmctl.workspace import Workspace
 
     directory = scratch_dir("llmctl-bench-export-")
     checkpoint = write_checkpoint(
@@ -179,6 +185,15 @@ def export_engine_model(engine: Engine) -> Path:
         meta={"step": 0},
         tokenizer_file=engine.tokenizer.path,
     )
+    return directory, checkpoint
+
+
+def export_engine_model(engine: Engine) -> Path:
+    """The engine's model exported (and round-trip checked) for transformers; the export's directory."""
+    from llmctl.export.hf import export_hf
+    from llmctl.workspace import Workspace
+
+    directory, checkpoint = engine_checkpoint(engine)
     return export_hf(Workspace(directory / "workspace"), str(checkpoint), directory / "hf").directory
 
 
@@ -220,6 +235,85 @@ def compare_with_transformers(engine: Engine, prompt_ids: list[int], lengths: li
             f"  {new_tokens} new tokens: llmctl {max(ours):8.1f} tokens/s   transformers "
             f"{max(their_rates):8.1f} tokens/s   ratio {max(ours) / max(their_rates):5.2f}x"
         )
+
+
+# ---------------------------------------------------------------- llmctl against llama.cpp
+# Issue 17: the same model exported to GGUF (f32 and q8_0) and run by llama.cpp through xllamacpp,
+# batch 1, greedy, on the same number of threads; the speed `llmctl chat` users compare with.
+
+
+def time_llamacpp(llama, prompt_ids: list[int], new_tokens: int) -> float:
+    """llama.cpp's tokens per second: the wall clock around one whole /completion request
+    (prompt included), generating exactly `new_tokens` greedily."""
+    started = time.perf_counter()
+    continuation = llama.greedy(prompt_ids, new_tokens, ignore_eos=True)
+    seconds = time.perf_counter() - started
+    assert len(continuation.tokens) == new_tokens
+    return new_tokens / seconds
+
+
+def time_engine(engine: Engine, prompt_ids: list[int], new_tokens: int) -> float:
+    """llmctl's tokens per second, by the same wall clock around the whole call."""
+    config = GenerationConfig(temperature=0.0, max_new_tokens=new_tokens)
+    started = time.perf_counter()
+    (completion,) = engine.generate([prompt_ids], config)
+    seconds = time.perf_counter() - started
+    assert len(completion.token_ids) == new_tokens
+    return new_tokens / seconds
+
+
+def compare_with_llamacpp(engine: Engine, prompt_ids: list[int], lengths: list[int], rounds: int) -> None:
+    import xllamacpp
+
+    from llmctl.export.gguf import export_gguf
+    from llmctl.export.llamacpp import LlamaCpp
+    from llmctl.workspace import Workspace
+
+    if engine.device.type != "cpu":
+        print("\nthe llama.cpp comparison runs on the CPU only; skipped")
+        return
+    engine.model.to(torch.float32)
+    directory, checkpoint = engine_checkpoint(engine)
+    threads = torch.get_num_threads()
+    runners = {"llmctl": None}
+    for quant in ("f32", "q8_0"):
+        started = time.perf_counter()
+        result = export_gguf(
+            Workspace(directory / "workspace"), str(checkpoint), directory / f"{quant}.gguf", quant
+        )
+        check = result.verification
+        figure = (
+            f"max |Δ log-prob| {check.max_logprob_diff:.1e}"
+            if check.perplexity is None
+            else f"perplexity {check.perplexity:.2f} against llmctl's {check.reference_perplexity:.2f}"
+        )
+        seconds = time.perf_counter() - started
+        print(f"\nexported {quant}: {result.size / 1e6:.1f} MB in {seconds:.1f} s (with its check), {figure}")
+        # llama.cpp as users run it: its default f16 KV cache and flash-attention choice
+        runners[f"llama.cpp {quant}"] = LlamaCpp(result.path, engine.context_length, threads, exact=False)
+    timers = {"llmctl": lambda n: time_engine(engine, prompt_ids, n)}
+    for name, llama in runners.items():
+        if llama is not None:
+            timers[name] = lambda n, llama=llama: time_llamacpp(llama, prompt_ids, n)
+    for timer in timers.values():
+        timer(8)  # warm-up
+    print(
+        f"\nagainst llama.cpp (xllamacpp {xllamacpp.__version__}), {threads} threads each, "
+        f"{rounds} rounds in rotated order, wall clock around each whole call"
+    )
+    names = list(timers)
+    for new_tokens in lengths:
+        rates: dict[str, list[float]] = {name: [] for name in names}
+        for round_ in range(rounds):
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                rates[name].append(timers[name](new_tokens))
+        cells = "   ".join(
+            f"{name} {statistics.median(r):7.1f} tokens/s (best {max(r):.1f})" for name, r in rates.items()
+        )
+        print(f"  {new_tokens} new tokens, median of {rounds}: {cells}")
+    for llama in runners.values():
+        if llama is not None:
+            llama.close()
 
 
 def transformers_version() -> str:
