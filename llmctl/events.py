@@ -38,6 +38,7 @@ class EndReason(str, enum.Enum):
     MAX_TOKENS = "max_tokens"
     EARLY_STOPPING = "early_stopping"
     INTERRUPTED = "interrupted"  # SIGINT or SIGTERM: a checkpoint was written, --resume continues it
+    PRUNED = "pruned"  # a hyperparameter search stopped the trial after an evaluation
     NONFINITE_LOSS = "nonfinite_loss"
     ERROR = "error"
 
@@ -52,7 +53,7 @@ class EndReason(str, enum.Enum):
     @property
     def exit_code(self) -> int:
         """The trainer process's exit status (an interruption's is 128 + the signal, set apart)."""
-        return 0 if self.completed else 1
+        return 0 if self.completed or self is EndReason.PRUNED else 1
 
 
 COMPLETED = frozenset(

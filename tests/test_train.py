@@ -20,10 +20,10 @@ from llmctl.checkpoint.files import (
 )
 from llmctl.config import ModelConfig, RunConfig, TrainConfig
 from llmctl.errors import LlmctlError, UsageError
-from llmctl.events import read_events
+from llmctl.events import EndReason, read_events
 from llmctl.model.transformer import Transformer
 from llmctl.train.batches import TokenWindows
-from llmctl.train.losses import lm_loss
+from llmctl.train.losses import LossResult, lm_loss
 from llmctl.train.mfu import gpu_peak_flops
 from llmctl.train.optim import CosineSchedule, param_groups
 from llmctl.train.precision import Precision, resolve_precision
@@ -372,3 +372,60 @@ def test_cuda_run_uses_fused_adamw_autocast_and_compile(tmp_path):
     assert result.reason == "finished" and result.best_val_loss < first
     start = read_events(tmp_path / "run" / "events.jsonl")[0]
     assert start["device"].startswith("cuda:0 ") and start["compile"]
+
+
+# ---------------------------------------------------------------- listeners, requested stops, loss figures
+
+
+def test_listeners_hear_every_event_and_a_failing_one_is_dropped_with_an_alert(tmp_path):
+    heard: list[dict] = []
+
+    def broken(record: dict) -> None:
+        if record["event"] == "eval":
+            raise OSError("disk full")
+
+    trainer = make_trainer(tmp_path, tiny_config(), listeners=[heard.append, broken])
+    assert trainer.fit().reason == "finished"
+    written = read_events(tmp_path / "run" / "events.jsonl")
+    (alert,) = [event for event in written if event.get("kind") == "listener_failed"]
+    assert "stopped following the run: OSError: disk full" in alert["message"]
+    # the working listener heard exactly what was written, alert aside (the log writes it directly)
+    assert heard == [
+        event for event in written if event is not alert and event.get("kind") != "listener_failed"
+    ]
+    assert [event["event"] for event in heard][-1] == "end"
+
+
+def test_a_listener_can_stop_the_run_with_its_own_reason(tmp_path):
+    holder: list[Trainer] = []
+
+    def prune_after_first_eval(record: dict) -> None:
+        if record["event"] == "eval":
+            holder[0].request_stop(EndReason.PRUNED)
+
+    trainer = make_trainer(tmp_path, tiny_config(), listeners=[prune_after_first_eval])
+    holder.append(trainer)
+    result = trainer.fit()
+    assert result.reason is EndReason.PRUNED and result.step == 10 and result.exit_code == 0
+    events = read_events(tmp_path / "run" / "events.jsonl")
+    assert events[-1]["event"] == "end" and events[-1]["reason"] == "pruned"
+    assert [event["step"] for event in events if event["event"] == "checkpoint"][-1] == 10
+
+
+def test_a_loss_s_own_figures_are_averaged_into_train_events(tmp_path):
+    def loss_with_figures(model, batch) -> LossResult:
+        result = lm_loss(model, batch)
+        items = batch["input_ids"].shape[0]
+        # per row: a constant 2.0 and the row's index, so the per-item mean is known exactly
+        sums = {"two": torch.tensor(2.0 * items), "row": torch.tensor(float(sum(range(items))))}
+        return LossResult(result.loss, items, sums)
+
+    config = tiny_config(max_steps=10)
+    trainer = make_trainer(tmp_path, config, loss_fn=loss_with_figures)
+    trainer.fit()
+    train = [event for event in read_events(tmp_path / "run" / "events.jsonl") if event["event"] == "train"]
+    rows = config.train.micro_batch_size
+    assert [event["two"] for event in train] == [pytest.approx(2.0)] * 2
+    assert all(event["row"] == pytest.approx((rows - 1) / 2) for event in train)
+    evals = [event for event in read_events(tmp_path / "run" / "events.jsonl") if event["event"] == "eval"]
+    assert evals[-1]["val_two"] == pytest.approx(2.0)

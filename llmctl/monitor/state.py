@@ -34,7 +34,11 @@ SMOOTHING = 0.1  # weight of the newest figure in the smoothed ("avg") throughpu
 LOSS_SMOOTHING = 0.05
 
 # a run's state from its end reason: completed ones finished, an interrupted one stopped, the rest failed
-END_STATES = {**dict.fromkeys(COMPLETED, "finished"), EndReason.INTERRUPTED: "stopped"}
+END_STATES = {
+    **dict.fromkeys(COMPLETED, "finished"),
+    EndReason.INTERRUPTED: "stopped",
+    EndReason.PRUNED: "stopped",
+}
 ACTIVE_STATES = ("running", "stalled")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 from dataclasses import dataclass
 
 import torch
@@ -80,3 +81,13 @@ def device_memory_bytes(device: torch.device) -> int | None:
         with contextlib.suppress(ValueError, OSError, AttributeError):
             return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The most memory this process has held: the GPU's allocated peak since the last call (reset
+    here), or on a CPU the peak resident size."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -3,10 +3,50 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
 from llmctl.model.sizing import human_count
+
+
+@dataclass
+class Interval:
+    """What the training loop sums between two train events."""
+
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    figures: dict[str, float] = field(default_factory=dict)  # the loss's own figures, summed per step
+
+    def add(self, loss: float, tokens: int, seconds: float, figures: dict[str, float]) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.tokens += tokens
+        self.seconds += seconds
+        for name, value in figures.items():
+            self.figures[name] = self.figures.get(name, 0.0) + value
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(self.steps, 1)
+
+    @property
+    def mean_figures(self) -> dict[str, float]:
+        return {name: total / max(self.steps, 1) for name, total in self.figures.items()}
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def eta(self, steps_left: int | None, time_left: float | None) -> float | None:
+        """Seconds until the first limit is reached, at this interval's pace."""
+        remaining = [] if steps_left is None else [steps_left * self.seconds / max(self.steps, 1)]
+        if time_left is not None:
+            remaining.append(time_left)
+        return max(0.0, min(remaining)) if remaining else None
 
 
 def format_duration(seconds: float | None) -> str:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import resource
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,10 @@ from llmctl.train.keeper import CheckpointKeeper
 from llmctl.train.losses import LossFn, lm_loss, measure_loss
 from llmctl.train.mfu import peak_flops
 from llmctl.train.optim import CosineSchedule, build_optimizer
-from llmctl.train.precision import Precision, describe_device, device_memory_bytes
-from llmctl.train.progress import ProgressLine
+from llmctl.train.precision import Precision, describe_device, device_memory_bytes, peak_memory_bytes
+from llmctl.train.progress import Interval, ProgressLine
 from llmctl.train.rng import capture_rng_state, restore_rng_state
-from llmctl.train.run_log import RunLog
+from llmctl.train.run_log import Listener, RunLog
 from llmctl.train.runinfo import OptimizerFactory, RunInfo, Sampler, TrainResult, planned_steps
 from llmctl.train.signals import StopRequests
 from llmctl.workspace import EVENTS_FILE
@@ -51,17 +51,6 @@ NONFINITE_STOP_AFTER = 3  # non-finite steps in a row before the run stops
 
 def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
-
-
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return peak
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-# ---------------------------------------------------------------- the trainer
 
 
 class Trainer:
@@ -83,6 +72,7 @@ class Trainer:
         sampler: Sampler | None = None,
         console: Console | None = None,
         show_progress: bool = True,
+        listeners: Sequence[Listener] = (),
     ):
         self.config, self.train_cfg = config, config.train
         self.run, self.batches, self.loss_fn = run, batches, loss_fn
@@ -139,7 +129,9 @@ class Trainer:
         self._evaluated_step: int | None = None
         self._last_eval: dict[str, float] = {}
         self.events = RunLog()
+        self.listeners = list(listeners)
         self._stops = StopRequests()
+        self._requested_stop: EndReason | None = None
         self._start_time = time.monotonic()
 
     # ------------------------------------------------------------ resume
@@ -165,7 +157,7 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def fit(self) -> TrainResult:
-        self.events = RunLog(self.run.dir / EVENTS_FILE if self.dist.is_main else None)
+        self.events = RunLog(self.run.dir / EVENTS_FILE if self.dist.is_main else None, self.listeners)
         self._start_time = time.monotonic()
         self._write_start()
         progress = ProgressLine(self.console, self.total_steps, self.step, enabled=self.show_progress)
@@ -197,14 +189,14 @@ class Trainer:
         return self.elapsed_before + time.monotonic() - self._start_time
 
     def _loop(self, progress: ProgressLine) -> EndReason:
-        interval = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+        interval = Interval()
         while True:
             reason = self._stop_reason()
             if reason:
                 return reason
             lr = self.schedule.apply()
             started = time.perf_counter()
-            loss, grad_norm = self._optimizer_step()
+            loss, grad_norm, figures = self._optimizer_step()
             seconds = time.perf_counter() - started
             self.step += 1
             self.tokens += self.tokens_per_step
@@ -225,14 +217,11 @@ class Trainer:
                     return EndReason.NONFINITE_LOSS
                 continue
             self._nonfinite_in_a_row = 0
-            interval["loss"] += loss
-            interval["steps"] += 1
-            interval["tokens"] += self.tokens_per_step
-            interval["seconds"] += seconds
+            interval.add(loss, self.tokens_per_step, seconds, figures)
 
             if self.step % self.train_cfg.log_every == 0:
                 self._log_train(interval, lr, grad_norm, progress)
-                interval = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+                interval = Interval()
             if self.step % self.train_cfg.eval_every == 0:
                 metrics = self.evaluate()
                 if self._should_stop_early(metrics):
@@ -242,11 +231,18 @@ class Trainer:
             if self.train_cfg.sample_every and self.step % self.train_cfg.sample_every == 0:
                 self._write_samples()
 
+    def request_stop(self, reason: EndReason) -> None:
+        """Stop after the current step with `reason` (a listener pruning a trial, say); the run
+        ends as an interrupted one does: a checkpoint, then the end event."""
+        self._requested_stop = reason
+
     def _stop_reason(self) -> EndReason | None:
         # every rank must stop at the same step: rank 0's clock and any rank's signal decide
         time_up = bool(self.train_cfg.max_time and self.elapsed >= self.train_cfg.max_time)
-        signalled, time_up = distributed.all_reduce(
-            [float(self._stops.signal or 0), float(time_up and self.dist.is_main)],
+        reasons = list(EndReason)
+        requested = reasons.index(self._requested_stop) + 1 if self._requested_stop else 0
+        signalled, time_up, requested = distributed.all_reduce(
+            [float(self._stops.signal or 0), float(time_up and self.dist.is_main), float(requested)],
             self.dist,
             self.device,
             op="max",
@@ -259,6 +255,8 @@ class Trainer:
                     "stopping (press Ctrl-C again to abort)[/yellow]"
                 )
             return EndReason.INTERRUPTED
+        if requested:
+            return reasons[int(requested) - 1]
         if self.train_cfg.max_steps and self.step >= self.train_cfg.max_steps:
             return EndReason.FINISHED
         if self.train_cfg.max_tokens and self.tokens >= self.train_cfg.max_tokens:
@@ -267,12 +265,16 @@ class Trainer:
             return EndReason.MAX_TIME
         return None
 
-    def _optimizer_step(self) -> tuple[float, float | None]:
-        """One update from grad_accum_steps micro-batches. Returns the mean loss (over ranks too)
-        and the gradient norm before clipping; a non-finite loss skips the update."""
+    def _optimizer_step(self) -> tuple[float, float | None, dict[str, float]]:
+        """One update from grad_accum_steps micro-batches. Returns the mean loss (over ranks too),
+        the gradient norm before clipping, and the loss's own figures per item (a stage's summed
+        figures, such as DPO's rewards, divided by the items they sum over); a non-finite loss
+        skips the update."""
         self.train_model.train()
         accum = self.train_cfg.grad_accum_steps
         loss_sum = torch.zeros((), device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             batch = self.batches.next_batch()
             last = micro == accum - 1
@@ -284,11 +286,19 @@ class Trainer:
                 loss = result.loss / accum
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        (loss_value,) = distributed.all_reduce([loss_sum.item()], self.dist, self.device)
+            if result.sums:
+                count += result.count
+                for name, value in result.sums.items():
+                    sums[name] = sums.get(name, 0) + value.detach().double()
+        names = sorted(sums)
+        loss_value, total, *totals = distributed.all_reduce(
+            [loss_sum.item(), count.item(), *(sums[name].item() for name in names)], self.dist, self.device
+        )
         loss_value /= self.dist.world_size
+        figures = {name: value / total for name, value in zip(names, totals, strict=True)} if total else {}
         if not _finite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
-            return loss_value, None
+            return loss_value, None, figures
         self.scaler.unscale_(self.optimizer)
         max_norm = self.train_cfg.grad_clip or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
@@ -296,7 +306,7 @@ class Trainer:
             self.scaler.step(self.optimizer)  # skips the update itself when fp16 gradients overflowed
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm
+        return loss_value, grad_norm, figures
 
     # ------------------------------------------------------------ evaluation
 
@@ -438,33 +448,28 @@ class Trainer:
             **self.run.start_fields,
         )
 
-    def _log_train(self, interval: dict, lr: float, grad_norm: float | None, progress: ProgressLine) -> None:
-        tokens_per_s = interval["tokens"] / interval["seconds"] if interval["seconds"] else 0.0
+    def _log_train(
+        self, interval: Interval, lr: float, grad_norm: float | None, progress: ProgressLine
+    ) -> None:
+        tokens_per_s = interval.tokens_per_s
         mfu = None
         if self.peak_flops and self.flops_per_token:
             mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.dist.world_size)
         figures = {
-            "loss": interval["loss"] / max(interval["steps"], 1),
+            "loss": interval.mean_loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": round(tokens_per_s, 1),
             "mfu": round(mfu, 4) if mfu is not None else None,
-            "mem_bytes": _peak_memory(self.device),
+            "mem_bytes": peak_memory_bytes(self.device),
             "tokens": self.tokens,
             "elapsed_s": round(self.elapsed, 3),
+            **interval.mean_figures,
         }
         self.events.write("train", self.step, **figures)
-        progress.update(self.step, self.total_steps, figures, self._eta(interval))
-
-    def _eta(self, interval: dict) -> float | None:
-        """Seconds until the first limit is reached, at the last interval's pace."""
-        seconds_per_step = interval["seconds"] / max(interval["steps"], 1)
-        remaining = []
-        if self.total_steps:
-            remaining.append((self.total_steps - self.step) * seconds_per_step)
-        if self.train_cfg.max_time:
-            remaining.append(self.train_cfg.max_time - self.elapsed)
-        return max(0.0, min(remaining)) if remaining else None
+        steps_left = self.total_steps - self.step if self.total_steps else None
+        time_left = self.train_cfg.max_time - self.elapsed if self.train_cfg.max_time else None
+        progress.update(self.step, self.total_steps, figures, interval.eta(steps_left, time_left))
 
     @torch.no_grad()
     def _write_samples(self) -> None:
