@@ -29,7 +29,8 @@ from llmctl.errors import UsageError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # infinity and NaN are never a setting: `train.lr=inf` is refused like `nan`
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -325,6 +326,10 @@ def load_yaml_file(path: Path, what: str) -> dict[str, Any]:
         raise UsageError(f"{what} '{path}' does not exist; check the path")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{what} '{path}' is not UTF-8 text (byte {exc.start} cannot be read as UTF-8); save it as UTF-8"
+        ) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -4,6 +4,7 @@ existing tokenizer.json; each checked, stored and registered (llmctl.tokenizer d
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from llmctl import __version__
 from llmctl.data.store import CorpusStore
 from llmctl.errors import LlmctlError, UsageError
+from llmctl.storage import atomic_dir, refuse_if_busy, write_json_atomic, writer_lock
 from llmctl.tokenizer import (
     BYTE_VOCAB_SIZE,
     META_FILE,
@@ -27,7 +29,7 @@ from llmctl.tokenizer import (
     resolve_tokenizer_file,
     text_only_encoder,
 )
-from llmctl.workspace import Workspace, atomic_dir, check_name, write_json_atomic
+from llmctl.workspace import Workspace, check_name
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -86,8 +88,27 @@ def train_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    tokenizer.train_from_iterator(_batches(texts, _TRAIN_BATCH_DOCS), trainer=trainer)
+    tokenizer.train_from_iterator(_batches(_bounded_words(texts), _TRAIN_BATCH_DOCS), trainer=trainer)
     return tokenizer
+
+
+# The BPE trainer's time grows far faster than a word's length: one 2-million-character run without
+# a space (a minified file, a base64 blob) ran for over ten minutes; cut into 256-character pieces
+# it trains in about 6 s. Runs that long teach no useful merge, so training sees them in pieces;
+# encoding them later is linear and unaffected.
+MAX_TRAINING_WORD_CHARS = 256
+_LONG_WORD = re.compile(rf"\S{{{MAX_TRAINING_WORD_CHARS + 1},}}")
+
+
+def _bounded_words(texts: Iterable[str]) -> Iterator[str]:
+    def cut(match: re.Match) -> str:
+        run = match.group(0)
+        return "\n".join(
+            run[i : i + MAX_TRAINING_WORD_CHARS] for i in range(0, len(run), MAX_TRAINING_WORD_CHARS)
+        )
+
+    for text in texts:
+        yield _LONG_WORD.sub(cut, text)
 
 
 def check_vocab_size(vocab_size: int) -> None:
@@ -140,6 +161,7 @@ def measure(tokenizer: Tokenizer, texts: Iterable[str]) -> dict[str, Any]:
 
 def _check_free(workspace: Workspace, name: str, overwrite: bool) -> None:
     check_name(name, "tokenizer")
+    refuse_if_busy(workspace.root, "tokenizer", name, "replacing")
     registered = workspace.registry(create=False).tokenizer(name) is not None
     if (registered or workspace.tokenizer_dir(name).exists()) and not overwrite:
         raise UsageError(
@@ -194,36 +216,37 @@ def train_tokenizer(
     store = CorpusStore.open(workspace, name=corpus)
     _check_free(workspace, name, overwrite)
 
-    started = time.perf_counter()
-    report(f"{'training' if kind == 'bpe' else 'building'} tokenizer '{name}' on corpus '{corpus}'")
-    if kind == "bpe":
-        tokenizer = train_bpe(store.texts("train"), vocab_size, min_frequency, show_progress)
-    else:
-        tokenizer = build_byte_tokenizer()
-    train_seconds = time.perf_counter() - started
-    report("measuring and checking decode(encode(x)) == x on every validation document")
-    figures = measure(tokenizer, store.texts("val"))
-    figures["train_seconds"] = round(train_seconds, 3)
+    with writer_lock(workspace.root, "tokenizer", name):
+        started = time.perf_counter()
+        report(f"{'training' if kind == 'bpe' else 'building'} tokenizer '{name}' on corpus '{corpus}'")
+        if kind == "bpe":
+            tokenizer = train_bpe(store.texts("train"), vocab_size, min_frequency, show_progress)
+        else:
+            tokenizer = build_byte_tokenizer()
+        train_seconds = time.perf_counter() - started
+        report("measuring and checking decode(encode(x)) == x on every validation document")
+        figures = measure(tokenizer, store.texts("val"))
+        figures["train_seconds"] = round(train_seconds, 3)
 
-    final = workspace.tokenizer_dir(name)
-    with atomic_dir(final, overwrite=overwrite) as staging:
-        tokenizer.save(str(staging / TOKENIZER_FILE))
-        meta = {
-            "name": name,
-            "kind": kind,
-            **describe_tokenizer(tokenizer),
-            "requested_vocab_size": vocab_size,
-            "min_frequency": min_frequency if kind == "bpe" else None,
-            "corpus": corpus,
-            "corpus_sha256": store.meta.get("content_sha256"),
-            "figures": figures,
-            "sha256": file_sha256(staging / TOKENIZER_FILE),
-            "created": time.time(),
-            "llmctl_version": __version__,
-        }
-        write_json_atomic(staging / META_FILE, meta)
-    _register(workspace, name, final / TOKENIZER_FILE, meta)
-    return meta
+        final = workspace.tokenizer_dir(name)
+        with atomic_dir(final, overwrite=overwrite) as staging:
+            tokenizer.save(str(staging / TOKENIZER_FILE))
+            meta = {
+                "name": name,
+                "kind": kind,
+                **describe_tokenizer(tokenizer),
+                "requested_vocab_size": vocab_size,
+                "min_frequency": min_frequency if kind == "bpe" else None,
+                "corpus": corpus,
+                "corpus_sha256": store.meta.get("content_sha256"),
+                "figures": figures,
+                "sha256": file_sha256(staging / TOKENIZER_FILE),
+                "created": time.time(),
+                "llmctl_version": __version__,
+            }
+            write_json_atomic(staging / META_FILE, meta)
+        _register(workspace, name, final / TOKENIZER_FILE, meta)
+        return meta
 
 
 def import_tokenizer(
@@ -236,21 +259,22 @@ def import_tokenizer(
     description = describe_tokenizer(tokenizer, eot_token)
     _check_free(workspace, name, overwrite)
 
-    final = workspace.tokenizer_dir(name)
-    with atomic_dir(final, overwrite=overwrite) as staging:
-        # A byte-for-byte copy keeps the source's sha256, so caches keyed by it match the original.
-        shutil.copyfile(source, staging / TOKENIZER_FILE)
-        meta = {
-            "name": name,
-            "kind": "imported",
-            **description,
-            "source": str(source.resolve()),
-            "corpus": None,
-            "figures": {},
-            "sha256": file_sha256(staging / TOKENIZER_FILE),
-            "created": time.time(),
-            "llmctl_version": __version__,
-        }
-        write_json_atomic(staging / META_FILE, meta)
-    _register(workspace, name, final / TOKENIZER_FILE, meta)
-    return meta
+    with writer_lock(workspace.root, "tokenizer", name):
+        final = workspace.tokenizer_dir(name)
+        with atomic_dir(final, overwrite=overwrite) as staging:
+            # A byte-for-byte copy keeps the source's sha256, so caches keyed by it match the original.
+            shutil.copyfile(source, staging / TOKENIZER_FILE)
+            meta = {
+                "name": name,
+                "kind": "imported",
+                **description,
+                "source": str(source.resolve()),
+                "corpus": None,
+                "figures": {},
+                "sha256": file_sha256(staging / TOKENIZER_FILE),
+                "created": time.time(),
+                "llmctl_version": __version__,
+            }
+            write_json_atomic(staging / META_FILE, meta)
+        _register(workspace, name, final / TOKENIZER_FILE, meta)
+        return meta

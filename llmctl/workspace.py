@@ -5,6 +5,8 @@
     <workspace>/tokenizers/<name>/
     <workspace>/runs/<run>/
 
+Writing it safely (whole directories, writer locks, disk errors) is llmctl.storage's.
+
 Every row carries a JSON `meta` column for figures that differ by kind, and a parent link
 (a tokenizer's corpus, a run's corpus/tokenizer/base checkpoint, a checkpoint's run, an eval's
 checkpoint) so lineage can be shown. Each process opens its own connection; WAL plus a busy
@@ -17,15 +19,14 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import sqlite3
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from llmctl.errors import LlmctlError, UsageError
+from llmctl.storage import disk_errors
 
 DEFAULT_DIRNAME = "llmctl-workspace"
 SCHEMA_VERSION = 1
@@ -78,6 +79,18 @@ CREATE TABLE IF NOT EXISTS evals (
 """
 
 
+class RegistryError(LlmctlError):
+    """registry.db cannot be read; `llmctl registry rebuild` makes it again from the files."""
+
+
+def _connect(target: str, uri: bool = False) -> sqlite3.Connection:
+    conn = sqlite3.connect(target, timeout=60, isolation_level=None, check_same_thread=False, uri=uri)
+    conn.row_factory = _row
+    conn.execute("PRAGMA busy_timeout = 60000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
 def check_name(name: str, what: str) -> str:
     if not _NAME.match(name):
         raise UsageError(
@@ -103,18 +116,40 @@ class Registry:
 
     def __init__(self, path: Path, create: bool = True):
         self.path = path
+        if path.is_dir():
+            raise RegistryError(
+                f"'{path}' is a directory, not llmctl's registry; move it away, then run: "
+                "llmctl registry rebuild"
+            )
+        on_disk = path.exists()
+        # a workspace on read-only media still reads (status, corpus list); writing it is refused
+        read_only = on_disk and not os.access(path.parent, os.W_OK)
         if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        target = str(path) if create or path.exists() else ":memory:"
-        self._conn = sqlite3.connect(target, timeout=60, isolation_level=None, check_same_thread=False)
-        self._conn.row_factory = _row
-        self._conn.execute("PRAGMA busy_timeout = 60000")
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        if target != ":memory:":
-            self._conn.execute("PRAGMA journal_mode = WAL")
-        self._in_memory = target == ":memory:"
-        self._conn.executescript(_SCHEMA)
-        self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if read_only or (path.parent.exists() and not os.access(path.parent, os.W_OK)):
+                raise LlmctlError(
+                    f"the workspace {path.parent} is read-only; point --workspace (or LLMCTL_HOME) at a "
+                    "writable directory to change it"
+                )
+            with disk_errors(path.parent, "nothing was written"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+        self._in_memory = not (create or on_disk)
+        try:
+            if self._in_memory:
+                self._conn = _connect(":memory:")
+            elif read_only:  # immutable: no -shm or -wal file is needed or made
+                self._conn = _connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+            else:
+                self._conn = _connect(str(path))
+                self._conn.execute("PRAGMA journal_mode = WAL")
+            if not read_only:
+                self._conn.executescript(_SCHEMA)
+                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._conn.execute("SELECT count(*) FROM runs").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise RegistryError(
+                f"'{path}' is not a readable llmctl registry ({exc}); everything it records is also in "
+                "the workspace's files: rebuild it with: llmctl registry rebuild"
+            ) from exc
 
     @property
     def in_memory(self) -> bool:
@@ -350,34 +385,3 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def run_dir_of(checkpoint: Path) -> Path | None:
     """The run directory holding `checkpoint`, or None for a checkpoint copied elsewhere."""
     return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS_DIRNAME else None
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Build a directory beside `final` and rename it into place only if the block succeeds.
-
-    A crash or an error leaves no half-written directory under the final name.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        yield staging
-        if final.exists():
-            if not overwrite:
-                raise LlmctlError(f"'{final}' already exists")
-            retired = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            final.rename(retired)
-            staging.rename(final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -179,19 +179,36 @@ def test_a_failed_check_leaves_no_model_directory(cli, workspace_dir, tmp_path, 
     assert skipped.json()["verification"] is None and skipped.json()["skipped_verification"] == "--no-verify"
 
 
-def test_an_existing_directory_needs_overwrite(cli, workspace_dir, tmp_path):
+def test_overwrite_replaces_only_an_earlier_export_never_other_files_or_the_workspace(
+    cli, workspace_dir, tmp_path, monkeypatch
+):
     write_run_checkpoint(workspace_dir, "chat")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
 
     refused = cli("export", "--model", "chat", "--out", tmp_path / "taken")
-    assert refused.exit_code != 0 and "--overwrite" in refused.stderr
+    assert refused.exit_code == 2 and "--overwrite" in refused.stderr
+    forced = cli("export", "--model", "chat", "--out", tmp_path / "taken", "--overwrite")
+    assert forced.exit_code == 2 and "holds files llmctl did not write" in forced.stderr
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
 
-    replaced = cli("export", "--model", "chat", "--out", tmp_path / "taken", "--overwrite")
+    # run in a project folder holding the workspace: `--out . --overwrite` must not empty it
+    monkeypatch.chdir(workspace_dir.parent)
+    before = sorted(str(p) for p in workspace_dir.parent.rglob("*"))
+    for out in (".", str(workspace_dir)):
+        here = cli("export", "--model", "chat", "--out", out, "--overwrite")
+        assert here.exit_code == 2 and "holds the workspace" in here.stderr, here.stderr
+        assert len(here.stderr.strip().splitlines()) == 1
+    assert sorted(str(p) for p in workspace_dir.parent.rglob("*")) == before
+
+    first = cli("export", "--model", "chat", "--out", tmp_path / "export", "--no-verify")
+    assert first.exit_code == 0, first.stderr
+    (tmp_path / "export" / "stale.txt").write_text("from an earlier export")
+    replaced = cli("export", "--model", "chat", "--out", tmp_path / "export", "--overwrite", "--no-verify")
     assert replaced.exit_code == 0, replaced.stderr
-    assert not (tmp_path / "taken" / "notes.txt").exists()
-    assert (tmp_path / "taken" / "model.safetensors").is_file()
+    assert not (tmp_path / "export" / "stale.txt").exists()
+    assert (tmp_path / "export" / "model.safetensors").is_file()
 
 
 def test_unknown_format_is_refused(cli, workspace_dir, tmp_path):

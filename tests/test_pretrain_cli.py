@@ -139,7 +139,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(cli, ws, args, message):
     assert nothing_written(ws, "bad")
 
 
-def test_existing_runs_need_resume_or_overwrite_and_resume_needs_a_checkpoint(cli, ws):
+def test_existing_runs_need_resume_or_overwrite_and_a_run_without_checkpoint_resumes_from_zero(cli, ws):
     assert cli(*BASE, "--run", "r", "--max-steps", "5").exit_code == 0
     again = cli(*BASE, "--run", "r", "--max-steps", "5")
     assert again.exit_code == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
@@ -151,9 +151,14 @@ def test_existing_runs_need_resume_or_overwrite_and_resume_needs_a_checkpoint(cl
     missing = cli("pretrain", "--run", "ghost", "--resume")
     assert missing.exit_code == 2 and "run 'ghost' does not exist" in missing.stderr
 
+    # a run stopped before its first checkpoint starts again from step 0, with its saved config
     shutil.rmtree(ws / "runs" / "r" / "checkpoints")
-    none_left = cli("pretrain", "--run", "r", "--resume")
-    assert none_left.exit_code == 1 and "no checkpoint to resume from" in none_left.stderr
+    restarted = cli("pretrain", "--run", "r", "--resume")
+    assert restarted.exit_code == 0, restarted.stderr
+    assert "run 'r' has no checkpoint yet" in restarted.stderr and "from step 0" in restarted.stderr
+    starts = [e for e in events_of(ws, "r") if e["event"] == "start"]
+    assert len(starts) == 1 and starts[0]["step"] == 0 and not starts[0]["resumed"]
+    assert starts[0]["max_steps"] == 10  # the saved config's, not the preset's
 
 
 def test_a_corrupt_checkpoint_is_named_and_fallback_resumes_from_the_previous_one(cli, ws):

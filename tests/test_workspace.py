@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from llmctl.errors import UsageError
-from llmctl.workspace import Registry, Workspace, atomic_dir, check_name
+from llmctl.storage import atomic_dir
+from llmctl.workspace import Registry, Workspace, check_name
 
 
 def test_rows_and_lineage(tmp_path: Path):

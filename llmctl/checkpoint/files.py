@@ -30,7 +30,8 @@ from torch import nn
 
 from llmctl.config import RunConfig, validate_config
 from llmctl.errors import LlmctlError
-from llmctl.workspace import CHECKPOINTS_DIRNAME, atomic_dir, list_checkpoints, write_json_atomic
+from llmctl.storage import atomic_dir, write_json_atomic
+from llmctl.workspace import CHECKPOINTS_DIRNAME, list_checkpoints
 
 TRAINER_STATE = "trainer_state.pt"
 META = "meta.json"
@@ -99,9 +100,22 @@ def _misfit(path: Path, missing: set[str], unexpected: set[str], what: str) -> C
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise corrupt(path, str(exc)) from exc
+    check_finite(tensors, path)
+    return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Weights that load but hold NaN or infinity (a run that diverged before it was saved) are
+    refused here, naming the tensor, rather than turning every output into NaN later."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(
+                f"checkpoint file '{path}' holds non-finite weights (NaN or infinity) in '{name}'; "
+                "load an earlier checkpoint of the run"
+            )
 
 
 class FullModelIO:
@@ -170,7 +184,8 @@ def write_checkpoint(
     meta: dict[str, Any],
     tokenizer_file: Path | None = None,
 ) -> Path:
-    with atomic_dir(final, overwrite=True) as staging:
+    intact = "the run's earlier checkpoints are intact (--resume continues from the latest)"
+    with atomic_dir(final, overwrite=True, intact=intact) as staging:
         model_io.save(model, staging)
         (staging / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
         if tokenizer_file is not None:

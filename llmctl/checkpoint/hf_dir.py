@@ -20,7 +20,7 @@ import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 
-from llmctl.checkpoint.files import HF_CONFIG, CheckpointError, corrupt, on_meta, shared_aliases
+from llmctl.checkpoint.files import HF_CONFIG, CheckpointError, check_finite, corrupt, on_meta, shared_aliases
 from llmctl.config import GenerationConfig, ModelConfig, RunConfig
 from llmctl.model import hf
 from llmctl.model.transformer import Transformer
@@ -123,12 +123,14 @@ def hf_model_meta(directory: Path) -> dict[str, Any]:
 def _read_shard(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as tensors:
-            return {
+            shard = {
                 name: tensors.get_tensor(name) if dtype is None else tensors.get_tensor(name).to(dtype)
                 for name in tensors.keys()  # noqa: SIM118 (safe_open is not iterable)
             }
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise corrupt(path, str(exc)) from exc
+    check_finite(shard, path)
+    return shard
 
 
 def load_hf_weights(model: Transformer, directory: Path, dtype: torch.dtype | None = None) -> None:

@@ -70,6 +70,13 @@ def load_model(
     except CheckpointError as exc:
         raise CheckpointError(f"{exc.message}; {other_checkpoints(path)}") from exc
     tokenizer = load_tokenizer_file(path / "tokenizer.json")
+    recorded = meta.get("tokenizer_sha256")
+    if recorded and recorded != tokenizer.sha256:
+        raise CheckpointError(
+            f"'{tokenizer.path}' is not the tokenizer checkpoint '{path}' was trained with (its sha256 is "
+            f"{tokenizer.sha256[:12]}, meta.json records {recorded[:12]}); copy the run's tokenizer back "
+            f"beside the weights, or {other_checkpoints(path)}"
+        )
     return LoadedModel(model.eval(), tokenizer, config, path, meta)
 
 

@@ -6,6 +6,7 @@ tokenizers, peft) load inside the commands that need them, so `llmctl --help` st
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -78,6 +79,7 @@ def _register_commands() -> None:
     from llmctl.cli import plot as plot_cmd
     from llmctl.cli import pretrain as pretrain_cmd
     from llmctl.cli import quickstart as quickstart_cmd
+    from llmctl.cli import registry as registry_cmd
     from llmctl.cli import sample as sample_cmd
     from llmctl.cli import serve as serve_cmd
     from llmctl.cli import status as status_cmd
@@ -100,9 +102,26 @@ def _register_commands() -> None:
     app.command("status", rich_help_panel="Watch")(status_cmd.status)
     app.command("monitor", rich_help_panel="Watch")(monitor_cmd.monitor)
     app.command("plot", no_args_is_help=True, rich_help_panel="Watch")(plot_cmd.plot)
+    app.add_typer(registry_cmd.app, name="registry", rich_help_panel="Watch")
 
 
 _register_commands()
+
+
+class _WarningLine(logging.Handler):
+    """The library's warnings (the `llmctl` logger) as the CLI's own `warning:` lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.markup import escape
+
+        err.print(f"[yellow]warning:[/yellow] {escape(record.getMessage())}", soft_wrap=True)
+
+
+def _show_library_warnings() -> None:
+    logger = logging.getLogger("llmctl")
+    if not any(isinstance(handler, _WarningLine) for handler in logger.handlers):
+        logger.addHandler(_WarningLine(logging.WARNING))
+        logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.markup import escape
 
     from llmctl.errors import LlmctlError
+
+    _show_library_warnings()
 
     command = typer.main.get_command(app)
     try:

@@ -23,7 +23,8 @@ from llmctl.data.progress import Progress
 from llmctl.data.sources import Item, Skip, SourceSpec, open_source, parse_source
 from llmctl.data.store import SPLITS
 from llmctl.errors import LlmctlError, UsageError
-from llmctl.workspace import Workspace, atomic_dir, check_name, write_json_atomic
+from llmctl.storage import atomic_dir, refuse_if_busy, write_json_atomic, writer_lock
+from llmctl.workspace import Workspace, check_name
 
 
 @dataclass
@@ -102,55 +103,57 @@ def build_corpus(
         raise UsageError("the stdlib source is plain code, not instruction data; build it without --format")
     registry = workspace.registry()
     final = workspace.corpus_dir(name)
+    refuse_if_busy(workspace.root, "corpus", name, "replacing")
     if (registry.corpus(name) is not None or final.exists()) and not options.overwrite:
         raise UsageError(
             f"corpus '{name}' already exists in {workspace.root}; pass --overwrite to replace it, "
             f"or choose another name"
         )
 
-    started = time.monotonic()
-    kind = "text" if options.format is None else "instruct"
-    with atomic_dir(final, overwrite=True) as staging:
-        writer = _SplitWriter(staging, options)
-        try:
-            stats = [_ingest(spec, options, writer, progress) for spec in specs]
-        finally:
-            writer.close()
-        writer.ensure_both_splits(stats)
-        if writer.documents == 0:
-            raise LlmctlError(
-                f"corpus '{name}' is empty after cleaning ({_drop_summary(stats)}); "
-                f"check the sources and --max-doc-chars"
-            )
-        meta = {
-            "name": name,
-            "kind": kind,
-            "sources": [s.as_dict() for s in stats],
-            "documents": writer.documents,
-            "bytes": sum(s.bytes for s in stats),
-            "splits": {
-                split: {
-                    "documents": sum(getattr(s, f"{split}_documents") for s in stats),
-                    "bytes": sum(getattr(s, f"{split}_bytes") for s in stats),
-                }
-                for split in SPLITS
-            },
-            "options": {
-                "format": options.format,
-                "text_field": options.text_field,
-                "limit": options.limit,
-                "val_fraction": options.val_fraction,
-                "max_doc_chars": options.max_doc_chars,
-                "max_solutions": options.max_solutions,
-            },
-            "content_sha256": _content_sha256(staging),
-            "build_seconds": round(time.monotonic() - started, 3),
-            "created": time.time(),
-            "llmctl_version": __version__,
-        }
-        write_json_atomic(staging / "meta.json", meta)
-    registry.add_corpus(name, kind, final, meta)
-    return meta
+    with writer_lock(workspace.root, "corpus", name):
+        started = time.monotonic()
+        kind = "text" if options.format is None else "instruct"
+        with atomic_dir(final, overwrite=True) as staging:
+            writer = _SplitWriter(staging, options)
+            try:
+                stats = [_ingest(spec, options, writer, progress) for spec in specs]
+            finally:
+                writer.close()
+            writer.ensure_both_splits(stats)
+            if writer.documents == 0:
+                raise LlmctlError(
+                    f"corpus '{name}' is empty after cleaning ({_drop_summary(stats)}); "
+                    f"check the sources and --max-doc-chars"
+                )
+            meta = {
+                "name": name,
+                "kind": kind,
+                "sources": [s.as_dict() for s in stats],
+                "documents": writer.documents,
+                "bytes": sum(s.bytes for s in stats),
+                "splits": {
+                    split: {
+                        "documents": sum(getattr(s, f"{split}_documents") for s in stats),
+                        "bytes": sum(getattr(s, f"{split}_bytes") for s in stats),
+                    }
+                    for split in SPLITS
+                },
+                "options": {
+                    "format": options.format,
+                    "text_field": options.text_field,
+                    "limit": options.limit,
+                    "val_fraction": options.val_fraction,
+                    "max_doc_chars": options.max_doc_chars,
+                    "max_solutions": options.max_solutions,
+                },
+                "content_sha256": _content_sha256(staging),
+                "build_seconds": round(time.monotonic() - started, 3),
+                "created": time.time(),
+                "llmctl_version": __version__,
+            }
+            write_json_atomic(staging / "meta.json", meta)
+        registry.add_corpus(name, kind, final, meta)
+        return meta
 
 
 def _ingest(spec: SourceSpec, options: BuildOptions, writer: _SplitWriter, progress: Progress) -> SourceStats:

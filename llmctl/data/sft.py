@@ -26,7 +26,7 @@ from llmctl.data import IGNORE_INDEX, instruct
 from llmctl.data.sources import Skip
 from llmctl.data.store import CorpusStore
 from llmctl.errors import UsageError
-from llmctl.tokenizer import CHAT_SPECIAL_TOKENS, END_OF_TURN_TOKEN, LoadedTokenizer
+from llmctl.tokenizer import CHAT_ROLES, CHAT_SPECIAL_TOKENS, END_OF_TURN_TOKEN, LoadedTokenizer
 from llmctl.workspace import Workspace
 
 PROMPT_STYLES = ("chat", "alpaca", "problem-solution")
@@ -228,6 +228,12 @@ def messages_of(record: Mapping[str, Any], where: str) -> Messages:
         messages = instruct.as_messages(dict(record))
     except KeyError as exc:
         raise UsageError(f"{where} lacks the {exc} field an instruction example needs") from exc
+    unknown = next((m["role"] for m in messages if m.get("role") not in CHAT_ROLES), None)
+    if unknown is not None:
+        raise UsageError(
+            f"{where} has a message with role {unknown!r}; the roles an example may have are "
+            f"{', '.join(CHAT_ROLES)}"
+        )
     if not any(m["role"] == "assistant" and m["content"] for m in messages):
         raise UsageError(f"{where} has no response to train on")
     return messages

@@ -73,8 +73,15 @@ def parse_source(raw: str) -> SourceSpec:
     if spec == "stdlib":
         return SourceSpec(raw, spec, weight, "stdlib")
     if spec.startswith("hf:"):
-        if not spec[3:].split("@")[0].split(":")[0]:
+        name = spec[3:].split("@")[0].split(":")[0]
+        if not name:
             raise UsageError(f"source '{raw}': name the dataset, as in hf:NAME[:CONFIG][@SPLIT]")
+        local = name.startswith(("/", "./", "../", "~")) or name in (".", "..")
+        if local and not Path(name).expanduser().is_dir():
+            raise UsageError(
+                f"source '{raw}': the dataset directory '{name}' does not exist; give the path of a "
+                "saved dataset (datasets' save_to_disk or a folder of data files)"
+            )
         return SourceSpec(raw, spec, weight, "hf")
     path = Path(spec).expanduser()
     if _GLOB_CHARS.search(spec):

@@ -24,8 +24,8 @@ import numpy as np
 from llmctl.data.progress import Progress
 from llmctl.data.store import SPLITS, CorpusStore
 from llmctl.errors import UsageError
+from llmctl.storage import atomic_dir, write_json_atomic
 from llmctl.tokenizer import text_only_encoder
-from llmctl.workspace import atomic_dir, write_json_atomic
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

@@ -188,6 +188,12 @@ def _read_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
         raise UsageError(f"{what} '{path}' does not exist; check the path")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as lines:
+        yield from _records(lines, path)
+
+
+def _records(lines: Iterator[str], path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    line_number = 0
+    try:
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -198,6 +204,11 @@ def _read_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(record, dict):
                 raise UsageError(f"line {line_number} of {path} is not a JSON object")
             yield line_number, record
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
+        raise UsageError(
+            f"{path} is not UTF-8 JSON lines (line {line_number + 1} cannot be read: {type(exc).__name__}); "
+            "give a .jsonl file (or .jsonl.gz) of {task_id, completion} objects"
+        ) from exc
 
 
 def parse_ks(text: str) -> list[int]:

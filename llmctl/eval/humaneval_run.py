@@ -30,6 +30,8 @@ from llmctl.eval.results import record
 from llmctl.eval.sandbox import SandboxLimits
 from llmctl.workspace import Workspace
 
+RESULTS_MARKER = ".llmctl-eval"  # an eval's output directory, which a later eval may reuse
+
 
 @dataclass
 class HumanEvalRun:
@@ -95,6 +97,7 @@ def run_humaneval(
     )
     progress.left_out(report)
     summary = write_results(report, directory, {**source, "completions_file": str(completions.resolve())})
+    (directory / RESULTS_MARKER).touch()  # a later eval may write here again
     # a run that writes into the workspace makes it; one writing elsewhere records only where one exists
     eval_id = record(workspace, "humaneval", summary, create=run.out_dir is None)
     if eval_id is not None:
@@ -149,10 +152,16 @@ def _new_eval_dir(evals: Path) -> Path:
 
 
 def _check_writable(directory: Path) -> None:
-    """Refuse, before generating or running anything, an output directory that cannot be written.
-    Nothing is created here: a run refused later for another reason leaves nothing behind."""
+    """Refuse, before generating or running anything, an output directory that cannot be written,
+    or one holding files of someone else's that the results would overwrite. Nothing is created
+    here: a run refused later for another reason leaves nothing behind."""
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"--out '{directory}' is a file; give a directory for the results")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / RESULTS_MARKER).is_file():
+        raise UsageError(
+            f"--out '{directory}' holds other files that the results (summary.json, problems.jsonl, "
+            "completions.jsonl) could overwrite; give a new or empty directory, or an earlier eval's"
+        )
     existing = next(parent for parent in [directory, *directory.parents] if parent.exists())
     if not existing.is_dir():
         raise UsageError(f"cannot create '{directory}': '{existing}' is a file; give --out a directory")

@@ -22,16 +22,19 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from llmctl import __version__
 from llmctl.checkpoint.load import load_model
 from llmctl.config import GenerationConfig, ModelConfig
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.export.verify import Verification, transformers_available, verify_export
 from llmctl.model import hf
 from llmctl.model.transformer import Transformer
+from llmctl.storage import atomic_dir, check_replaceable_dir, write_json_atomic
 from llmctl.tokenizer import END_OF_TURN_TOKEN, HF_TOKENIZER_CONFIG, TOKENIZER_FILE, LoadedTokenizer
-from llmctl.workspace import Workspace, atomic_dir
+from llmctl.workspace import Workspace
 
 FORMATS = ("hf",)
+EXPORT_MARKER = ".llmctl-export"
 WEIGHTS = "model.safetensors"
 
 
@@ -57,8 +60,7 @@ def export_hf(
     """Write the model `ref` names to `out` as a transformers model directory, checked unless
     `verify` is False (or transformers is not installed: `skipped` says so)."""
     out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise UsageError(f"'{out}' already exists; pass --overwrite to replace it")
+    check_replaceable_dir(out, overwrite, EXPORT_MARKER, "an export", workspace.root)
     skipped = None
     if not verify:
         skipped = "--no-verify"
@@ -90,6 +92,10 @@ def export_hf(
                     "(--no-verify exports anyway)"
                 )
         files = {path.name: path.stat().st_size for path in sorted(staging.iterdir())}
+        # what lets a later --overwrite know this directory is an export it may replace
+        write_json_atomic(
+            staging / EXPORT_MARKER, {"llmctl_version": __version__, "source": str(loaded.path)}
+        )
     return ExportResult(
         directory=out,
         source=loaded.path,

@@ -46,7 +46,7 @@ from llmctl.train.optim import build_optimizer, paged_adamw_8bit
 from llmctl.train.precision import resolve_device
 from llmctl.train.recipe import Plan, Row, Runtime, Size, StageParts
 from llmctl.train.runinfo import Sampler
-from llmctl.train.runs import check_run_name
+from llmctl.train.runs import check_run_name, starts_over
 from llmctl.workspace import Workspace, check_name
 
 
@@ -302,7 +302,7 @@ def make_plan(
         memory=memory,
         device_memory=device_memory,
         resume_from=resume_from,
-        overwrite=options.overwrite,
+        overwrite=starts_over(options, resume_from),
         task=task,
         base=base,
         data=data,

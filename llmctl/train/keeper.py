@@ -12,6 +12,7 @@ from torch import nn
 
 from llmctl.checkpoint.files import ModelIO, write_checkpoint
 from llmctl.config import RunConfig
+from llmctl.storage import staging_name
 from llmctl.train.run_log import RunLog
 from llmctl.workspace import Registry, checkpoint_dir, checkpoint_step, list_checkpoints
 
@@ -103,6 +104,6 @@ class CheckpointKeeper:
                 if row is not None:
                     self.registry.remove_checkpoint(row["id"])
             # rename first so a crash mid-delete never leaves a partial directory under a step name
-            doomed = path.with_name(f".del-{path.name}")
+            doomed = path.with_name(staging_name(".del-", path.name))
             path.rename(doomed)
             shutil.rmtree(doomed, ignore_errors=True)

@@ -15,6 +15,7 @@ from llmctl.checkpoint import load as loader
 from llmctl.checkpoint.files import FullModelIO, checkpoint_kind, read_config, read_meta, write_checkpoint
 from llmctl.checkpoint.refs import resolve_model_ref
 from llmctl.errors import UsageError
+from llmctl.storage import refuse_if_busy, writer_lock
 from llmctl.train.runs import discard_run, open_run
 from llmctl.workspace import Workspace, check_name, checkpoint_dir
 
@@ -42,6 +43,7 @@ def merge_to_run(workspace: Workspace, ref: str, run: str, overwrite: bool = Fal
         )
     base_path = loader.base_of(meta, adapter_path)
     registry = workspace.registry()
+    refuse_if_busy(workspace.root, "run", run, "replacing")
     if (workspace.run_dir(run).exists() or registry.run(run) is not None) and not overwrite:
         raise UsageError(f"run '{run}' already exists; pick another name or pass --overwrite")
     config = read_config(adapter_path)
@@ -49,49 +51,50 @@ def merge_to_run(workspace: Workspace, ref: str, run: str, overwrite: bool = Fal
     model = loader.load_weights(adapter_path, meta, config=config)
     config.adapter.enabled, config.adapter.quantize = False, "none"
 
-    step = int(meta["step"])
-    figures = {key: meta[key] for key in ("val_loss", "val_ppl", "val_accuracy") if key in meta}
-    lineage = {key: meta.get(key) for key in ("task", "labels", "tokenizer_sha256")}
-    adapter_row = registry.checkpoint_by_path(adapter_path)
-    run_dir = open_run(
-        workspace,
-        run,
-        STAGE,
-        config,
-        {
-            "merged_from": str(adapter_path),
-            "base_checkpoint": str(base_path),
-            "quantized_base": quantized,
-            "latest_checkpoint": step,
-            "best_checkpoint": step,
-            **lineage,
-        },
-        resuming=False,
-        overwrite=overwrite,
-        tokenizer=config.data.tokenizer,
-        base_checkpoint=adapter_row["id"] if adapter_row else None,
-    )
-    try:
-        checkpoint = write_checkpoint(
-            checkpoint_dir(run_dir, step),
-            model=model,
-            model_io=FullModelIO(),
-            config=config,
-            trainer_state={"step": step},
-            meta={
-                "run": run,
-                "stage": STAGE,
-                "step": step,
-                "created": time.time(),
+    with writer_lock(workspace.root, "run", run):
+        step = int(meta["step"])
+        figures = {key: meta[key] for key in ("val_loss", "val_ppl", "val_accuracy") if key in meta}
+        lineage = {key: meta.get(key) for key in ("task", "labels", "tokenizer_sha256")}
+        adapter_row = registry.checkpoint_by_path(adapter_path)
+        run_dir = open_run(
+            workspace,
+            run,
+            STAGE,
+            config,
+            {
                 "merged_from": str(adapter_path),
                 "base_checkpoint": str(base_path),
+                "quantized_base": quantized,
+                "latest_checkpoint": step,
+                "best_checkpoint": step,
                 **lineage,
-                **figures,
             },
-            tokenizer_file=adapter_path / "tokenizer.json",
+            resuming=False,
+            overwrite=overwrite,
+            tokenizer=config.data.tokenizer,
+            base_checkpoint=adapter_row["id"] if adapter_row else None,
         )
-        registry.add_checkpoint(run, step, "full", checkpoint, figures)
-    except BaseException:
-        discard_run(workspace, run)  # a merge that did not finish leaves no run behind
-        raise
-    return MergeResult(run, checkpoint, adapter_path, base_path, quantized)
+        try:
+            checkpoint = write_checkpoint(
+                checkpoint_dir(run_dir, step),
+                model=model,
+                model_io=FullModelIO(),
+                config=config,
+                trainer_state={"step": step},
+                meta={
+                    "run": run,
+                    "stage": STAGE,
+                    "step": step,
+                    "created": time.time(),
+                    "merged_from": str(adapter_path),
+                    "base_checkpoint": str(base_path),
+                    **lineage,
+                    **figures,
+                },
+                tokenizer_file=adapter_path / "tokenizer.json",
+            )
+            registry.add_checkpoint(run, step, "full", checkpoint, figures)
+        except BaseException:
+            discard_run(workspace, run)  # a merge that did not finish leaves no run behind
+            raise
+        return MergeResult(run, checkpoint, adapter_path, base_path, quantized)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from llmctl.workspace import write_json_atomic
+from llmctl.storage import write_json_atomic
 
 # Dense (no sparsity) peaks from NVIDIA's spec sheets: (16-bit tensor core with fp32 accumulate,
 # fp32 as TF32 tensor core where the GPU has it). Longer names first so "H100 PCIe" wins over "H100".

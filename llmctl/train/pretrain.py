@@ -28,7 +28,7 @@ from llmctl.train.batches import TokenWindows
 from llmctl.train.distributed import DistEnv, seed_per_rank
 from llmctl.train.precision import Precision, resolve_device
 from llmctl.train.recipe import Plan, Row, Size, StageParts
-from llmctl.train.runs import RunOptions, check_run_name
+from llmctl.train.runs import RunOptions, check_run_name, starts_over
 from llmctl.workspace import RUN_CONFIG, Workspace, check_name
 
 STAGE = "pretrain"
@@ -257,7 +257,7 @@ def make_plan(
         device_memory=device_memory,
         memory_shared_by=shared_by,
         resume_from=resume_from,
-        overwrite=options.overwrite,
+        overwrite=starts_over(options, resume_from),
         world_size=options.world_size,
         suggestion=suggestion,
         cache=cache,
@@ -275,7 +275,7 @@ def _check_run_name(
     """As runs.check_run_name, and a resumed run must keep the tokenizer it started with."""
     if not (options.resume or check_new_run):
         return None
-    checkpoint = check_run_name(workspace, run, options, warn)
+    checkpoint = check_run_name(workspace, run, options, warn, writer=check_new_run)
     if checkpoint is not None:
         saved_sha = read_meta(checkpoint).get("tokenizer_sha256")
         if saved_sha and saved_sha != tokenizer.sha256:

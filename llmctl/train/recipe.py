@@ -12,6 +12,7 @@ Commands, quickstart and tune go through these two, so every stage is started th
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from llmctl.checkpoint.files import FullModelIO, ModelIO
 from llmctl.config import GenerationConfig, RunConfig
 from llmctl.errors import LlmctlError
 from llmctl.model.sizing import MemoryEstimate, human_bytes, human_count
+from llmctl.storage import writer_lock
 from llmctl.tokenizer import LoadedTokenizer
 from llmctl.train import distributed
 from llmctl.train.batches import BatchSource
@@ -416,12 +418,16 @@ def train(
     """Start the run and fit the stage's Trainer. In a distributed run, rank 0 started it before
     the other ranks planned (`pretrain.join_distributed_run`); every rank fits."""
     dist = dist or DistEnv()
-    if not dist.enabled:
-        start_run(workspace, plan)
-    if on_start is not None and dist.is_main:
-        on_start(plan)
+    # one writer per run: rank 0 holds the run's lock while it trains (another trainer of the same
+    # run, or an --overwrite of it, is refused naming this process)
+    held = writer_lock(workspace.root, "run", plan.run) if dist.is_main else contextlib.nullcontext()
     try:
-        return plan.build_trainer(workspace, dist, console=console).fit()
+        with held:
+            if not dist.enabled:
+                start_run(workspace, plan)
+            if on_start is not None and dist.is_main:
+                on_start(plan)
+            return plan.build_trainer(workspace, dist, console=console).fit()
     finally:
         distributed.destroy_process_group()
 

@@ -41,7 +41,9 @@ def humaneval(
         "1,10,100", "--k", help="pass@k for each k (those above the samples per task are skipped)."
     ),
     workers: int = typer.Option(DEFAULT_WORKERS, "--workers", min=1, help="Programs run at once."),
-    timeout: float = typer.Option(5.0, "--timeout", min=0.1, help="Wall-clock seconds per program."),
+    timeout: float = typer.Option(
+        5.0, "--timeout", min=0.1, max=3600.0, help="Wall-clock seconds per program (at most an hour)."
+    ),
     out_dir: Path = typer.Option(
         None,
         "--out",
