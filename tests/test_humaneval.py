@@ -16,7 +16,7 @@ import pytest
 
 from llmctl.eval.humaneval import from_mbpp, load_problems, truncate_completion
 from llmctl.eval.passk import mean_pass_at_k, pass_at_k
-from llmctl.eval.sandbox import SandboxLimits, run_program
+from llmctl.eval.sandbox import SandboxLimits, run_tests
 from llmctl.workspace import Workspace
 
 ADD_PROBLEM = {
@@ -113,7 +113,7 @@ def test_a_problem_file_in_humaneval_format_loads(tmp_path):
     problems = load_problems(write_jsonl(tmp_path / "toy.jsonl", [ADD_PROBLEM]))
     assert [problem.task_id for problem in problems] == ["Toy/add"]
     program = problems[0].program(ADD_PROBLEM["canonical_solution"])
-    assert run_program(program, SandboxLimits(timeout_s=5)).passed
+    assert run_tests(program, SandboxLimits(timeout_s=5)).passed
 
 
 MBPP_RECORD = {
@@ -136,9 +136,9 @@ def test_mbpp_records_convert_to_humaneval_problems(tmp_path):
     assert MBPP_RECORD["test_list"][0] in converted["prompt"]
     [problem] = load_problems(write_jsonl(tmp_path / "mbpp.jsonl", [MBPP_RECORD]))
     limits = SandboxLimits(timeout_s=5)
-    assert run_program(problem.program(problem.canonical_solution), limits).passed
+    assert run_tests(problem.program(problem.canonical_solution), limits).passed
     wrong = "def similar_elements(a, b):\n    return ()\n"
-    assert not run_program(problem.program(wrong), limits).passed
+    assert not run_tests(problem.program(wrong), limits).passed
 
 
 def test_a_problem_line_without_its_fields_is_named(cli, tmp_path):

@@ -1,16 +1,20 @@
-"""Run untrusted test programs: one confined process per program, always cleaned up.
+"""Run untrusted programs and score them with trusted tests: the verdict never comes from the program.
 
-The harness side (this module) gives each program a fresh directory and a child process
-(sandbox_child.py) in a session of its own, waits at most the wall-clock timeout, then kills
-the child's whole process group and removes the directory. The child confines itself before
-running anything (rlimits, network namespace, `nobody` when started as root, destructive
-functions disabled) and reports on a pipe of its own, so what the program prints, and how it
-exits, cannot pass for a result.
+A test program is two sources: the candidate (a problem's prompt and a model's completion:
+untrusted) and the tests (the prompt and its `check(candidate)`: trusted). The harness side (this
+module) starts one child process per program (sandbox_child.py), in a session of its own, waits at
+most the wall-clock timeout, then kills the child's whole process group. That child is the
+checker: it forks the candidate, which confines itself and runs the untrusted source, and runs the
+tests itself, calling the candidate's function across the boundary with arguments and results
+encoded as plain data (sandbox_wire). The checker alone reports, on a pipe the candidate never
+holds, so nothing the program does inside its process (writing a pass anywhere, walking frames,
+patching or tracing `check`, returning an object equal to everything) can make a failing
+program pass.
 
-What the machine allows is probed once per process (`sandbox_profile`): a network namespace
-("namespace", else "best-effort": the program could reach the network), and, when llmctl runs
-as root, dropping to `nobody` (required: root would ignore RLIMIT_NPROC and file permissions)
-and a private /tmp (a mount namespace with fresh tmpfs where `nobody` could write).
+What the machine allows is probed once per process (`sandbox_profile`): network, PID and mount
+namespaces (as an ordinary user, inside a user namespace), the private filesystem they make
+possible, and, when llmctl runs as root, dropping to `nobody` (required: root would ignore
+RLIMIT_NPROC and file permissions). Where one is missing the profile says so, and what is lost.
 """
 
 from __future__ import annotations
@@ -47,9 +51,11 @@ class SandboxError(LlmctlError):
 @dataclass(frozen=True)
 class SandboxLimits:
     timeout_s: float = 5.0  # wall clock for the whole child, start-up included
-    memory_bytes: int = 1 << 30  # address space (RLIMIT_AS)
+    memory_bytes: int = 1 << 30  # address space (RLIMIT_AS), of the program and of its checker
     max_processes: int = 16  # RLIMIT_NPROC: counts every process of the sandbox's user
     max_file_bytes: int = 16 << 20  # the largest file the program may write (RLIMIT_FSIZE)
+    scratch_bytes: int = 64 << 20  # its private /tmp, the one place it may write, holds this much
+    scratch_files: int = 1024  # and this many files and directories (inodes)
 
     @property
     def cpu_s(self) -> int:
@@ -63,17 +69,38 @@ class SandboxProfile:
     # "namespace": whatever a program starts ends with it; "process-group": a process that leaves
     # the group (setsid through ctypes) may outlive it
     process_isolation: str
+    # "private": a root of its own (read-only system files, a capped /tmp, its own /proc or none,
+    # no host socket, its own IPC); "host": the host's filesystem, and the programs' user decides
+    filesystem: str
     user: str  # who programs run as: "nobody" when llmctl runs as root, else the user's own name
-    private_tmp: bool  # /tmp, /var/tmp and /dev/shm are fresh tmpfs mounts seen by the program alone
     drop_to: tuple[int, int] | None  # (uid, gid) the child switches to, when started as root
+    own_proc: bool = False  # the private root has a /proc of its PID namespace (else none at all)
+
+    @property
+    def private_tmp(self) -> bool:
+        """Whether /tmp is the program's alone (it is, with the private filesystem)."""
+        return self.filesystem == "private"
 
     def as_dict(self) -> dict[str, str | bool]:
         return {
             "network_isolation": self.network_isolation,
             "process_isolation": self.process_isolation,
+            "filesystem": self.filesystem,
             "user": self.user,
             "private_tmp": self.private_tmp,
         }
+
+
+@dataclass(frozen=True)
+class TestProgram:
+    """What run_tests runs: untrusted source in the sandbox, trusted tests in the checker."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    candidate: str  # untrusted: defines the function under test (a prompt and its completion)
+    tests: str  # trusted: defines check(candidate) and whatever it needs (a prompt and its test)
+    # the function check is given; it, and any global the tests name but lack, is the candidate's
+    entry_point: str
 
 
 @dataclass(frozen=True)
@@ -98,7 +125,11 @@ def sandbox_profile() -> SandboxProfile:
         raise SandboxError("the sandbox needs Linux (or another Unix); on Windows, run llmctl under WSL")
     drop_to = _nobody_ids() if os.geteuid() == 0 else None
     findings = _start_and_collect(
-        {"probe": True, "drop_to": drop_to}, Path(tempfile.gettempdir()), PROBE_TIMEOUT_S
+        [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT)],
+        {"probe": True, "drop_to": drop_to, **_scratch_config(SandboxLimits())},
+        b"",
+        Path(tempfile.gettempdir()),
+        PROBE_TIMEOUT_S,
     )[1]
     if not findings or "network_namespace" not in findings:
         raise SandboxError("the sandbox probe did not report; the sandbox needs Linux or another Unix")
@@ -111,38 +142,55 @@ def sandbox_profile() -> SandboxProfile:
     return SandboxProfile(
         network_isolation="namespace" if findings["network_namespace"] else "best-effort",
         process_isolation="namespace" if findings["pid_namespace"] else "process-group",
+        filesystem="private" if findings["private_filesystem"] else "host",
         user="nobody" if drop_to else _user_name(os.getuid()),
-        private_tmp=findings["private_tmp"],
         drop_to=drop_to,
+        own_proc=findings["private_filesystem"] and findings["mount_proc"],
     )
 
 
-def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> ExecutionResult:
-    """Run `program` (Python source) in the sandbox; it passes if it finishes without an exception.
+def run_tests(program: TestProgram, limits: SandboxLimits = SandboxLimits()) -> ExecutionResult:
+    """Run `program.candidate` in the sandbox and `program.tests` in a trusted process that calls
+    `check(<the candidate's entry point>)`; it passes if check returns.
 
-    Safe to call from several threads at once: each call owns its process and directory.
+    Safe to call from several threads at once: each call owns its processes.
     """
+    tests = json.dumps({"source": program.tests, "entry_point": program.entry_point}).encode()
+    return _run(program.candidate, tests, limits)
+
+
+def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> ExecutionResult:
+    """Run `program` (Python source) in the sandbox; it passes if it runs to its end without an
+    exception. That verdict is the program's own word, so anything can arrange it: use it to run
+    code, and run_tests to score it."""
+    return _run(program, b"", limits)
+
+
+def _run(candidate: str, tests: bytes, limits: SandboxLimits) -> ExecutionResult:
     profile = sandbox_profile()
+    # With a private filesystem the program never sees this directory; without, it is the
+    # program's working directory, the one place it is meant to write.
     workdir = Path(tempfile.mkdtemp(prefix="llmctl-sandbox-"))
     try:
-        program_file = workdir / "program.py"
-        # A model may emit a lone surrogate; it travels as is, and compiling it fails the program.
-        program_file.write_text(program, encoding="utf-8", errors="surrogatepass")
-        if profile.drop_to:
+        if profile.drop_to and profile.filesystem != "private":
             os.chown(workdir, *profile.drop_to)
         config = {
-            "program": str(program_file),
             "cpu_s": limits.cpu_s,
             "memory_bytes": limits.memory_bytes,
             "max_processes": limits.max_processes,
             "max_file_bytes": limits.max_file_bytes,
+            **_scratch_config(limits),
             "network_namespace": profile.network_isolation == "namespace",
             "pid_namespace": profile.process_isolation == "namespace",
-            "private_tmp": profile.private_tmp,
+            "private_filesystem": profile.filesystem == "private",
+            "mount_proc": profile.own_proc,
             "drop_to": profile.drop_to,
         }
+        # A model may emit a lone surrogate; it travels as is, and compiling it fails the program.
+        payload = _frame(candidate.encode("utf-8", "surrogatepass")) + _frame(tests)
         started = time.monotonic()
-        exit_status, report = _start_and_collect(config, workdir, limits.timeout_s)
+        command = [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT)]
+        exit_status, report = _start_and_collect(command, config, payload, workdir, limits.timeout_s)
         seconds = time.monotonic() - started
     finally:
         _remove_tree(workdir)
@@ -155,33 +203,44 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> Execut
     return ExecutionResult(FAILED, report.get("error") or _describe_exit(exit_status), seconds)
 
 
-def _start_and_collect(config: dict, workdir: Path, timeout_s: float) -> tuple[int | None, dict]:
-    """Start the child, wait up to `timeout_s`, kill its process group, reap it, read its report.
+def _scratch_config(limits: SandboxLimits) -> dict:
+    return {
+        "root": tempfile.gettempdir(),  # where, in its own mount namespace, the private root is mounted
+        "scratch_bytes": limits.scratch_bytes,
+        "scratch_files": limits.scratch_files,
+    }
+
+
+def _frame(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "big") + data
+
+
+def _start_and_collect(
+    command: list[str], config: dict, payload: bytes, workdir: Path, timeout_s: float
+) -> tuple[int | None, dict]:
+    """Start the child with `payload` on its stdin, wait up to `timeout_s`, kill its process
+    group, reap it, read its report.
 
     Returns the exit status (None when it timed out) and the report (empty if it sent none).
     """
     read_fd, write_fd = os.pipe()
     try:
+        # In memory and unnamed: once the child holds it, no path leads to the tests it holds.
+        stdin = _anonymous_file(payload)
         try:
             child = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-I",
-                    "-S",
-                    "-B",
-                    str(CHILD_SCRIPT),
-                    json.dumps({**config, "result_fd": write_fd}),
-                ],
+                [*command, json.dumps({**config, "result_fd": write_fd})],
                 cwd=workdir,
                 env=_child_environment(workdir),
                 pass_fds=(write_fd,),
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,  # its own session and process group: killable as one
             )
         finally:
             os.close(write_fd)
+            os.close(stdin)
         try:
             exited = _wait_without_reaping(child, timeout_s)
         finally:
@@ -191,6 +250,20 @@ def _start_and_collect(config: dict, workdir: Path, timeout_s: float) -> tuple[i
         return (child.returncode if exited else None), _read_report(read_fd)
     finally:
         os.close(read_fd)
+
+
+def _anonymous_file(data: bytes) -> int:
+    """A descriptor of a file holding `data`, positioned at its start, that no path names."""
+    try:
+        fd = os.memfd_create("llmctl-sandbox-payload", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):  # not Linux: an unlinked temporary file
+        with tempfile.TemporaryFile() as file:
+            fd = os.dup(file.fileno())
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 def _wait_without_reaping(child: subprocess.Popen, timeout_s: float) -> bool:
