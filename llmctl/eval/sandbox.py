@@ -19,6 +19,7 @@ RLIMIT_NPROC and file permissions). Where one is missing the profile says so, an
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
@@ -27,16 +28,19 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmctl.errors import LlmctlError
 
 CHILD_SCRIPT = Path(__file__).with_name("sandbox_child.py")
+CHILD_COMMAND = (sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT))
+SERVER_GRACE_S = 10.0  # past a program's timeout, how long the harness waits for its server
 REPORT_LIMIT_BYTES = 64 * 1024
 PROBE_TIMEOUT_S = 30.0
 NOBODY_ID = 65534  # the traditional uid/gid of `nobody` where the account is missing
@@ -124,13 +128,7 @@ def sandbox_profile() -> SandboxProfile:
     if os.name != "posix":
         raise SandboxError("the sandbox needs Linux (or another Unix); on Windows, run llmctl under WSL")
     drop_to = _nobody_ids() if os.geteuid() == 0 else None
-    findings = _start_and_collect(
-        [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT)],
-        {"probe": True, "drop_to": drop_to, **_scratch_config(SandboxLimits())},
-        b"",
-        Path(tempfile.gettempdir()),
-        PROBE_TIMEOUT_S,
-    )[1]
+    findings = _probe({"probe": True, "drop_to": drop_to, **_scratch_config(SandboxLimits())})
     if not findings or "network_namespace" not in findings:
         raise SandboxError("the sandbox probe did not report; the sandbox needs Linux or another Unix")
     if drop_to and not findings["dropped_privileges"]:
@@ -168,13 +166,16 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> Execut
 
 def _run(candidate: str, tests: bytes, limits: SandboxLimits) -> ExecutionResult:
     profile = sandbox_profile()
-    # With a private filesystem the program never sees this directory; without, it is the
-    # program's working directory, the one place it is meant to write.
-    workdir = Path(tempfile.mkdtemp(prefix="llmctl-sandbox-"))
+    # With a private filesystem the program writes only to its own /tmp; without, to a fresh
+    # directory of the harness's, its working directory, removed afterwards.
+    workdir = None if profile.filesystem == "private" else Path(tempfile.mkdtemp(prefix="llmctl-sandbox-"))
     try:
-        if profile.drop_to and profile.filesystem != "private":
+        if workdir is not None and profile.drop_to:
             os.chown(workdir, *profile.drop_to)
-        config = {
+        request = {
+            "timeout_s": limits.timeout_s,
+            "report_limit": REPORT_LIMIT_BYTES,
+            "workdir": str(workdir or tempfile.gettempdir()),
             "cpu_s": limits.cpu_s,
             "memory_bytes": limits.memory_bytes,
             "max_processes": limits.max_processes,
@@ -188,12 +189,13 @@ def _run(candidate: str, tests: bytes, limits: SandboxLimits) -> ExecutionResult
         }
         # A model may emit a lone surrogate; it travels as is, and compiling it fails the program.
         payload = _frame(candidate.encode("utf-8", "surrogatepass")) + _frame(tests)
-        started = time.monotonic()
-        command = [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT)]
-        exit_status, report = _start_and_collect(command, config, payload, workdir, limits.timeout_s)
-        seconds = time.monotonic() - started
+        outcome = _run_on_a_server(request, payload, limits.timeout_s + SERVER_GRACE_S)
     finally:
-        _remove_tree(workdir)
+        if workdir is not None:
+            _remove_tree(workdir)
+    if outcome is None:
+        return ExecutionResult(FAILED, "the sandbox's server process died while the program ran", 0.0)
+    exit_status, report, seconds = outcome["exit_status"], outcome["report"], outcome["seconds"]
     if "setup_error" in report:
         raise SandboxError(f"the sandbox could not confine a program: {report['setup_error']}")
     if exit_status is None:
@@ -201,6 +203,87 @@ def _run(candidate: str, tests: bytes, limits: SandboxLimits) -> ExecutionResult
     if report.get("passed") is True:
         return ExecutionResult(PASSED, "", seconds)
     return ExecutionResult(FAILED, report.get("error") or _describe_exit(exit_status), seconds)
+
+
+class _Server:
+    """A sandbox_child.py process that forks a checker per program (see its docstring), so that
+    programs do not each pay for an interpreter's start-up. One program at a time."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.process = subprocess.Popen(
+                [*CHILD_COMMAND, json.dumps({"control_fd": theirs.fileno()})],
+                cwd=tempfile.gettempdir(),
+                env=_child_environment(Path(tempfile.gettempdir())),
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches the harness, not programs
+            )
+        self.control, self.owner = ours, os.getpid()
+
+    def run(self, request: dict, payload: bytes, wait_s: float) -> dict | None:
+        """The server's outcome for one program, or None if the server died meanwhile; raises
+        BrokenPipeError if it was dead before (nothing ran) and TimeoutError if it hung."""
+        payload_fd = _anonymous_file(payload)
+        try:
+            socket.send_fds(self.control, [json.dumps(request).encode()], [payload_fd])
+        finally:
+            os.close(payload_fd)
+        self.control.settimeout(wait_s)
+        reply = self.control.recv(REPORT_LIMIT_BYTES + 4096)
+        return json.loads(reply) if reply else None
+
+    def close(self) -> None:
+        self.control.close()  # the server exits when it reads the end of its control socket
+        try:
+            self.process.wait(SERVER_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _kill_process_group(self.process.pid)
+            self.process.wait()
+
+
+_idle_servers: list[_Server] = []
+_servers_lock = threading.Lock()
+
+
+def _run_on_a_server(request: dict, payload: bytes, wait_s: float) -> dict | None:
+    for attempt in range(2):
+        with _servers_lock:
+            server = _idle_servers.pop() if _idle_servers else None
+        if server is None or server.owner != os.getpid():  # a fork of the harness must not share one
+            server = _Server()
+        try:
+            outcome = server.run(request, payload, wait_s)
+        except (BrokenPipeError, ConnectionResetError):
+            server.close()  # it died while idle; nothing ran, so run it on another
+            if attempt:
+                raise SandboxError("the sandbox's server process exits as soon as it starts") from None
+            continue
+        except TimeoutError:
+            server.close()
+            raise SandboxError(f"the sandbox's server process did not answer within {wait_s:g} s") from None
+        except BaseException:  # Ctrl-C: the server ends the program when its control socket closes
+            server.close()
+            raise
+        if outcome is None:
+            server.close()
+        else:
+            with _servers_lock:
+                _idle_servers.append(server)
+        return outcome
+    raise AssertionError("unreachable")
+
+
+@atexit.register
+def _close_servers() -> None:
+    with _servers_lock:
+        servers, _idle_servers[:] = list(_idle_servers), []
+    for server in servers:
+        if server.owner == os.getpid():
+            server.close()
 
 
 def _scratch_config(limits: SandboxLimits) -> dict:
@@ -215,45 +298,37 @@ def _frame(data: bytes) -> bytes:
     return len(data).to_bytes(8, "big") + data
 
 
-def _start_and_collect(
-    command: list[str], config: dict, payload: bytes, workdir: Path, timeout_s: float
-) -> tuple[int | None, dict]:
-    """Start the child with `payload` on its stdin, wait up to `timeout_s`, kill its process
-    group, reap it, read its report.
-
-    Returns the exit status (None when it timed out) and the report (empty if it sent none).
-    """
+def _probe(config: dict) -> dict:
+    """Run the child's probe, wait up to PROBE_TIMEOUT_S, kill its process group, read its report."""
     read_fd, write_fd = os.pipe()
     try:
-        # In memory and unnamed: once the child holds it, no path leads to the tests it holds.
-        stdin = _anonymous_file(payload)
         try:
             child = subprocess.Popen(
-                [*command, json.dumps({**config, "result_fd": write_fd})],
-                cwd=workdir,
-                env=_child_environment(workdir),
+                [*CHILD_COMMAND, json.dumps({**config, "result_fd": write_fd})],
+                cwd=tempfile.gettempdir(),
+                env=_child_environment(Path(tempfile.gettempdir())),
                 pass_fds=(write_fd,),
-                stdin=stdin,
+                stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,  # its own session and process group: killable as one
             )
         finally:
             os.close(write_fd)
-            os.close(stdin)
         try:
-            exited = _wait_without_reaping(child, timeout_s)
+            _wait_without_reaping(child, PROBE_TIMEOUT_S)
         finally:
             # The leader is not reaped yet, so its pid (the group's id) cannot have been reused.
             _kill_process_group(child.pid)
             child.wait()
-        return (child.returncode if exited else None), _read_report(read_fd)
+        return _read_report(read_fd)
     finally:
         os.close(read_fd)
 
 
 def _anonymous_file(data: bytes) -> int:
-    """A descriptor of a file holding `data`, positioned at its start, that no path names."""
+    """A descriptor of a file holding `data`, positioned at its start, that no path names: once
+    the server holds it, nothing but the checker it forks can read the tests in it."""
     try:
         fd = os.memfd_create("llmctl-sandbox-payload", os.MFD_CLOEXEC)
     except (AttributeError, OSError):  # not Linux: an unlinked temporary file

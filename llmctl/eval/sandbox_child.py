@@ -1,16 +1,24 @@
-"""The processes that run one sandboxed program; started by llmctl.eval.sandbox, never imported.
+"""The processes that run sandboxed programs; started by llmctl.eval.sandbox, never imported.
 
-    python -I -S -B sandbox_child.py CONFIG_JSON    stdin: the program, then the tests (framed)
+    python -I -S -B sandbox_child.py CONFIG_JSON
 
-The process the harness starts is the checker, and it is trusted. It forks the candidate before
-it reads the tests, so the untrusted program never holds them, not even in its memory. The
-candidate confines itself (below) and runs the program: the problem's prompt and the completion.
-The checker runs the tests (the problem's prompt and test: trusted text) and calls the candidate's
-functions through proxies: each call sends the arguments over a pipe as plain data
-(sandbox_wire) and decodes the reply into plain data, so the program decides what its function
-returns and nothing else. Only the checker holds the verdict pipe, and it writes one JSON line
-there: {"passed": true}, {"passed": false, "error": "..."} or, when a confinement step failed,
-{"setup_error": "..."}. With no tests, the program passes if it runs to its end (run_program).
+The process the harness starts is a server (one per harness thread that runs programs), and it is
+trusted. For each program the harness sends it the limits and a memory file holding the program
+and the tests; the server forks a checker in a session of its own, waits at most the wall-clock
+timeout, kills the checker's process group, kills and reaps whatever is left of it (as a child
+subreaper, every orphan of a program comes back to it), and answers with the checker's report.
+Forking from a server that is already running saves every program an interpreter start-up.
+
+The checker is trusted too. It forks the candidate before it reads the tests, so the untrusted
+program never holds them, not even in its memory. The candidate confines itself (below) and runs
+the program: the problem's prompt and the completion. The checker runs the tests (the problem's
+prompt and test: trusted text) and calls the candidate's functions through proxies: each call
+sends the arguments over a pipe as plain data (sandbox_wire) and decodes the reply into plain
+data, so the program decides what its function returns and nothing else. Only the checker holds
+the verdict pipe, and it writes one JSON line there: {"passed": true}, {"passed": false, "error":
+"..."} or, when a confinement step failed, {"setup_error": "..."}. With no tests, the program
+passes if it runs to its end (run_program). Before it reports, the checker kills the candidate and
+waits until every process of it is gone.
 
 The candidate, before anything of the program runs:
 
@@ -36,12 +44,13 @@ The candidate, before anything of the program runs:
 7. replaces destructive functions by ones that raise: a tripwire for accidents, as in the
    reference harness. The boundary is the kernel's, above, not this.
 
-Only the standard library is importable (-S), which keeps start-up near 30 ms a program.
+Only the standard library is importable (-S).
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import json
 import os
@@ -49,6 +58,7 @@ import resource
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 import sandbox_wire as wire  # noqa: E402  (beside this file; the child imports nothing of llmctl)
 
 del sys.path[0]
@@ -62,7 +72,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_NOATIME, MS_NODIRATIME, MS_REMOUNT, MS_BIND = 0x400, 0x800, 0x20, 0x1000
 MS_REC, MS_PRIVATE, MS_RELATIME = 0x4000, 0x40000, 0x200000
 MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
 CAPABILITY_VERSION_3 = 0x20080522
 PIVOT_ROOT_SYSCALL = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 # The namespace's init cannot die of a signal it sends itself, so it passes a signal death on as
@@ -167,16 +177,139 @@ def main() -> None:
         findings = probe(config)
         os.write(config["result_fd"], (json.dumps(findings) + "\n").encode())
         os._exit(0)
-    run_one(config, payload_fd=0, result_fd=config["result_fd"])
+    serve_programs(config["control_fd"])
 
 
-def run_one(config: dict, payload_fd: int, result_fd: int) -> None:
+# ---------------------------------------------------------------- the server (trusted)
+
+
+def serve_programs(control_fd: int) -> None:
+    """Run one program per request on the control socket, until the harness closes it."""
+    import socket
+
+    libc = load_libc()
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    control = socket.socket(fileno=control_fd)
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 1 << 16, 1)
+        except OSError:
+            message, fds = b"", []
+        if not message or len(fds) != 1:
+            os._exit(0)
+        outcome, harness_gone = run_checked(libc, json.loads(message), fds[0], control)
+        if harness_gone:
+            os._exit(0)
+        control.send(json.dumps(outcome).encode())
+
+
+def run_checked(libc, request: dict, payload_fd: int, control) -> tuple[dict, bool]:
+    """Fork a checker for one program, give it at most the timeout, leave nothing of it behind.
+
+    Returns {"exit_status" (None when it timed out), "report", "seconds"} and whether the harness
+    went away meanwhile.
+    """
+    import time
+
+    result_r, result_w = os.pipe()
+    server = os.getpid()
+    started = time.monotonic()
+    checker = os.fork()
+    if checker == 0:
+        os.setsid()  # a process group of its own, to be killed as one
+        libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
+        if os.getppid() != server:  # the server died before the line above
+            os._exit(1)
+        os.dup2(payload_fd, 0)
+        os.dup2(result_w, 3)
+        os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+        os.chdir(request["workdir"])
+        run_one(libc, request, payload_fd=0, result_fd=3)
+    os.close(payload_fd)
+    os.close(result_w)
+    exited, harness_gone = wait_for(checker, request["timeout_s"], control)
+    # The checker is not reaped yet, so its pid (the group's id) cannot have been reused.
+    for kill in (os.killpg, os.kill):
+        with contextlib.suppress(ProcessLookupError):
+            kill(checker, SIGKILL)
+    status = os.waitstatus_to_exitcode(os.waitpid(checker, 0)[1])
+    seconds = time.monotonic() - started
+    end_orphans()
+    report = read_report(result_r, request["report_limit"])
+    os.close(result_r)
+    return {"exit_status": status if exited else None, "report": report, "seconds": seconds}, harness_gone
+
+
+def wait_for(pid: int, timeout_s: float, control) -> tuple[bool, bool]:
+    """Whether the child `pid` exited within the timeout (it stays a zombie), and whether the
+    harness closed the control socket meanwhile."""
+    import select
+    import time
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # before Linux 5.3: look every few milliseconds
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True, False
+            time.sleep(0.002)
+        return False, False
+    try:
+        readable, _, _ = select.select([pidfd, control], [], [], timeout_s)
+        return pidfd in readable, control in readable
+    finally:
+        os.close(pidfd)
+
+
+def end_orphans() -> None:
+    """Kill and reap every child the server still has: the orphans of a program's processes,
+    which the kernel hands to the nearest subreaper. Each is ours and unreaped, so its pid is
+    not reused; reaping one hands us its own children, until none is left."""
+    children = f"/proc/{os.getpid()}/task/{os.getpid()}/children"
+    while True:
+        try:
+            with open(children) as file:
+                pids = [int(pid) for pid in file.read().split()]
+        except OSError:  # no such file (CONFIG_PROC_CHILDREN): reap those already gone
+            pids = []
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def read_report(fd: int, limit: int) -> dict:
+    """The checker's one JSON line; non-blocking, because a leftover holder of the pipe is possible."""
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while len(data) < limit and (chunk := os.read(fd, limit)):
+            data += chunk
+    except BlockingIOError:
+        pass
+    try:
+        report = json.loads(data.decode("utf-8", "replace").split("\n", 1)[0])
+    except json.JSONDecodeError:
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def run_one(libc, config: dict, payload_fd: int, result_fd: int) -> None:
     """Be the checker of one program: fork the candidate, run the tests, report; never returns."""
 
     def report(document: dict) -> None:
         os.write(result_fd, (json.dumps(document) + "\n").encode())
 
-    libc = load_libc()
     # Where the program runs as our own uid, this keeps it from tracing us or reading our descriptors.
     libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     set_limit(resource.RLIMIT_CORE, 0)
@@ -187,8 +320,10 @@ def run_one(config: dict, payload_fd: int, result_fd: int) -> None:
     from_checker, to_candidate = os.pipe()
     from_candidate, to_checker = os.pipe()
     setup_r, setup_w = os.pipe()  # the candidate's setup error, if confining it failed
+    checker = os.getpid()
     candidate = os.fork()
     if candidate == 0:
+        set_parent_death_signal(libc, checker)
         os._exit(run_candidate(libc, config, source, (from_checker, to_checker, setup_w)))
     for fd in (from_checker, to_checker, setup_w):
         os.close(fd)
@@ -388,7 +523,6 @@ def run_candidate(libc, config: dict, source: str, pipes: tuple[int, int, int]) 
 
 def confine(libc, config: dict) -> None:
     set_limit(resource.RLIMIT_FSIZE, config["max_file_bytes"])
-    set_parent_death_signal(libc)
     # Inherited from the checker; a process that is not dumpable cannot write its own uid_map.
     libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     namespaces = (
@@ -469,9 +603,12 @@ def checked(libc, status: int, what: str) -> None:
         raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
-def set_parent_death_signal(libc) -> None:
-    """Die with the process that forked this one, so the candidate never outlives its checker."""
+def set_parent_death_signal(libc, parent: int | None = None) -> None:
+    """Die with the process that forked this one, so the candidate never outlives its checker
+    (`parent`, if known: should it have died already, there is no signal to wait for)."""
     libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def enter_namespaces(libc, flags: int) -> None:
