@@ -7,6 +7,8 @@ and finish in bounded time. Limits are kept small (timeouts of a second or two, 
 
 from __future__ import annotations
 
+import ast
+import errno
 import json
 import os
 import shutil
@@ -36,6 +38,11 @@ SHORT_LIMITS = SandboxLimits(timeout_s=1.0, memory_bytes=256 << 20, max_processe
 PROFILE = sandbox_profile()
 needs_nobody = pytest.mark.skipif(
     PROFILE.user != "nobody", reason="file and signal isolation need llmctl to run as root"
+)
+needs_private_filesystem = pytest.mark.skipif(
+    PROFILE.filesystem != "private",
+    reason="no mount namespace here: programs see the host's filesystem, its world-writable "
+    "directories, Unix sockets and /proc (the profile says filesystem 'host')",
 )
 
 
@@ -99,7 +106,9 @@ def test_a_program_that_finishes_passes_and_one_that_raises_fails():
 def test_the_program_may_use_the_standard_library_and_its_own_directory():
     result = run("""
         import collections, hashlib, math, re
+        import random, statistics  # random registers fork handlers as it loads, which must work
         assert collections.Counter("abca").most_common(1) == [("a", 2)]
+        assert statistics.mean([random.choice([2]), 4]) == 3
         assert hashlib.md5(b"x").hexdigest().startswith("9dd4")
         with open("scratch.txt", "w") as file:
             file.write("kept only while the program runs")
@@ -214,20 +223,212 @@ def test_files_outside_the_working_directory_survive(attack, outside_dir):
     assert_untouched(outside_dir)
 
 
-@needs_nobody
-def test_writes_to_shared_temporary_directories_stay_private():
-    name = f"llmctl-private-tmp-test-{os.getpid()}"
+def world_writable_directories() -> list[str]:
+    """The host's directories anyone may write to: the usual ones, and any under /run, /var, /dev."""
+    found = {"/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/dev/mqueue"}
+    for top in ("/run", "/var", "/dev"):
+        for directory, subdirectories, _ in os.walk(top):
+            if directory.count("/") > 3:
+                subdirectories.clear()
+            elif not os.path.islink(directory) and os.stat(directory).st_mode & stat.S_IWOTH:
+                found.add(directory)
+    return sorted(path for path in found if os.path.isdir(path) and not os.path.islink(path))
+
+
+@needs_private_filesystem
+def test_nothing_written_to_world_writable_host_directories_outlives_the_program():
+    name = f"llmctl-left-behind-{os.getpid()}"
+    directories = world_writable_directories()
     result = run(f"""
         import os
-        for directory in ("/tmp", "/var/tmp", "/dev/shm"):
-            if os.path.isdir(directory):
-                with open(directory + "/{name}", "w") as file:
-                    file.write("private")
-        assert False, "wrote, as expected; fail so the harness counts it"
+        written = []
+        for directory in {directories!r}:
+            try:
+                with open(os.path.join(directory, {name!r}), "w") as file:
+                    file.write("left behind?")
+                os.mkdir(os.path.join(directory, {name!r} + ".d"))
+                written.append(directory)
+            except OSError:
+                pass
+        assert False, f"wrote to {{written}}"
     """)
-    assert result.status == FAILED and "as expected" in result.detail
-    for directory in ("/tmp", "/var/tmp", "/dev/shm"):
-        assert not os.path.exists(f"{directory}/{name}")
+    assert result.status == FAILED and "wrote to" in result.detail
+    assert "/run/lock" not in result.detail and "/var/tmp" not in result.detail  # not even inside
+    for directory in directories:
+        assert not os.path.lexists(os.path.join(directory, name)), directory
+        assert not os.path.lexists(os.path.join(directory, name + ".d")), directory
+
+
+@needs_private_filesystem
+def test_the_one_writable_place_is_capped_in_files_and_bytes():
+    limits = SandboxLimits(
+        timeout_s=3.0, memory_bytes=256 << 20, max_processes=8, scratch_bytes=1 << 20, scratch_files=64
+    )
+    result = run(
+        """
+        import errno, os
+        assert os.getcwd() == "/tmp" and os.environ["HOME"] == os.environ["TMPDIR"] == "/tmp"
+        refused = []
+        for place in ("/", "/usr", "/dev", "/proc", os.path.dirname(os.__file__)):
+            try:
+                open(os.path.join(place, "planted"), "w")
+            except OSError as error:
+                refused.append(error.errno in (errno.EROFS, errno.EACCES, errno.ENOENT))
+        files = 0
+        try:
+            while files < 10_000:
+                open(f"f{files}", "w").close()
+                files += 1
+        except OSError as error:
+            files_errno = error.errno
+        written = 0
+        try:
+            with open("big", "wb", buffering=0) as file:
+                while written < 64 << 20:
+                    written += file.write(b"x" * 65536)
+        except OSError as error:
+            bytes_errno = error.errno
+        assert False, (all(refused) and len(refused), files, files_errno, written, bytes_errno)
+    """,
+        limits,
+    )
+    assert result.status == FAILED
+    refused_all, files, files_errno, written, bytes_errno = ast.literal_eval(result.detail.partition(": ")[2])
+    assert refused_all == 5
+    assert files < 64 and files_errno == errno.ENOSPC
+    assert written <= 1 << 20 and bytes_errno == errno.ENOSPC
+
+
+@pytest.fixture
+def host_unix_socket():
+    """A Unix socket anyone on the host may connect to, in a directory anyone may enter."""
+    directory = Path(tempfile.mkdtemp(prefix="sandbox-socket-"))
+    directory.chmod(0o777)
+    path = directory / "service.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        path.chmod(0o777)
+        server.listen()
+        server.settimeout(0.2)
+        yield str(path), server
+    shutil.rmtree(directory)
+
+
+@needs_private_filesystem
+def test_host_unix_sockets_are_out_of_reach(host_unix_socket):
+    path, server = host_unix_socket
+    abstract = f"\0llmctl-sandbox-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as abstract_server:
+        abstract_server.bind(abstract)
+        abstract_server.listen()
+        abstract_server.settimeout(0.2)
+        result = run(f"""
+            import socket
+            errors = []
+            for address in ({path!r}, {abstract!r}):
+                try:
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                        client.connect(address)
+                        client.sendall(b"escaped")
+                    errors.append("connected")
+                except OSError as error:
+                    errors.append(type(error).__name__)
+            assert False, errors
+        """)
+        assert result.status == FAILED
+        named, nameless = ast.literal_eval(result.detail.partition(": ")[2])
+        assert named == "FileNotFoundError"  # no such path in its root
+        with pytest.raises(TimeoutError):
+            server.accept()
+        if PROFILE.network_isolation == "namespace":  # abstract sockets belong to the network namespace
+            assert nameless == "ConnectionRefusedError"
+            with pytest.raises(TimeoutError):
+                abstract_server.accept()
+
+
+@pytest.fixture
+def process_with_a_secret():
+    """A host process with a secret on its command line, as a served API key might be."""
+    secret = f"sk-llmctl-test-{os.getpid()}-{time.monotonic_ns()}"
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", secret])
+    yield secret
+    process.kill()
+    process.wait()
+
+
+@needs_private_filesystem
+def test_other_processes_command_lines_are_out_of_sight(process_with_a_secret):
+    result = run(f"""
+        import os
+        seen, found = [], False
+        if os.path.isdir("/proc"):
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    seen.append(int(entry))
+                    try:
+                        with open(f"/proc/{{entry}}/cmdline", "rb") as file:
+                            found = found or {process_with_a_secret.encode()!r} in file.read()
+                    except OSError:
+                        pass
+        assert False, (found, sorted(seen))
+    """)
+    found, seen = ast.literal_eval(result.detail.partition(": ")[2])
+    assert found is False
+    if PROFILE.own_proc:  # its own /proc: the namespace's init, and the program
+        assert seen == [1, 2]
+    else:
+        assert seen == []
+
+
+@needs_private_filesystem
+def test_the_program_imports_as_its_own_user_what_it_names():
+    """No module the program names is loaded for it beforehand (as root, say): it imports each
+    itself, from the read-only standard library of its root, as the sandbox's user."""
+    result = run("""
+        import sys
+        loaded_before = set(sys.modules)
+        import colorsys, fractions, statistics, os
+        from email import message
+        names = {"colorsys", "fractions", "statistics", "email", "email.message"}
+        read_only = all(os.statvfs(sys.modules[name].__file__).f_flag & os.ST_RDONLY for name in names)
+        assert False, (sorted(names & loaded_before), os.getuid(), read_only)
+    """)
+    preloaded, uid, read_only = ast.literal_eval(result.detail.partition(": ")[2])
+    assert preloaded == [] and read_only
+    assert uid == (PROFILE.drop_to[0] if PROFILE.drop_to else os.getuid())
+
+
+@needs_private_filesystem
+def test_shared_memory_does_not_outlive_the_program():
+    key = 0x11C7_0000 + os.getpid() % 0xFFFF
+    result = run(f"""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        segment = libc.shmget({key}, 4096, 0o1000 | 0o666)  # IPC_CREAT
+        assert False, segment
+    """)
+    assert int(result.detail.partition(": ")[2]) >= 0  # it made one, in its own IPC namespace
+    with open("/proc/sysvipc/shm") as segments:
+        keys = {int(line.split()[0]) for line in segments.readlines()[1:]}
+    assert key not in keys
+
+
+@needs_private_filesystem
+def test_no_set_user_id_program_could_raise_its_privileges():
+    result = run("""
+        import ctypes, os
+        no_new_privs = ctypes.CDLL(None).prctl(39, 0, 0, 0, 0)  # PR_GET_NO_NEW_PRIVS
+        flags = os.statvfs("/usr/bin").f_flag
+        assert False, (no_new_privs, bool(flags & os.ST_NOSUID), bool(flags & os.ST_RDONLY))
+    """)
+    assert ast.literal_eval(result.detail.partition(": ")[2]) == (1, True, True)
+
+
+def test_without_a_private_filesystem_the_profile_says_what_is_lost():
+    assert PROFILE.private_tmp == (PROFILE.filesystem == "private")
+    assert PROFILE.filesystem in ("private", "host")
+    if PROFILE.filesystem == "host":
+        assert not PROFILE.own_proc
 
 
 @pytest.mark.skipif(PROFILE.network_isolation != "namespace", reason="no network namespace on this machine")
@@ -322,23 +523,60 @@ def test_programs_run_in_parallel_threads_stay_apart():
 
 
 AS_ORDINARY_USER = """
-import json, os
-from llmctl.eval.sandbox import SandboxLimits, run_program, sandbox_profile
+import json, sys
+from llmctl.eval.sandbox import SandboxLimits, TestProgram, run_program, run_tests, sandbox_profile
+programs, tested = json.loads(sys.argv[1])
 limits = SandboxLimits(timeout_s=1.0, memory_bytes=256 << 20, max_processes=8)
-programs = {
-    "escape": ESCAPE,
-    "pass": "assert True",
-    "fork_bomb": "import ctypes\\nlibc = ctypes.CDLL(None)\\nwhile True:\\n    libc.fork()",
-    "network": "import socket; socket.create_connection(('127.0.0.1', 9), timeout=1)",
-    "locked_dir": "import ctypes, os; os.mkdir('d'); libc = ctypes.CDLL(None); "
-                  "libc.chmod(b'd', 0); libc.chmod(b'.', 0)",
-}
 profile = sandbox_profile().as_dict()
 if profile["process_isolation"] != "namespace":
     del programs["escape"]  # its detached process would outlive it, as the profile says
-print(json.dumps({"profile": profile,
-                  **{name: run_program(source, limits).status for name, source in programs.items()}}))
-""".replace("ESCAPE", repr(ESCAPE))
+statuses = {name: run_program(source, limits).status for name, source in programs.items()}
+statuses.update({name: run_tests(TestProgram(*parts), limits).status for name, parts in tested.items()})
+print(json.dumps({"profile": profile, **statuses}))
+"""
+
+
+def ordinary_user_programs(secret: str, name: str) -> tuple[dict, dict]:
+    programs = {
+        "escape": ESCAPE,
+        "pass": "assert True",
+        "fork_bomb": "import ctypes\nlibc = ctypes.CDLL(None)\nwhile True:\n    libc.fork()",
+        "network": "import socket; socket.create_connection(('127.0.0.1', 9), timeout=1)",
+        "locked_dir": "import ctypes, os; os.mkdir('d'); libc = ctypes.CDLL(None); "
+        "libc.chmod(b'd', 0); libc.chmod(b'.', 0)",
+        "left_behind": textwrap.dedent(f"""
+            for directory in ("/tmp", "/var/tmp", "/run/lock"):
+                try:
+                    open(directory + "/{name}", "w").close()
+                except OSError:
+                    pass
+        """),
+        "secret": textwrap.dedent(f"""
+            import os
+            assert any({secret.encode()!r} in open(f"/proc/{{pid}}/cmdline", "rb").read()
+                       for pid in os.listdir("/proc") if pid.isdigit())
+        """),
+    }
+    forgery = textwrap.dedent("""
+        import os
+        def add(a, b):
+            for fd in range(1024):
+                try:
+                    os.write(fd, b'{"passed": true}\\n')
+                except OSError:
+                    pass
+            return 0
+    """)
+    always_equal = "class Everything:\n    def __eq__(self, other):\n        return True\n"
+    tests = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
+    tested = {
+        "forge": [forgery, tests, "add"],
+        "always_equal": [always_equal + "def add(a, b):\n    return Everything()\n", tests, "add"],
+        "right": [always_equal + "def add(a, b):\n    return a + b\n", tests, "add"],
+    }
+    return programs, tested
+
+
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 ORDINARY_UID = 54321  # no account: the sandbox must cope with a bare uid, as in containers
 
@@ -347,8 +585,10 @@ ORDINARY_UID = 54321  # no account: the sandbox must cope with a bare uid, as in
     os.geteuid() != 0 or not shutil.which("setpriv") or not SYSTEM_PYTHON.exists(),
     reason="needs root, setpriv and a system Python to run the harness as an ordinary user",
 )
-def test_as_an_ordinary_user_limits_still_hold():
-    """The path users without root take: a user namespace for the network, RLIMIT_NPROC on the user."""
+def test_as_an_ordinary_user_limits_still_hold(process_with_a_secret):
+    """The path users without root take: namespaces inside a user namespace of their own, a
+    private root with the user's uid and no capability, RLIMIT_NPROC."""
+    name = f"llmctl-left-by-{ORDINARY_UID}-{os.getpid()}"
     repo = Path(__file__).resolve().parent.parent
     command = [
         "setpriv",
@@ -361,6 +601,7 @@ def test_as_an_ordinary_user_limits_still_hold():
         str(SYSTEM_PYTHON),
         "-c",
         AS_ORDINARY_USER,
+        json.dumps(ordinary_user_programs(process_with_a_secret, name)),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     if done.returncode != 0 and "ModuleNotFoundError" in done.stderr:
@@ -376,3 +617,9 @@ def test_as_an_ordinary_user_limits_still_hold():
         assert report["network"] == FAILED
     if report["profile"]["process_isolation"] == "namespace":
         assert report["escape"] == PASSED  # the fixture checks that its detached process is gone too
+    assert report["forge"] == report["always_equal"] == FAILED and report["right"] == PASSED
+    if report["profile"]["filesystem"] == "private":
+        assert report["left_behind"] == PASSED  # into its own /tmp; the others do not exist there
+        assert report["secret"] == FAILED  # no host /proc to find it in
+    for directory in ("/tmp", "/var/tmp", "/run/lock"):
+        assert not os.path.lexists(f"{directory}/{name}")

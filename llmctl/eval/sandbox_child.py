@@ -102,7 +102,6 @@ DISABLED = {
         "popen",
         "fork",
         "forkpty",
-        "register_at_fork",
         "execl",
         "execle",
         "execlp",
