@@ -273,6 +273,31 @@ def test_hostile_completions_all_fail_through_the_command_in_bounded_time(cli, t
     assert (sentinel / "keep.txt").read_text() == "untouched"
 
 
+FORGED = {
+    "always_equal": "    class Everything:\n        def __eq__(self, other):\n            return True\n"
+    "    return Everything()\n",
+    "patched_check": "    import gc\n    for f in gc.get_objects():\n"
+    "        if getattr(f, '__name__', '') == 'check' and hasattr(f, '__code__'):\n"
+    "            f.__code__ = (lambda candidate: None).__code__\n    return 0\n",
+    "pass_everywhere": "    import os\n    for fd in range(256):\n        try:\n"
+    "            os.write(fd, b'{\"passed\": true}\\n')\n"
+    "        except OSError:\n            pass\n    return 0\n",
+}
+
+
+def test_completions_that_forge_a_pass_score_zero_through_the_command(cli, tmp_path):
+    problems = [{**ADD_PROBLEM, "task_id": f"Toy/{name}"} for name in FORGED]
+    problems_file = write_jsonl(tmp_path / "problems.jsonl", [ADD_PROBLEM, *problems])
+    records = [{"task_id": "Toy/add", "completion": ADD_PROBLEM["canonical_solution"]}]
+    records += [{"task_id": f"Toy/{name}", "completion": body} for name, body in FORGED.items()]
+    completions = write_jsonl(tmp_path / "forged.jsonl", records)
+    result = cli("eval", "humaneval", "--completions", completions, "--problems", problems_file, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = result.json()
+    assert summary["outcomes"] == {"passed": 1, "failed": 3, "timed out": 0}  # the control passes
+    assert summary["sandbox"]["filesystem"] in ("private", "host")
+
+
 # errors
 
 

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -513,6 +514,23 @@ def test_a_process_that_leaves_the_group_does_not_outlive_the_program():
     assert not sandbox_processes() - before  # gone by the time the result is in
 
 
+def test_a_sandbox_server_that_died_between_programs_is_replaced():
+    assert run("pass").status == PASSED
+    servers = [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit()
+        and parent_of(entry) == os.getpid()
+        and str(CHILD_SCRIPT).encode() in (entry / "cmdline").read_bytes()
+    ]
+    assert servers  # idle, each waiting for the next program of a harness thread
+    for pid in servers:
+        os.kill(pid, signal.SIGKILL)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # dead, and left for its Popen to reap
+    assert run("pass").status == PASSED
+    assert run("assert False").status == FAILED
+
+
 def test_programs_run_in_parallel_threads_stay_apart():
     from concurrent.futures import ThreadPoolExecutor
 
@@ -623,3 +641,119 @@ def test_as_an_ordinary_user_limits_still_hold(process_with_a_secret):
         assert report["secret"] == FAILED  # no host /proc to find it in
     for directory in ("/tmp", "/var/tmp", "/run/lock"):
         assert not os.path.lexists(f"{directory}/{name}")
+
+
+UNSHARE_SYSCALL = {"x86_64": 272, "aarch64": 97}
+WITHOUT_NAMESPACES = """
+import ctypes, json, os, sys
+# A seccomp filter that fails unshare() with EPERM, in this process and all it starts: a kernel
+# that refuses namespaces, as some containers do.
+ld_nr, jeq, ret = 0x20, 0x15, 0x06
+program = [(ld_nr, 0, 0, 0), (jeq, 0, 1, UNSHARE), (ret, 0, 0, 0x00050000 | 1), (ret, 0, 0, 0x7FFF0000)]
+class SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                ("k", ctypes.c_uint)]
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+filters = (SockFilter * len(program))(*[SockFilter(*line) for line in program])
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS, which an unprivileged filter needs
+assert libc.prctl(22, 2, ctypes.byref(SockFprog(len(program), filters)), 0, 0) == 0, ctypes.get_errno()
+
+from llmctl.eval.sandbox import CHILD_SCRIPT, SandboxLimits, TestProgram, run_program, run_tests
+from llmctl.eval.sandbox import sandbox_profile
+
+
+def sandbox_processes():  # running the child script, but for this harness's idle servers
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            parent = int(open(f"/proc/{entry}/stat").read().rpartition(")")[2].split()[1])
+            command = open(f"/proc/{entry}/cmdline", "rb").read()
+            if str(CHILD_SCRIPT).encode() in command and parent != os.getpid():
+                found.add(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+programs, tested = json.loads(sys.argv[1])
+limits = SandboxLimits(timeout_s=2.0, memory_bytes=256 << 20, max_processes=8)
+profile = sandbox_profile()
+before = sandbox_processes()
+statuses = {name: run_program(source, limits).status for name, source in programs.items()}
+statuses.update({name: run_tests(TestProgram(*parts), limits).status for name, parts in tested.items()})
+left = sorted(sandbox_processes() - before)
+summary = {"profile": profile.as_dict(), "limitations": profile.limitations(), "left": left}
+print(json.dumps({**summary, **statuses}))
+"""
+# Without a PID namespace, a program running as the harness's own user can see the harness's
+# processes; it must still not reach the server's end of a verdict pipe through /proc.
+PIPE_FORGERY = textwrap.dedent("""
+    import os
+    def add(a, b):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                descriptors = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in descriptors:
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:"):
+                        end = os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK)
+                        os.write(end, b'{"passed": true}\\n')
+                except OSError:
+                    pass
+        return 0
+""")
+
+
+@pytest.mark.skipif(
+    os.uname().machine not in UNSHARE_SYSCALL, reason="the seccomp filter knows x86_64 and aarch64"
+)
+@pytest.mark.parametrize("as_root", [True, False], ids=["as root", "as an ordinary user"])
+def test_where_the_kernel_refuses_namespaces_the_profile_says_so_and_the_verdict_holds(as_root):
+    if not as_root and (os.geteuid() != 0 or not shutil.which("setpriv") or not SYSTEM_PYTHON.exists()):
+        pytest.skip("needs root, setpriv and a system Python to run the harness as an ordinary user")
+    repo = Path(__file__).resolve().parent.parent
+    programs = {"escape": ESCAPE, "pass": "assert True"}
+    tests = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
+    tested = {
+        "pipe_forgery": [PIPE_FORGERY, tests, "add"],
+        "right": [PIPE_FORGERY.replace("return 0", "return a + b"), tests, "add"],
+    }
+    script = WITHOUT_NAMESPACES.replace("UNSHARE", str(UNSHARE_SYSCALL[os.uname().machine]))
+    python = (
+        [sys.executable]
+        if as_root
+        else [
+            "setpriv",
+            f"--reuid={ORDINARY_UID}",
+            f"--regid={ORDINARY_UID}",
+            "--clear-groups",
+            str(SYSTEM_PYTHON),
+        ]
+    )
+    done = subprocess.run(
+        [*python, "-c", script, json.dumps([programs, tested])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ["PATH"], "HOME": "/tmp", "PYTHONPATH": str(repo)},
+    )
+    if done.returncode != 0 and "ModuleNotFoundError" in done.stderr:
+        pytest.skip(f"the system Python cannot import llmctl's dependencies: {done.stderr.splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["profile"]["network_isolation"] == "best-effort"
+    assert report["profile"]["process_isolation"] == "process-group"
+    assert report["profile"]["filesystem"] == "host" and not report["profile"]["private_tmp"]
+    assert any("no mount namespace" in line for line in report["limitations"])
+    assert any("no PID namespace" in line for line in report["limitations"])
+    assert report["profile"]["user"] == ("nobody" if as_root else str(ORDINARY_UID))
+    assert report["pass"] == PASSED and report["right"] == PASSED
+    assert report["pipe_forgery"] == FAILED
+    # the detached process was killed once its program's end orphaned it
+    assert report["escape"] == PASSED and report["left"] == []

@@ -85,6 +85,30 @@ class SandboxProfile:
         """Whether /tmp is the program's alone (it is, with the private filesystem)."""
         return self.filesystem == "private"
 
+    def limitations(self) -> list[str]:
+        """What programs could do here that the full sandbox stops, one line each; none when
+        every namespace is available (the guarantees docs/eval.md lists all hold)."""
+        lost = []
+        if self.network_isolation != "namespace":
+            lost.append("no network namespace: programs could open network connections")
+        if self.process_isolation != "namespace":
+            lost.append(
+                "no PID namespace: a process a program detaches (setsid) is killed only once orphaned, "
+                "and programs could see other processes and their command lines"
+            )
+        if self.filesystem != "private":
+            lost.append(
+                "no mount namespace: programs see the host's filesystem; they could leave files in its "
+                "world-writable directories, connect to its Unix sockets and read /proc"
+            )
+            if self.user != "nobody":
+                lost.append(
+                    f"programs run as {self.user} on the host's filesystem, so file isolation is best "
+                    "effort, and where the kernel lets a process trace its parents (kernel.yama.ptrace_scope "
+                    "0) one could tamper with llmctl itself; run as root to have them run as 'nobody'"
+                )
+        return lost
+
     def as_dict(self) -> dict[str, str | bool]:
         return {
             "network_isolation": self.network_isolation,
@@ -253,7 +277,9 @@ def _run_on_a_server(request: dict, payload: bytes, wait_s: float) -> dict | Non
     for attempt in range(2):
         with _servers_lock:
             server = _idle_servers.pop() if _idle_servers else None
-        if server is None or server.owner != os.getpid():  # a fork of the harness must not share one
+        if server is not None and (server.owner != os.getpid() or server.process.poll() is not None):
+            server = None  # a fork of the harness must not share one; a dead one is of no use
+        if server is None:
             server = _Server()
         try:
             outcome = server.run(request, payload, wait_s)
