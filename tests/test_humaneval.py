@@ -116,6 +116,23 @@ def test_a_problem_file_in_humaneval_format_loads(tmp_path):
     assert run_tests(program, SandboxLimits(timeout_s=5)).passed
 
 
+def test_a_prompt_that_ends_in_a_bare_signature_still_gives_the_tests_its_helpers(tmp_path):
+    """The checker runs the prompt for its helpers; one whose last function has no body yet (no
+    docstring either) gets one to compile, and the completion is still what the test calls."""
+    record = {
+        **ADD_PROBLEM,
+        "prompt": "def twice(x):\n    return 2 * x\n\nclass Adder:\n    def add(self, a, b):\n",
+        "entry_point": "total",
+        "test": "def check(candidate):\n    assert candidate(2, 3) == twice(5) // 2\n",
+    }
+    [problem] = load_problems(write_jsonl(tmp_path / "bare.jsonl", [record]))
+    completion = "        return a + b\n\ndef total(a, b):\n    return Adder().add(a, b)\n"
+    assert run_tests(problem.program(completion), SandboxLimits(timeout_s=5)).passed
+    assert not run_tests(
+        problem.program(completion.replace("a + b", "a * b")), SandboxLimits(timeout_s=5)
+    ).passed
+
+
 MBPP_RECORD = {
     "task_id": 2,
     "text": "Write a function to find the shared elements from the given two lists.",

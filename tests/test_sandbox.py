@@ -425,11 +425,13 @@ def test_no_set_user_id_program_could_raise_its_privileges():
     assert ast.literal_eval(result.detail.partition(": ")[2]) == (1, True, True)
 
 
-def test_without_a_private_filesystem_the_profile_says_what_is_lost():
+def test_the_profile_says_what_is_lost_and_why():
     assert PROFILE.private_tmp == (PROFILE.filesystem == "private")
     assert PROFILE.filesystem in ("private", "host")
     if PROFILE.filesystem == "host":
         assert not PROFILE.own_proc
+    full = PROFILE.network_isolation == PROFILE.process_isolation == "namespace" and PROFILE.private_tmp
+    assert (PROFILE.limitations() == []) == full
 
 
 @pytest.mark.skipif(PROFILE.network_isolation != "namespace", reason="no network namespace on this machine")
@@ -750,8 +752,11 @@ def test_where_the_kernel_refuses_namespaces_the_profile_says_so_and_the_verdict
     assert report["profile"]["network_isolation"] == "best-effort"
     assert report["profile"]["process_isolation"] == "process-group"
     assert report["profile"]["filesystem"] == "host" and not report["profile"]["private_tmp"]
-    assert any("no mount namespace" in line for line in report["limitations"])
-    assert any("no PID namespace" in line for line in report["limitations"])
+    lost = report["limitations"]
+    assert any(
+        line.startswith("no private filesystem") and "Operation not permitted" in line for line in lost
+    )
+    assert any(line.startswith("no PID namespace") and "unshare(" in line for line in lost)
     assert report["profile"]["user"] == ("nobody" if as_root else str(ORDINARY_UID))
     assert report["pass"] == PASSED and report["right"] == PASSED
     assert report["pipe_forgery"] == FAILED

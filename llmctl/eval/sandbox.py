@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmctl.errors import LlmctlError
@@ -79,6 +79,8 @@ class SandboxProfile:
     user: str  # who programs run as: "nobody" when llmctl runs as root, else the user's own name
     drop_to: tuple[int, int] | None  # (uid, gid) the child switches to, when started as root
     own_proc: bool = False  # the private root has a /proc of its PID namespace (else none at all)
+    # why the probe could not have each confinement it lacks: {"pid_namespace": "OSError: ..."}
+    refusals: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def private_tmp(self) -> bool:
@@ -89,17 +91,24 @@ class SandboxProfile:
         """What programs could do here that the full sandbox stops, one line each; none when
         every namespace is available (the guarantees docs/eval.md lists all hold)."""
         lost = []
+
+        def why(finding: str) -> str:
+            return f" ({self.refusals[finding]})" if finding in self.refusals else ""
+
         if self.network_isolation != "namespace":
-            lost.append("no network namespace: programs could open network connections")
+            lost.append(
+                "no network namespace: programs could open network connections" + why("network_namespace")
+            )
         if self.process_isolation != "namespace":
             lost.append(
                 "no PID namespace: a process a program detaches (setsid) is killed only once orphaned, "
-                "and programs could see other processes and their command lines"
+                "and programs could see other processes and their command lines" + why("pid_namespace")
             )
         if self.filesystem != "private":
             lost.append(
-                "no mount namespace: programs see the host's filesystem; they could leave files in its "
+                "no private filesystem: programs see the host's; they could leave files in its "
                 "world-writable directories, connect to its Unix sockets and read /proc"
+                + why("private_filesystem")
             )
             if self.user != "nobody":
                 lost.append(
@@ -158,7 +167,8 @@ def sandbox_profile() -> SandboxProfile:
     if drop_to and not findings["dropped_privileges"]:
         raise SandboxError(
             "llmctl runs as root, and the sandbox could not switch to user 'nobody' "
-            f"({'; '.join(findings['errors'])}): as root, process limits and file permissions would not hold;"
+            f"({findings['errors'].get('dropped_privileges', 'no reason given')}): as root, process limits"
+            " and file permissions would not hold;"
             " run llmctl as an ordinary user"
         )
     return SandboxProfile(
@@ -168,6 +178,7 @@ def sandbox_profile() -> SandboxProfile:
         user="nobody" if drop_to else _user_name(os.getuid()),
         drop_to=drop_to,
         own_proc=findings["private_filesystem"] and findings["mount_proc"],
+        refusals=dict(findings["errors"]),
     )
 
 

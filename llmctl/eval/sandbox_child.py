@@ -163,6 +163,10 @@ DISABLED = {
 DISABLED["posix"] = DISABLED["os"]
 
 
+class ConfinementError(OSError):
+    """A confinement step the kernel refused, or a probe step that failed; its text says which."""
+
+
 class CandidateFault(BaseException):
     """The candidate broke the protocol, sent what is not plain data, or ended mid-test.
 
@@ -602,7 +606,7 @@ def checked(libc, status: int, what: str) -> None:
         import ctypes
 
         errno = ctypes.get_errno()
-        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+        raise ConfinementError(f"{what}: {os.strerror(errno)}")
 
 
 def set_parent_death_signal(libc, parent: int | None = None) -> None:
@@ -617,7 +621,7 @@ def enter_namespaces(libc, flags: int) -> None:
     """Unshare `flags`; as an ordinary user, inside a user namespace that maps our uid and gid to
     themselves (a PID or mount namespace is created only in a user namespace one owns)."""
     if not hasattr(libc, "unshare"):
-        raise OSError("this system has no unshare() (namespaces are Linux's)")
+        raise ConfinementError("this system has no unshare() (namespaces are Linux's)")
     as_root = os.geteuid() == 0
     uid, gid = os.getuid(), os.getgid()
     if not as_root:
@@ -776,7 +780,7 @@ def drop_privileges(libc, drop_to: list | None) -> None:
         os.setuid(uid)
         if os.getuid() != uid or os.geteuid() != uid or os.getgid() != gid:
             ids = f"uid {os.getuid()}/{os.geteuid()}, gid {os.getgid()}"
-            raise OSError(f"still {ids} after dropping privileges")
+            raise ConfinementError(f"still {ids} after dropping privileges")
     if libc is None:
         return
     if not drop_to and os.geteuid() != 0:  # no capability to lose outside a user namespace: harmless
@@ -856,15 +860,16 @@ def probe(config: dict) -> dict:
         "private_filesystem": False,
         "mount_proc": False,
         "dropped_privileges": False,
-        "errors": [],
+        "errors": {},  # finding: why the kernel refused it (the last try's reason)
     }
 
     def attempt(finding: str, step) -> None:
         try:
             step()
             findings[finding] = True
+            findings["errors"].pop(finding, None)
         except OSError as exc:
-            findings["errors"].append(describe(exc))
+            findings["errors"][finding] = describe(exc)
 
     attempt("network_namespace", lambda: in_a_child(lambda: enter_namespaces(load_libc(), CLONE_NEWNET)))
     attempt("pid_namespace", lambda: in_a_child(probe_pid_namespace))
@@ -898,7 +903,7 @@ def in_a_child(step) -> None:
     with os.fdopen(read_fd, "rb") as errors:
         error = errors.read().decode("utf-8", "replace")
     if os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) != 0:
-        raise OSError(error or "the probe step failed")
+        raise ConfinementError(error or "the probe step failed")
 
 
 def probe_pid_namespace() -> None:
@@ -907,7 +912,7 @@ def probe_pid_namespace() -> None:
     if first == 0:
         os._exit(0 if os.getpid() == 1 else 1)
     if os.waitstatus_to_exitcode(os.waitpid(first, 0)[1]) != 0:
-        raise OSError("the first process in a new PID namespace is not its process 1")
+        raise ConfinementError("the first process in a new PID namespace is not its process 1")
 
 
 def probe_private_filesystem(config: dict, pid_namespace: bool, mount_proc: bool) -> None:
@@ -926,7 +931,7 @@ def probe_private_filesystem(config: dict, pid_namespace: bool, mount_proc: bool
         importlib.import_module("colorsys")
     except ImportError as exc:
         stdlib = os.path.dirname(os.__file__)
-        raise OSError(
+        raise ConfinementError(
             f"the standard library ({stdlib}) is not readable by the sandbox's user: {exc}"
         ) from None
 
@@ -983,7 +988,7 @@ def describe_exit(exit_status: int) -> str:
 
 
 def describe(exc: BaseException) -> str:
-    if isinstance(exc, CandidateFault):
+    if isinstance(exc, (CandidateFault, ConfinementError)):  # ours, and said in full
         return str(exc)[:ERROR_CHARS]
     try:
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
