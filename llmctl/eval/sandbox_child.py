@@ -654,14 +654,20 @@ def continue_below_an_init_of_its_own(libc) -> None:
     """
     import signal
 
-    init = 0
-    # The checker's word to end the namespace (Channel.end); the handler runs inside the waitpid.
-    signal.signal(END_NAMESPACE, lambda *_: os.kill(init, SIGKILL) if init > 0 else None)
+    # The checker's word to end the namespace (Channel.end), and the init's exit, are taken with
+    # sigwaitinfo while blocked: a Python handler could run only after a waitpid that had
+    # already begun, and that one would wait for an init nobody kills.
+    awaited = {END_NAMESPACE, signal.SIGCHLD}
+    signal.pthread_sigmask(signal.SIG_BLOCK, awaited)
     init = os.fork()
     if init:
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the checker learns of an end from its pipes
-        exit_as(os.waitstatus_to_exitcode(os.waitpid(init, 0)[1]))
-    signal.signal(END_NAMESPACE, signal.SIG_DFL)  # which an init ignores from inside its namespace
+        while not (ended := os.waitpid(init, os.WNOHANG))[0]:
+            if signal.sigwaitinfo(awaited).si_signo == END_NAMESPACE:
+                os.kill(init, SIGKILL)  # not reaped yet, so the pid is still the init's
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, awaited)
+        exit_as(os.waitstatus_to_exitcode(ended[1]))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, awaited)
     set_parent_death_signal(libc)
     libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # the program may share its uid: no ptrace of init
     program = os.fork()
