@@ -1,15 +1,15 @@
 """Run untrusted programs and score them with trusted tests: the verdict never comes from the program.
 
 A test program is two sources: the candidate (a problem's prompt and a model's completion:
-untrusted) and the tests (the prompt and its `check(candidate)`: trusted). The harness side (this
-module) starts one child process per program (sandbox_child.py), in a session of its own, waits at
-most the wall-clock timeout, then kills the child's whole process group. That child is the
-checker: it forks the candidate, which confines itself and runs the untrusted source, and runs the
-tests itself, calling the candidate's function across the boundary with arguments and results
-encoded as plain data (sandbox_wire). The checker alone reports, on a pipe the candidate never
-holds, so nothing the program does inside its process (writing a pass anywhere, walking frames,
-patching or tracing `check`, returning an object equal to everything) can make a failing
-program pass.
+untrusted) and the tests (the prompt and its `check(candidate)`: trusted). Each harness thread
+keeps a server process (sandbox_child.py), started once; for each program it forks a checker,
+waits at most the wall-clock timeout, kills the checker's process group and whatever it left, and
+answers with the checker's report. The checker forks the candidate, which confines itself and
+runs the untrusted source, and runs the tests itself, calling the candidate's function across
+the boundary with arguments and results encoded as plain data (sandbox_wire). The checker alone
+reports, on a pipe the candidate never holds, so nothing the program does inside its process
+(writing a pass anywhere, walking frames, patching or tracing `check`, returning an object equal
+to everything) can make a failing program pass.
 
 What the machine allows is probed once per process (`sandbox_profile`): network, PID and mount
 namespaces (as an ordinary user, inside a user namespace), the private filesystem they make
@@ -54,7 +54,7 @@ class SandboxError(LlmctlError):
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    timeout_s: float = 5.0  # wall clock for the whole child, start-up included
+    timeout_s: float = 5.0  # wall clock for the whole program, confinement and clean-up included
     memory_bytes: int = 1 << 30  # address space (RLIMIT_AS), of the program and of its checker
     max_processes: int = 16  # RLIMIT_NPROC: counts every process of the sandbox's user
     max_file_bytes: int = 16 << 20  # the largest file the program may write (RLIMIT_FSIZE)
