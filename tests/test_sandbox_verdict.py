@@ -271,6 +271,18 @@ def test_the_program_never_holds_the_tests():
     assert run_tests(TestProgram(seeded, tests, "find"), LIMITS).status == FAILED
 
 
+def test_no_later_program_finds_an_earlier_report_in_its_memory():
+    """A failure message can hold a test's expected answer; the server that forks every checker of
+    a harness thread never holds one, so the next program (on the same server) cannot find it."""
+    expecting = f"def check(candidate):\n    assert candidate() == 1, {MARKER!r}\n"
+    earlier = run_tests(TestProgram("def find():\n    return 0\n", expecting, "find"), LIMITS)
+    assert earlier.status == FAILED and MARKER in earlier.detail
+    later = run_tests(
+        TestProgram(memory_scan(), "def check(candidate):\n    assert candidate() is False\n", "find")
+    )
+    assert later.status == PASSED, later.detail
+
+
 # ---------------------------------------------------------------- the wire
 
 

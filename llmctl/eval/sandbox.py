@@ -3,13 +3,13 @@
 A test program is two sources: the candidate (a problem's prompt and a model's completion:
 untrusted) and the tests (the prompt and its `check(candidate)`: trusted). Each harness thread
 keeps a server process (sandbox_child.py), started once; for each program it forks a checker,
-waits at most the wall-clock timeout, kills the checker's process group and whatever it left, and
-answers with the checker's report. The checker forks the candidate, which confines itself and
-runs the untrusted source, and runs the tests itself, calling the candidate's function across
-the boundary with arguments and results encoded as plain data (sandbox_wire). The checker alone
-reports, on a pipe the candidate never holds, so nothing the program does inside its process
-(writing a pass anywhere, walking frames, patching or tracing `check`, returning an object equal
-to everything) can make a failing program pass.
+waits at most the wall-clock timeout, kills the checker's process group and whatever it left,
+and says how the checker ended, after the checker's own report. The checker forks the
+candidate, which confines itself and runs the untrusted source, and runs the tests itself,
+calling the candidate's function across the boundary with arguments and results encoded as
+plain data (sandbox_wire). The checker alone reports, on a socket the candidate never holds, so
+nothing the program does inside its process (writing a pass anywhere, walking frames, patching
+or tracing `check`, returning an object equal to everything) can make a failing program pass.
 
 What the machine allows is probed once per process (`sandbox_profile`): network, PID and mount
 namespaces (as an ordinary user, inside a user namespace), the private filesystem they make
@@ -209,7 +209,6 @@ def _run(candidate: str, tests: bytes, limits: SandboxLimits) -> ExecutionResult
             os.chown(workdir, *profile.drop_to)
         request = {
             "timeout_s": limits.timeout_s,
-            "report_limit": REPORT_LIMIT_BYTES,
             "workdir": str(workdir or tempfile.gettempdir()),
             "cpu_s": limits.cpu_s,
             "memory_bytes": limits.memory_bytes,
@@ -268,8 +267,18 @@ class _Server:
         finally:
             os.close(payload_fd)
         self.control.settimeout(wait_s)
-        reply = self.control.recv(REPORT_LIMIT_BYTES + 4096)
-        return json.loads(reply) if reply else None
+        # First the checker's report, unless it sent none; then the server's word on how it ended.
+        first = self.control.recv(REPORT_LIMIT_BYTES)
+        if not first:
+            return None
+        report = _parsed_report(first)
+        outcome = report if "exit_status" in report else None
+        if outcome is None:
+            second = self.control.recv(REPORT_LIMIT_BYTES)
+            if not second:
+                return None
+            outcome = json.loads(second)
+        return {**outcome, "report": {} if outcome is report else report}
 
     def close(self) -> None:
         self.control.close()  # the server exits when it reads the end of its control socket
@@ -398,6 +407,14 @@ def _wait_without_reaping(child: subprocess.Popen, timeout_s: float) -> bool:
 def _kill_process_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError):  # an empty group: nothing was left behind
         os.killpg(pgid, signal.SIGKILL)
+
+
+def _parsed_report(data: bytes) -> dict:
+    try:
+        report = json.loads(data.decode("utf-8", "replace"))
+    except json.JSONDecodeError:
+        return {}
+    return report if isinstance(report, dict) else {}
 
 
 def _read_report(read_fd: int) -> dict:

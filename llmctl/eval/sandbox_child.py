@@ -6,7 +6,8 @@ The process the harness starts is a server (one per harness thread that runs pro
 trusted. For each program the harness sends it the limits and a memory file holding the program
 and the tests; the server forks a checker in a session of its own, waits at most the wall-clock
 timeout, kills the checker's process group, kills and reaps whatever is left of it (as a child
-subreaper, every orphan of a program comes back to it), and answers with the checker's report.
+subreaper, every orphan of a program comes back to it), and says how the checker ended; the
+checker sends its report to the harness itself, so the server never holds one.
 Forking from a server that is already running saves every program an interpreter start-up.
 
 The checker is trusted too. It forks the candidate before it reads the tests, so the untrusted
@@ -212,12 +213,13 @@ def serve_programs(control_fd: int) -> None:
 def run_checked(libc, request: dict, payload_fd: int, control) -> tuple[dict, bool]:
     """Fork a checker for one program, give it at most the timeout, leave nothing of it behind.
 
-    Returns {"exit_status" (None when it timed out), "report", "seconds"} and whether the harness
-    went away meanwhile.
+    The checker sends its report to the harness itself, on the control socket: the server never
+    holds a report (a test's failure message can hold its expected answer), so no later program
+    forked from it could find one in its memory. Returns {"exit_status" (None when it timed out),
+    "seconds"} and whether the harness went away meanwhile.
     """
     import time
 
-    result_r, result_w = os.pipe()
     server = os.getpid()
     started = time.monotonic()
     checker = os.fork()
@@ -227,12 +229,11 @@ def run_checked(libc, request: dict, payload_fd: int, control) -> tuple[dict, bo
         if os.getppid() != server:  # the server died before the line above
             os._exit(1)
         os.dup2(payload_fd, 0)
-        os.dup2(result_w, 3)
+        os.dup2(control.fileno(), 3)
         os.closerange(4, os.sysconf("SC_OPEN_MAX"))
         os.chdir(request["workdir"])
         run_one(libc, request, payload_fd=0, result_fd=3)
     os.close(payload_fd)
-    os.close(result_w)
     exited, harness_gone = wait_for(checker, request["timeout_s"], control)
     # The checker is not reaped yet, so its pid (the group's id) cannot have been reused.
     for kill in (os.killpg, os.kill):
@@ -241,9 +242,7 @@ def run_checked(libc, request: dict, payload_fd: int, control) -> tuple[dict, bo
     status = os.waitstatus_to_exitcode(os.waitpid(checker, 0)[1])
     seconds = time.monotonic() - started
     end_orphans()
-    report = read_report(result_r, request["report_limit"])
-    os.close(result_r)
-    return {"exit_status": status if exited else None, "report": report, "seconds": seconds}, harness_gone
+    return {"exit_status": status if exited else None, "seconds": seconds}, harness_gone
 
 
 def wait_for(pid: int, timeout_s: float, control) -> tuple[bool, bool]:
@@ -292,22 +291,6 @@ def end_orphans() -> None:
             pass
     except ChildProcessError:
         pass
-
-
-def read_report(fd: int, limit: int) -> dict:
-    """The checker's one JSON line; non-blocking, because a leftover holder of the pipe is possible."""
-    os.set_blocking(fd, False)
-    data = b""
-    try:
-        while len(data) < limit and (chunk := os.read(fd, limit)):
-            data += chunk
-    except BlockingIOError:
-        pass
-    try:
-        report = json.loads(data.decode("utf-8", "replace").split("\n", 1)[0])
-    except json.JSONDecodeError:
-        return {}
-    return report if isinstance(report, dict) else {}
 
 
 def run_one(libc, config: dict, payload_fd: int, result_fd: int) -> None:
