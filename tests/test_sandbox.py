@@ -690,7 +690,7 @@ summary = {"profile": profile.as_dict(), "limitations": profile.limitations(), "
 print(json.dumps({**summary, **statuses}))
 """
 # Without a PID namespace, a program running as the harness's own user can see the harness's
-# processes; it must still not reach the server's end of a verdict pipe through /proc.
+# processes; opening their pipes through /proc must still not give it a verdict.
 PIPE_FORGERY = textwrap.dedent("""
     import os
     def add(a, b):

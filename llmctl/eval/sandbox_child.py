@@ -16,14 +16,14 @@ the program: the problem's prompt and the completion. The checker runs the tests
 prompt and test: trusted text) and calls the candidate's functions through proxies: each call
 sends the arguments over a pipe as plain data (sandbox_wire) and decodes the reply into plain
 data, so the program decides what its function returns and nothing else. Only the checker holds
-the verdict pipe, and it writes one JSON line there: {"passed": true}, {"passed": false, "error":
+the verdict socket, and it writes one JSON line there: {"passed": true}, {"passed": false, "error":
 "..."} or, when a confinement step failed, {"setup_error": "..."}. With no tests, the program
 passes if it runs to its end (run_program). Before it reports, the checker kills the candidate and
 waits until every process of it is gone.
 
 The candidate, before anything of the program runs:
 
-1. closes every descriptor but its two pipes to the checker (the verdict pipe among them);
+1. closes every descriptor but its pipes to the checker (the verdict socket among them);
 2. sets resource limits: CPU seconds, address space, file size, no core file;
 3. enters new namespaces where the harness's probe found them possible (as an ordinary user,
    inside a user namespace of its own): network (nothing but a loopback that is down), IPC (no
@@ -193,8 +193,8 @@ def serve_programs(control_fd: int) -> None:
 
     libc = load_libc()
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    # A program running as our uid (no user namespace here) could otherwise open our end of a
-    # checker's verdict pipe through /proc/<pid>/fd and write a report of its own there.
+    # A program running as our uid (no user namespace here) could otherwise trace us, or open
+    # through /proc/<pid>/fd the memory file of the tests we hand the next checker.
     libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     control = socket.socket(fileno=control_fd)
     while True:
