@@ -5,11 +5,14 @@ completions for HumanEval prompts batched against one prompt at a time.
                               [--prompts 16] [--batch-size 8] [--max-new-tokens 64] [--model REF]
 
 Scoring: seconds to score all 164 canonical HumanEval solutions (one sample each, so 164
-sandboxed processes) with each worker count, and the mean seconds per program as the harness
-saw them; and, for scale, the median seconds of an empty program: the sandbox's own cost
-(interpreter start-up, namespaces, limits, clean-up). Every run must give pass@1 = 1.0, or the
-figures mean nothing. Worker counts are interleaved across repeats and the best time kept, so a
-busy neighbour inflates each alike.
+sandboxed programs) with each worker count, and the mean seconds per program as the sandbox
+measured them; and, for scale, the median wall-clock seconds of an empty program as the caller
+sees them: the sandbox's own cost (processes, namespaces, limits, clean-up); and, where the tree
+has run_tests, the cost of one call across the boundary (a test that calls the candidate 1,000
+times against one that calls it once). Every run must give pass@1 = 1.0, or the figures mean
+nothing. Worker counts are interleaved across repeats and the best time kept, so a busy
+neighbour inflates each alike. The script uses only what older trees have too, so the same file
+can time the tree before a change (PYTHONPATH=<that tree>).
 
 Generation: the first --prompts HumanEval prompts through `llmctl.eval.generation` (the path
 `eval humaneval --model` takes), greedy, exactly --max-new-tokens tokens each (no stop strings,
@@ -27,10 +30,12 @@ import platform
 import statistics
 import time
 
+from llmctl.eval import sandbox
 from llmctl.eval.humaneval import Sample, evaluate, load_problems
 from llmctl.eval.sandbox import SandboxLimits, run_program, sandbox_profile
 
 EMPTY_PROGRAM_RUNS = 20
+CALLS = 1000
 
 
 def main() -> None:
@@ -61,14 +66,19 @@ def scoring(args: argparse.Namespace) -> None:
     profile = sandbox_profile()
     print(
         f"sandbox: network {profile.network_isolation}, processes {profile.process_isolation}, "
-        f"user {profile.user}, private /tmp {profile.private_tmp}"
+        f"filesystem {getattr(profile, 'filesystem', '-')}, user {profile.user}, "
+        f"private /tmp {profile.private_tmp}"
     )
 
     best: dict[int, float] = {}
     per_program: dict[int, float] = {}
-    empty = float("inf")
+    empty = per_call = float("inf")
     for _ in range(args.repeats):
-        empty = min(empty, statistics.median(run_program("pass").seconds for _ in range(EMPTY_PROGRAM_RUNS)))
+        empty = min(
+            empty, statistics.median(_wall_clock(run_program, "pass") for _ in range(EMPTY_PROGRAM_RUNS))
+        )
+        if hasattr(sandbox, "run_tests"):
+            per_call = min(per_call, _per_call())
         for workers in worker_counts:
             started = time.perf_counter()
             report = evaluate(problems, samples, ks=[1], limits=SandboxLimits(), workers=workers)
@@ -86,10 +96,33 @@ def scoring(args: argparse.Namespace) -> None:
             f"{per_program[workers]:>14.3f}"
         )
     print(f"empty program, one at a time: {empty:.3f} s (median of {EMPTY_PROGRAM_RUNS}, best repeat)")
+    if per_call != float("inf"):
+        print(f"one call across the boundary: {per_call * 1e6:.0f} µs (best repeat)")
     if 1 in best and len(best) > 1:
         for workers in worker_counts:
             if workers != 1:
                 print(f"speed-up with {workers} workers: {best[1] / best[workers]:.2f}x")
+
+
+def _wall_clock(function, *args) -> float:
+    started = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - started
+
+
+def _per_call() -> float:
+    """Seconds one call of the candidate costs: CALLS calls against one, each the median of 5."""
+
+    def timed(calls: int) -> float:
+        program = sandbox.TestProgram(
+            "def f(x):\n    return [x, str(x)]\n",
+            f"def check(candidate):\n    for i in range({calls}):\n"
+            "        assert candidate(i) == [i, str(i)]\n",
+            "f",
+        )
+        return statistics.median(_wall_clock(sandbox.run_tests, program) for _ in range(5))
+
+    return (timed(CALLS) - timed(1)) / (CALLS - 1)
 
 
 def generation(args: argparse.Namespace) -> None:

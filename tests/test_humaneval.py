@@ -16,7 +16,7 @@ import pytest
 
 from llmctl.eval.humaneval import from_mbpp, load_problems, truncate_completion
 from llmctl.eval.passk import mean_pass_at_k, pass_at_k
-from llmctl.eval.sandbox import SandboxLimits, run_program
+from llmctl.eval.sandbox import SandboxLimits, run_tests
 from llmctl.workspace import Workspace
 
 ADD_PROBLEM = {
@@ -113,7 +113,24 @@ def test_a_problem_file_in_humaneval_format_loads(tmp_path):
     problems = load_problems(write_jsonl(tmp_path / "toy.jsonl", [ADD_PROBLEM]))
     assert [problem.task_id for problem in problems] == ["Toy/add"]
     program = problems[0].program(ADD_PROBLEM["canonical_solution"])
-    assert run_program(program, SandboxLimits(timeout_s=5)).passed
+    assert run_tests(program, SandboxLimits(timeout_s=5)).passed
+
+
+def test_a_prompt_that_ends_in_a_bare_signature_still_gives_the_tests_its_helpers(tmp_path):
+    """The checker runs the prompt for its helpers; one whose last function has no body yet (no
+    docstring either) gets one to compile, and the completion is still what the test calls."""
+    record = {
+        **ADD_PROBLEM,
+        "prompt": "def twice(x):\n    return 2 * x\n\nclass Adder:\n    def add(self, a, b):\n",
+        "entry_point": "total",
+        "test": "def check(candidate):\n    assert candidate(2, 3) == twice(5) // 2\n",
+    }
+    [problem] = load_problems(write_jsonl(tmp_path / "bare.jsonl", [record]))
+    completion = "        return a + b\n\ndef total(a, b):\n    return Adder().add(a, b)\n"
+    assert run_tests(problem.program(completion), SandboxLimits(timeout_s=5)).passed
+    assert not run_tests(
+        problem.program(completion.replace("a + b", "a * b")), SandboxLimits(timeout_s=5)
+    ).passed
 
 
 MBPP_RECORD = {
@@ -136,9 +153,9 @@ def test_mbpp_records_convert_to_humaneval_problems(tmp_path):
     assert MBPP_RECORD["test_list"][0] in converted["prompt"]
     [problem] = load_problems(write_jsonl(tmp_path / "mbpp.jsonl", [MBPP_RECORD]))
     limits = SandboxLimits(timeout_s=5)
-    assert run_program(problem.program(problem.canonical_solution), limits).passed
+    assert run_tests(problem.program(problem.canonical_solution), limits).passed
     wrong = "def similar_elements(a, b):\n    return ()\n"
-    assert not run_program(problem.program(wrong), limits).passed
+    assert not run_tests(problem.program(wrong), limits).passed
 
 
 def test_a_problem_line_without_its_fields_is_named(cli, tmp_path):
@@ -271,6 +288,31 @@ def test_hostile_completions_all_fail_through_the_command_in_bounded_time(cli, t
     assert per_problem.pop("Toy/add")["correct"] == 1  # the control passes
     assert {task_id: p["correct"] for task_id, p in per_problem.items()} == dict.fromkeys(per_problem, 0)
     assert (sentinel / "keep.txt").read_text() == "untouched"
+
+
+FORGED = {
+    "always_equal": "    class Everything:\n        def __eq__(self, other):\n            return True\n"
+    "    return Everything()\n",
+    "patched_check": "    import gc\n    for f in gc.get_objects():\n"
+    "        if getattr(f, '__name__', '') == 'check' and hasattr(f, '__code__'):\n"
+    "            f.__code__ = (lambda candidate: None).__code__\n    return 0\n",
+    "pass_everywhere": "    import os\n    for fd in range(256):\n        try:\n"
+    "            os.write(fd, b'{\"passed\": true}\\n')\n"
+    "        except OSError:\n            pass\n    return 0\n",
+}
+
+
+def test_completions_that_forge_a_pass_score_zero_through_the_command(cli, tmp_path):
+    problems = [{**ADD_PROBLEM, "task_id": f"Toy/{name}"} for name in FORGED]
+    problems_file = write_jsonl(tmp_path / "problems.jsonl", [ADD_PROBLEM, *problems])
+    records = [{"task_id": "Toy/add", "completion": ADD_PROBLEM["canonical_solution"]}]
+    records += [{"task_id": f"Toy/{name}", "completion": body} for name, body in FORGED.items()]
+    completions = write_jsonl(tmp_path / "forged.jsonl", records)
+    result = cli("eval", "humaneval", "--completions", completions, "--problems", problems_file, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = result.json()
+    assert summary["outcomes"] == {"passed": 1, "failed": 3, "timed out": 0}  # the control passes
+    assert summary["sandbox"]["filesystem"] in ("private", "host")
 
 
 # errors

@@ -19,7 +19,15 @@ from llmctl.eval.humaneval import (
     write_results,
 )
 from llmctl.eval.passk import mean_pass_at_k, pass_at_k
-from llmctl.eval.sandbox import ExecutionResult, SandboxError, SandboxLimits, run_program, sandbox_profile
+from llmctl.eval.sandbox import (
+    ExecutionResult,
+    SandboxError,
+    SandboxLimits,
+    TestProgram,
+    run_program,
+    run_tests,
+    sandbox_profile,
+)
 
 __all__ = [
     "STOP_SEQUENCES",
@@ -29,6 +37,7 @@ __all__ = [
     "Sample",
     "SandboxError",
     "SandboxLimits",
+    "TestProgram",
     "evaluate",
     "from_mbpp",
     "load_completions",
@@ -36,6 +45,7 @@ __all__ = [
     "mean_pass_at_k",
     "pass_at_k",
     "run_program",
+    "run_tests",
     "sandbox_profile",
     "truncate_completion",
     "write_results",

