@@ -87,7 +87,7 @@ def humaneval(
         note=note,
         generated=_report_generated,
         scored=_report_progress,
-        before_scoring=lambda: say_how_confined(sandbox_profile().as_dict()),
+        before_scoring=lambda: say_how_confined(sandbox_profile()),
         left_out=_say_what_was_left_out,
     )
     summary = run_humaneval(workspace(), run, progress)
@@ -143,7 +143,8 @@ def _render(summary: dict) -> None:
     table.add_row(
         "sandbox",
         f"network: {sandbox['network_isolation']} · "
-        f"processes: {sandbox['process_isolation']} · user: {sandbox['user']} · "
+        f"processes: {sandbox['process_isolation']} · filesystem: {sandbox['filesystem']} · "
+        f"user: {sandbox['user']} · "
         f"{sandbox['timeout_s']:g} s timeout · {sandbox['workers']} workers",
     )
     if "generation" in summary:

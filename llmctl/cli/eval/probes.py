@@ -32,7 +32,7 @@ def probes(
 
     ws = workspace()
     loaded = load_engine(ws, model, device, precision)
-    say_how_confined(sandbox_profile().as_dict())
+    say_how_confined(sandbox_profile())
     scores = run_probes(loaded.engine, batch_size=batch_size, workers=workers)
     summary = {"kind": "probes", **describe_checkpoint(ws, model, loaded.path), **scores}
     summary["eval_id"] = record(ws, "probes", summary)

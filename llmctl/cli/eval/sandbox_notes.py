@@ -4,32 +4,24 @@ could confine on this machine, said before programs run."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from llmctl.cli.common import note, warn
+
+if TYPE_CHECKING:  # the sandbox module is imported only when programs are to run
+    from llmctl.eval.sandbox import SandboxProfile
 
 # Each worker runs one program at a time, which may use up to the sandbox's memory limit.
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 
-def say_how_confined(sandbox: dict) -> None:
-    if sandbox["network_isolation"] == "namespace":
+def say_how_confined(profile: SandboxProfile) -> None:
+    """One warning per guarantee this machine's kernel takes away, or one note when all hold."""
+    lost = profile.limitations()
+    for line in lost:
+        warn(f"sandbox: {line}")
+    if not lost:
         note(
-            f"sandbox: no network (own namespace), user {sandbox['user']}"
-            + (", own PID namespace" if sandbox["process_isolation"] == "namespace" else "")
-            + (", private /tmp" if sandbox["private_tmp"] else "")
-        )
-    else:
-        warn(
-            "sandbox: no network namespace available here, so network isolation is best effort "
-            "(programs could open connections)"
-        )
-    if sandbox["process_isolation"] != "namespace":
-        warn(
-            "sandbox: no PID namespace available here, so a program's processes are ended by killing its "
-            "process group, which a process that starts a session of its own escapes"
-        )
-    if sandbox["user"] != "nobody":
-        warn(
-            f"sandbox: programs run as {sandbox['user']}; run as root to have them run as 'nobody', "
-            "so file permissions keep them out of your files (otherwise file isolation is best effort)"
+            f"sandbox: no network, own PID namespace, private root ({profile.filesystem}), "
+            f"programs run as {profile.user}"
         )
