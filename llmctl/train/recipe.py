@@ -53,12 +53,13 @@ Row = tuple[str, str]  # a line of the plan as a dry run shows it: label, text (
 
 
 def limit_flags(options: RunOptions) -> dict[str, Any]:
-    """The config keys the run-length and precision flags every stage takes set."""
+    """The config keys the flags every stage takes set: run length, precision, trackers."""
     return {
         "train.max_steps": options.max_steps,
         "train.max_time": options.max_time,
         "train.max_tokens": options.max_tokens,
         "train.precision": options.precision,
+        "train.report_to": options.report_to,
     }
 
 
