@@ -41,6 +41,8 @@ from llmctl.train.precision import (
 )
 from llmctl.train.runinfo import OptimizerFactory, RunInfo, Sampler, TrainResult, planned_steps
 from llmctl.train.runs import RunOptions, open_run
+from llmctl.train.trackers import describe as describe_trackers
+from llmctl.train.trackers import open_sinks
 from llmctl.train.trainer import Trainer
 from llmctl.workspace import Workspace
 
@@ -242,8 +244,10 @@ class Plan:
         *,
         console: Console | None = None,
         show_progress: bool = True,
+        tracker_group: str | None = None,
     ) -> Trainer:
-        """The stage's Trainer, resumed from the plan's checkpoint when there is one."""
+        """The stage's Trainer, resumed from the plan's checkpoint when there is one; rank 0 mirrors
+        its events to the trackers of `train.report_to` (`tracker_group`: a tune study's name)."""
         dist = dist or DistEnv()
         parts = self.stage_parts(dist)
         run = RunInfo(
@@ -273,6 +277,11 @@ class Plan:
             sampler=parts.sampler,
             console=console,
             show_progress=show_progress,
+            listeners=open_sinks(
+                self.config.train.report_to, workspace, self.run, group=tracker_group, console=console
+            )
+            if dist.is_main
+            else (),
         )
         if self.resume_from is not None:
             trainer.resume(self.resume_from)
@@ -306,6 +315,7 @@ class Plan:
             "device_memory_shared_by": self.memory_shared_by,
             "fits": self.fits,
             "resume_from": str(self.resume_from) if self.resume_from else None,
+            "report_to": list(cfg.train.report_to),
             **self.details(),
         }
 
@@ -316,6 +326,11 @@ class Plan:
             *self.compute_rows(),
             *self.memory_rows(),
             *self.tail_rows(),
+            *(
+                [("report to", describe_trackers(self.config.train.report_to))]
+                if self.config.train.report_to
+                else []
+            ),
             *([("resume from", str(self.resume_from))] if self.resume_from else []),
         ]
 
@@ -413,16 +428,18 @@ def train(
     dist: DistEnv | None = None,
     console: Console | None = None,
     on_start: Callable[[Plan], None] | None = None,
+    tracker_group: str | None = None,
 ) -> TrainResult:
     """Start the run and fit the stage's Trainer. In a distributed run, rank 0 started it before
-    the other ranks planned (`pretrain.join_distributed_run`); every rank fits."""
+    the other ranks planned (`pretrain.join_distributed_run`); every rank fits. `tracker_group`
+    groups the run with others in the trackers (tune: the study's name)."""
     dist = dist or DistEnv()
     if not dist.enabled:
         start_run(workspace, plan)
     if on_start is not None and dist.is_main:
         on_start(plan)
     try:
-        return plan.build_trainer(workspace, dist, console=console).fit()
+        return plan.build_trainer(workspace, dist, console=console, tracker_group=tracker_group).fit()
     finally:
         distributed.destroy_process_group()
 
