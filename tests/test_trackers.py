@@ -26,6 +26,7 @@ from tracker_helpers import (
     offline_env,
     steps_in_log,
     tensorboard_scalars,
+    tensorboard_served_steps,
     tensorboard_texts,
     wandb_runs,
     wandb_series,
@@ -196,6 +197,7 @@ def test_after_a_sigkill_and_resume_every_step_is_mirrored_once_with_the_values_
     train_steps = steps_in_log(run_dir, "train")
     assert len(train_steps) > len(set(train_steps))  # the log holds the redone steps twice
     check_all_trackers(ws, "cut")  # the trackers hold each once, the later value
+    assert tensorboard_served_steps(run_dir / "tensorboard", "train/loss") == sorted(set(train_steps))
 
     # one W&B run, continued: two offline sessions of the same id, the second finished
     wandb_id = json.loads((run_dir / "trackers.json").read_text())["wandb"]["id"]

@@ -67,6 +67,16 @@ def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     }
 
 
+def tensorboard_served_steps(logdir: Path, tag: str) -> list[int]:
+    """The steps of `tag` as the Python TensorBoard server reads them (its plugin accumulator, which
+    takes a directory's first SessionLog START as the beginning and later ones as restarts)."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    return [event.step for event in accumulator.Tensors(tag)]
+
+
 def tensorboard_texts(logdir: Path, tag: str) -> list[tuple[int, str]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

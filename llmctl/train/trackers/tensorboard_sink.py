@@ -2,9 +2,10 @@
 no TensorFlow), so `tensorboard --logdir runs/<run>/tensorboard` (or `--logdir runs`) shows it.
 
 Figures go out as they are heard, each flushed at once, so a SIGKILL loses nothing written before
-it. A resumed run opens a new event file in the same directory that starts with a SessionLog START
-at the step after its checkpoint: TensorBoard's readers drop what earlier files hold from that step
-on (the steps the resumed run redoes), so each step is shown once, with the values that count.
+it. Each session's event file starts with a SessionLog START; a resumed run's is at the step after
+its checkpoint, and TensorBoard's readers drop what earlier files hold from that step on (the steps
+the resumed run redoes; the data server also drops a tag's points as the same steps come again), so
+each step is shown once, with the values that count.
 """
 
 from __future__ import annotations
@@ -48,9 +49,14 @@ class TensorBoardSink(Sink):
         self.fresh = not _event_files(self.logdir)
         self.writer = EventFileWriter(str(self.logdir), flush_secs=10)
         step = int(start.get("step", 0))
-        if not self.fresh and start.get("resumed"):
-            purge = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-            self._write(event_pb2.Event(wall_time=_ts(start), step=step + 1, session_log=purge))
+        # A session's START: readers take the first in a directory as its beginning, and each later
+        # one as a restart that drops what earlier files hold from its step on: the resumed run
+        # redoes the steps after its checkpoint.
+        session = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        restart = not self.fresh and start.get("resumed")
+        self._write(
+            event_pb2.Event(wall_time=_ts(start), step=step + 1 if restart else step, session_log=session)
+        )
         if self.fresh:
             self._write_hparams(start)
         fields = start_fields(start)
