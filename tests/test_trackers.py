@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from finetune_helpers import QUICK
 from pretrain_helpers import BASE, events_of, llmctl_process, wait_for_event
 from tracker_helpers import (
     check_series,
@@ -39,6 +40,7 @@ from llmctl.events import read_events
 from llmctl.train.trackers.history import effective, figures
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+pytest_plugins = ["finetune_fixtures"]
 
 ALL = "tensorboard,mlflow,wandb"
 SHORT = ["--set", "train.eval_every=20", "--set", "train.save_every=20", "--set", "train.lr=3e-3"]
@@ -159,6 +161,21 @@ def test_a_run_is_mirrored_to_all_three_trackers(cli, ws):
     assert session["config"]["train"]["lr"] == 0.003 and session["config"]["llmctl"]["stage"] == "pretrain"
     assert session["summary"]["end_reason"] == "finished"
     assert session["summary"]["latest_checkpoint"].endswith("step-00000060")
+
+
+def test_finetune_reports_through_the_same_recipe_core(ft, base_workspace):
+    result = ft(
+        "finetune", "--model", "base", "--data", base_workspace / "task.jsonl", "--run", "ft-mirrored",
+        "--lora", "--max-steps", "20", *QUICK, "--report-to", "tensorboard,mlflow",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    run_dir = base_workspace / "runs" / "ft-mirrored"
+    wanted = expected(run_dir)
+    assert sorted(wanted["train/loss"]) == [10, 20] and sorted(wanted["eval/val_loss"]) == [20]
+    check_series(tensorboard_scalars(run_dir / "tensorboard"), wanted, convert=float32)
+    run = mlflow_client(base_workspace).get_run(mlflow_run_id(run_dir))
+    check_series(mlflow_metrics(mlflow_client(base_workspace), run.info.run_id), wanted)
+    assert run.data.tags["llmctl.stage"] == "finetune" and run.data.params["adapter.enabled"] == "True"
 
 
 # ---------------------------------------------------------------- SIGKILL and resume
