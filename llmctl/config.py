@@ -96,6 +96,30 @@ class DataConfig(_Section):
     packing: bool = True
 
 
+# The experiment trackers a run can be mirrored to (`train.report_to`, `--report-to`; llmctl.train.trackers)
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def tracker_names(value: Any) -> Any:
+    """'tensorboard,wandb' (or a list of names) -> ['tensorboard', 'wandb']; 'none' or '' -> []."""
+    if value is None:
+        return []
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)):
+        return value  # pydantic names the type it wanted
+    chosen: list[str] = []
+    for name in (str(n).strip().lower() for n in names):
+        if name in ("", "none"):
+            continue
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(name, TRACKERS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"unknown tracker '{name}'; {hint}choose from {', '.join(TRACKERS)} or none")
+        if name not in chosen:
+            chosen.append(name)
+    return chosen
+
+
 class TrainConfig(_Section):
     lr: float = Field(3e-4, gt=0)
     min_lr: float = Field(3e-5, ge=0)
@@ -122,6 +146,12 @@ class TrainConfig(_Section):
     early_stopping_patience: int | None = Field(None, ge=1)
     early_stopping_min_delta: float = Field(0.0, ge=0)
     device: str = "auto"
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        return tracker_names(value)
 
     @field_validator("max_time", mode="before")
     @classmethod

@@ -182,6 +182,15 @@ RUN_OPTIONS = [
         ),
     ),
     option(
+        "report_to",
+        str,
+        typer.Option(
+            None,
+            "--report-to",
+            help="Mirror the run to trackers: tensorboard, wandb, mlflow (comma-separated), or none.",
+        ),
+    ),
+    option(
         "resume",
         bool,
         typer.Option(False, "--resume", help="Continue --run from its latest checkpoint, exactly."),
@@ -230,6 +239,7 @@ def run_option_values(flags: dict[str, Any]) -> dict[str, Any]:
         "overwrite": flags["overwrite"],
         "force": flags["force"],
         "fallback": flags["fallback"],
+        "report_to": flags["report_to"],
     }
 
 

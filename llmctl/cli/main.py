@@ -80,6 +80,7 @@ def _register_commands() -> None:
     from llmctl.cli import pretrain as pretrain_cmd
     from llmctl.cli import quickstart as quickstart_cmd
     from llmctl.cli import registry as registry_cmd
+    from llmctl.cli import report as report_cmd
     from llmctl.cli import sample as sample_cmd
     from llmctl.cli import serve as serve_cmd
     from llmctl.cli import status as status_cmd
@@ -102,6 +103,7 @@ def _register_commands() -> None:
     app.command("status", rich_help_panel="Watch")(status_cmd.status)
     app.command("monitor", rich_help_panel="Watch")(monitor_cmd.monitor)
     app.command("plot", no_args_is_help=True, rich_help_panel="Watch")(plot_cmd.plot)
+    app.command("report", no_args_is_help=True, rich_help_panel="Watch")(report_cmd.report)
     app.add_typer(registry_cmd.app, name="registry", rich_help_panel="Watch")
 
 

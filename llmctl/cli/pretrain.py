@@ -122,6 +122,7 @@ VALUED_FLAGS = {
     "max_time": "--max-time",
     "max_tokens": "--max-tokens",
     "precision": "--precision",
+    "report_to": "--report-to",
 }
 SWITCHES = {"resume": "--resume", "overwrite": "--overwrite", "force": "--force", "fallback": "--fallback"}
 

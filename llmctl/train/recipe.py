@@ -43,6 +43,8 @@ from llmctl.train.precision import (
 )
 from llmctl.train.runinfo import OptimizerFactory, RunInfo, Sampler, TrainResult, planned_steps
 from llmctl.train.runs import RunOptions, open_run
+from llmctl.train.trackers import describe as describe_trackers
+from llmctl.train.trackers import open_sinks
 from llmctl.train.trainer import Trainer
 from llmctl.workspace import Workspace
 
@@ -55,12 +57,13 @@ Row = tuple[str, str]  # a line of the plan as a dry run shows it: label, text (
 
 
 def limit_flags(options: RunOptions) -> dict[str, Any]:
-    """The config keys the run-length and precision flags every stage takes set."""
+    """The config keys the flags every stage takes set: run length, precision, trackers."""
     return {
         "train.max_steps": options.max_steps,
         "train.max_time": options.max_time,
         "train.max_tokens": options.max_tokens,
         "train.precision": options.precision,
+        "train.report_to": options.report_to,
     }
 
 
@@ -243,8 +246,10 @@ class Plan:
         *,
         console: Console | None = None,
         show_progress: bool = True,
+        tracker_group: str | None = None,
     ) -> Trainer:
-        """The stage's Trainer, resumed from the plan's checkpoint when there is one."""
+        """The stage's Trainer, resumed from the plan's checkpoint when there is one; rank 0 mirrors
+        its events to the trackers of `train.report_to` (`tracker_group`: a tune study's name)."""
         dist = dist or DistEnv()
         parts = self.stage_parts(dist)
         run = RunInfo(
@@ -274,6 +279,11 @@ class Plan:
             sampler=parts.sampler,
             console=console,
             show_progress=show_progress,
+            listeners=open_sinks(
+                self.config.train.report_to, workspace, self.run, group=tracker_group, console=console
+            )
+            if dist.is_main
+            else (),
         )
         if self.resume_from is not None:
             trainer.resume(self.resume_from)
@@ -307,6 +317,7 @@ class Plan:
             "device_memory_shared_by": self.memory_shared_by,
             "fits": self.fits,
             "resume_from": str(self.resume_from) if self.resume_from else None,
+            "report_to": list(cfg.train.report_to),
             **self.details(),
         }
 
@@ -317,6 +328,11 @@ class Plan:
             *self.compute_rows(),
             *self.memory_rows(),
             *self.tail_rows(),
+            *(
+                [("report to", describe_trackers(self.config.train.report_to))]
+                if self.config.train.report_to
+                else []
+            ),
             *([("resume from", str(self.resume_from))] if self.resume_from else []),
         ]
 
@@ -414,9 +430,11 @@ def train(
     dist: DistEnv | None = None,
     console: Console | None = None,
     on_start: Callable[[Plan], None] | None = None,
+    tracker_group: str | None = None,
 ) -> TrainResult:
     """Start the run and fit the stage's Trainer. In a distributed run, rank 0 started it before
-    the other ranks planned (`pretrain.join_distributed_run`); every rank fits."""
+    the other ranks planned (`pretrain.join_distributed_run`); every rank fits. `tracker_group`
+    groups the run with others in the trackers (tune: the study's name)."""
     dist = dist or DistEnv()
     # one writer per run: rank 0 holds the run's lock while it trains (another trainer of the same
     # run, or an --overwrite of it, is refused naming this process)
@@ -427,7 +445,7 @@ def train(
                 start_run(workspace, plan)
             if on_start is not None and dist.is_main:
                 on_start(plan)
-            return plan.build_trainer(workspace, dist, console=console).fit()
+            return plan.build_trainer(workspace, dist, console=console, tracker_group=tracker_group).fit()
     finally:
         distributed.destroy_process_group()
 

@@ -34,6 +34,7 @@ class RunOptions:
     overwrite: bool = False
     force: bool = False
     fallback: bool = False
+    report_to: str | None = None  # trackers, comma-separated: the flag's text, parsed by the config
 
 
 def check_run_name(
