@@ -18,7 +18,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from llmctl.events import COMPLETED, TRAIN_FIGURES, EndReason, as_float, jsonable
+from llmctl.events import COMPLETED, PREFERENCE_FIGURES, TRAIN_FIGURES, EndReason, as_float, jsonable
 from llmctl.monitor.series import Series
 from llmctl.monitor.units import duration
 
@@ -130,6 +130,10 @@ class RunState:
         self.lr = Series(history_points)
         self.val_loss = Series(history_points)
         self.val_ppl = Series(history_points)
+        # a preference stage's (dpo) share of pairs whose chosen reply wins, and the reward margin
+        self.preference_accuracy = Series(history_points)
+        self.val_preference_accuracy = Series(history_points)
+        self.reward_margin = Series(history_points)
         # evaluation, checkpoints, samples, alerts
         self.last_eval: dict[str, Any] | None = None
         self.best_eval: dict[str, Any] | None = None
@@ -183,7 +187,15 @@ class RunState:
         self.end = None
         self.step = step
         # A resumed run repeats the steps after its checkpoint: the curve continues from there.
-        for series in (self.train_loss, self.lr, self.val_loss, self.val_ppl):
+        for series in (
+            self.train_loss,
+            self.lr,
+            self.val_loss,
+            self.val_ppl,
+            self.preference_accuracy,
+            self.val_preference_accuracy,
+            self.reward_margin,
+        ):
             series.truncate_after(step)
         self._recent_progress.clear()
         self._val_window = deque(
@@ -193,6 +205,14 @@ class RunState:
     def _on_train(self, event: dict[str, Any], step: int, ts: float | None) -> None:
         self._train_events += 1
         self.latest = {name: as_float(event.get(name)) for name in TRAIN_FIGURES}
+        self.latest.update({name: as_float(event[name]) for name in PREFERENCE_FIGURES if name in event})
+        for name, series in (
+            ("preference_accuracy", self.preference_accuracy),
+            ("reward_margin", self.reward_margin),
+        ):
+            value = self.latest.get(name)
+            if value is not None and math.isfinite(value):
+                series.append(step, value)
         loss, lr = self.latest["loss"], self.latest["lr"]
         if loss is not None:
             if math.isfinite(loss):
@@ -238,11 +258,20 @@ class RunState:
 
     def _on_eval(self, event: dict[str, Any], step: int, ts: float | None) -> None:
         record: dict[str, Any] = {"step": step, "ts": ts}
-        for name in ("val_loss", "val_ppl", "val_bpb", "val_accuracy"):
+        for name in (
+            "val_loss",
+            "val_ppl",
+            "val_bpb",
+            "val_accuracy",
+            *(f"val_{n}" for n in PREFERENCE_FIGURES),
+        ):
             value = as_float(event.get(name))
             if value is not None:
                 record[name] = value
         self.last_eval = record
+        accuracy = record.get("val_preference_accuracy")
+        if accuracy is not None and math.isfinite(accuracy):
+            self.val_preference_accuracy.append(step, accuracy)
         self.eval_count += 1
         val_loss = record.get("val_loss")
         if val_loss is None or not math.isfinite(val_loss):
