@@ -58,8 +58,10 @@ def test_a_few_steps_raise_held_out_preference_accuracy(ft, base_workspace, pref
     evals = _figures(base_workspace, "dpo-full", "eval")
     assert evals[-1]["val_preference_accuracy"] >= 0.9 and evals[-1]["val_loss"] < 0.3
 
-    after = ft("eval", "preference", "--model", "dpo-full", "--data", prefs, "--json").json()
+    after = ft("eval", "preference", "--model", "dpo-full:latest", "--data", prefs, "--json").json()
     assert after["accuracy"] >= 0.9 and after["pairs"] >= 3 and after["split"] == "val"
+    # the same pairs, the same reference: the eval repeats the trainer's last evaluation
+    assert after["reward_margin"] == pytest.approx(evals[-1]["val_reward_margin"], abs=1e-4)
     assert after["reference"] == str(resolve_model_ref(Workspace(base_workspace), "base"))
 
     registry = Workspace(base_workspace).registry()
@@ -117,6 +119,10 @@ def test_qlora_trains_on_the_4bit_base_with_adapters_off_as_reference(ft, base_w
     assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and train[-1]["reward_margin"] > 0
     checkpoint = resolve_model_ref(Workspace(base_workspace), "dpo-q:latest")
     assert "nf4" in (checkpoint / "config.yaml").read_text()
+    # eval preference holds the merged QLoRA policy to the base's 4-bit round trip, as training did
+    scored = ft("eval", "preference", "--model", "dpo-q:latest", "--data", prefs, "--json").json()
+    last_eval = _figures(base_workspace, "dpo-q", "eval")[-1]
+    assert scored["reward_margin"] == pytest.approx(last_eval["val_reward_margin"], abs=1e-3)
     assert ft("merge", "dpo-q", "--run", "dpo-q-merged").exit_code == 0
 
 
@@ -161,6 +167,32 @@ def test_precomputed_reference_resume_after_sigkill_is_exact(ft, base_workspace,
     whole = load_file(resolve_model_ref(ws, "dpo-whole:step-15") / "model.safetensors")
     assert cut.keys() == whole.keys() and all(torch.equal(cut[name], whole[name]) for name in cut)
     assert [e["resumed"] for e in _figures(base_workspace, "dpo-cut", "start")] == [False, True]
+
+
+def test_early_stopping_works_through_the_shared_trainer(ft, base_workspace, prefs):
+    result = ft(
+        "dpo",
+        "--model",
+        "base",
+        "--data",
+        prefs,
+        "--run",
+        "dpo-early",
+        "--loss",
+        "hinge",
+        *FAST,
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.early_stopping_patience=2",
+        "--set",
+        "train.early_stopping_min_delta=10",
+        "--max-steps",
+        "50",
+    )  # fmt: skip  (no evaluation can improve by 10: the run stops two evaluations after the first)
+    assert result.exit_code == 0, result.stderr
+    (end,) = _figures(base_workspace, "dpo-early", "end")
+    assert end["reason"] == "early_stopping" and end["step"] == 6
 
 
 def test_dry_run_counts_what_each_reference_costs(ft, base_workspace, prefs):

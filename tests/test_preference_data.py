@@ -123,7 +123,7 @@ def test_finetune_and_dpo_refuse_each_others_data(cli, workspace_dir, tmp_path):
         ).exit_code
         == 0
     )
-    with pytest.raises(Exception, match="holds preference pairs.*llmctl dpo"):
+    with pytest.raises(Exception, match="corpus 'prefs' holds preference data; finetuning needs instruction"):
         sft.open_data(Workspace(workspace_dir), "prefs")
     with pytest.raises(Exception, match="holds preference pairs.*llmctl dpo"):
         sft.open_data(Workspace(workspace_dir), str(tmp_path / "p.jsonl"))

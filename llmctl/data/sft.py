@@ -174,9 +174,7 @@ def _normalize_file_records(records: list[dict[str, Any]], where: str) -> Iterat
         return
     fmt = instruct.detect_format(first)
     if fmt == "preference":
-        raise UsageError(
-            f"{where} holds preference pairs (chosen and rejected); train on them with llmctl dpo"
-        )
+        raise UsageError(f"{where} holds preference pairs (chosen, rejected); train on them with llmctl dpo")
     if fmt is None:
         raise UsageError(
             f"{where} has no instruction fields (fields found: {', '.join(map(str, first)) or 'none'}); "
@@ -209,13 +207,8 @@ def open_data(workspace: Workspace, data: str) -> DataSource:
         return DataSource(data, *hold_out(records))
     store = CorpusStore.open(workspace, data)
     if store.meta.get("kind") != "instruct":
-        what = (
-            "preference pairs (llmctl dpo trains on them)"
-            if store.meta.get("kind") == "preference"
-            else "plain text"
-        )
         raise UsageError(
-            f"corpus '{data}' holds {what}; finetuning needs instruction data "
+            f"corpus '{data}' holds {store.meta.get('kind')} data; finetuning needs instruction data "
             f"(llmctl corpus build NAME --source FILE --format auto) or a .jsonl file"
         )
     return DataSource(
@@ -223,9 +216,10 @@ def open_data(workspace: Workspace, data: str) -> DataSource:
     )
 
 
-def hold_out(
-    records: list[dict[str, Any]], noun: str = "examples"
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+Records = list[dict[str, Any]]
+
+
+def hold_out(records: Records, noun: str = "examples") -> tuple[Records, Records, str]:
     """A data file's training and validation records, and where the validation ones come from."""
     holdout = int(len(records) * HOLDOUT_FRACTION)
     if holdout < MIN_HOLDOUT:
