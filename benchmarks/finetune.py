@@ -1,6 +1,8 @@
-"""Finetuning cost: step time and peak memory of full finetuning, LoRA and QLoRA on the same base.
+"""Finetuning cost: step time and peak memory of full finetuning, LoRA and QLoRA on the same base,
+and of preference tuning (DPO) against them.
 
     python benchmarks/finetune.py [--models mini-46m] [--steps 4] [--micro-batch 2]
+    python benchmarks/finetune.py --dpo            # also DPO full / precomputed / LoRA / QLoRA
     python benchmarks/finetune.py --quick          # a smoke test of the script itself
 
 For each model shape (mini-46m on a CPU; llm-200m too on a CUDA GPU) the script writes a base
@@ -12,6 +14,13 @@ optimizer steps. Step time is the median over the logged steps after the first (
 peak memory is the process's maximum resident set (ru_maxrss of that child, from wait4) on a CPU,
 or torch.cuda.max_memory_allocated as the trainer logs it on a GPU.
 Goal: QLoRA's peak memory at most 50% of full finetuning's.
+
+With --dpo, `llmctl dpo` runs the same way for each method (full weights with its frozen reference,
+full weights with --precompute-reference, --lora and --qlora, whose reference is the base with its
+adapters off), on pairs whose sides each fill about a row, at half the micro-batch in pairs: a pair
+is two sequences, so each forward holds as many sequences as SFT's. Each DPO method is compared
+with SFT of the same method. Goal: LoRA and QLoRA DPO within 1.25x of SFT's peak memory (their
+reference costs no weights).
 """
 
 from __future__ import annotations
@@ -38,6 +47,13 @@ from llmctl.model.transformer import Transformer
 from llmctl.tokenizer_build import build_byte_tokenizer
 
 METHODS = {"full": ["finetune"], "lora": ["finetune", "--lora"], "qlora": ["qlora"]}
+# each DPO method and the SFT method it is compared with
+DPO_METHODS = {
+    "dpo-full": (["dpo"], "full"),
+    "dpo-full-precomputed": (["dpo", "--precompute-reference"], "full"),
+    "dpo-lora": (["dpo", "--lora"], "lora"),
+    "dpo-qlora": (["dpo", "--qlora"], "qlora"),
+}
 QUICK_SHAPE = [
     "model.n_layer=2",
     "model.d_model=64",
@@ -76,7 +92,24 @@ def write_data(path: Path, context_length: int, n: int = 256) -> Path:
     return path
 
 
-def run_method(workspace: Path, method: str, base: Path, data: Path, steps: int, micro_batch: int) -> dict:
+def write_pairs(path: Path, context_length: int, n: int = 64) -> Path:
+    """Preference pairs whose prompt and either reply fill about a row of the context (byte tokens)."""
+    words = ["the", "model", "learns", "to", "answer", "each", "question", "with", "a", "short", "reply"]
+    prompt_words, reply_words = max(1, context_length // 18), max(1, context_length // 9)
+    with path.open("w") as handle:
+        for i in range(n):
+            prompt = " ".join(words[(i + k) % len(words)] for k in range(prompt_words))
+            chosen = " ".join(words[(3 * i + k) % len(words)] for k in range(reply_words))
+            rejected = " ".join(words[(5 * i + k) % len(words)] for k in range(reply_words))
+            handle.write(
+                json.dumps({"prompt": f"{i}: {prompt}?", "chosen": chosen, "rejected": rejected}) + "\n"
+            )
+    return path
+
+
+def run_method(
+    workspace: Path, method: str, command: list[str], base: Path, data: Path, steps: int, micro_batch: int
+) -> dict:
     """One method in its own process; its step times from the event log and its peak memory."""
     run = f"bench-{method}"
     command = [
@@ -85,7 +118,7 @@ def run_method(workspace: Path, method: str, base: Path, data: Path, steps: int,
         "import sys; from llmctl.cli.main import run; sys.argv[0] = 'llmctl'; run()",
         "--workspace",
         str(workspace),
-        *METHODS[method],
+        *command,
         "--model",
         str(base),
         "--data",
@@ -147,6 +180,7 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="a tiny shape: checks the script, measures nothing"
     )
+    parser.add_argument("--dpo", action="store_true", help="also DPO (full, precomputed, LoRA, QLoRA)")
     args = parser.parse_args()
     models = (
         args.models.split(",") if args.models else ["mini-46m"] + ["llm-200m"] * torch.cuda.is_available()
@@ -172,8 +206,8 @@ def main() -> None:
             )
             print("|---|---:|---|---:|---:|---:|")
             results = [
-                run_method(root / "workspace", method, base, data, args.steps, args.micro_batch)
-                for method in METHODS
+                run_method(root / "workspace", method, command, base, data, args.steps, args.micro_batch)
+                for method, command in METHODS.items()
             ]
             full_peak = results[0]["peak_bytes"]
             for result in results:
@@ -193,8 +227,45 @@ def main() -> None:
                 f"\nQLoRA peak / full peak = {ratio:.2f} (goal: at most 0.50) · device {results[0]['device']}"
                 f" · load average after {os.getloadavg()[0]:.1f}"
             )
+            if args.dpo:
+                pairs = write_pairs(root / "pairs.jsonl", config.model.context_length)
+                report_dpo(root / "workspace", base, pairs, args, {r["method"]: r for r in results})
         finally:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def report_dpo(
+    workspace: Path, base: Path, pairs: Path, args: argparse.Namespace, sft: dict[str, dict]
+) -> None:
+    """Each DPO method against SFT of the same method, the same sequences per forward."""
+    pairs_per_batch = max(1, args.micro_batch // 2)
+    print(
+        f"\n### DPO: {pairs_per_batch} pair(s) per micro-batch = {2 * pairs_per_batch} sequences "
+        f"(SFT: {args.micro_batch})\n"
+    )
+    print("| method | reference | step time | vs SFT | peak memory | vs SFT |")
+    print("|---|---|---:|---:|---:|---:|")
+    ratios = {}
+    for method, (command, baseline) in DPO_METHODS.items():
+        result = run_method(workspace, method, command, base, pairs, args.steps, pairs_per_batch)
+        against = sft[baseline]
+        ratios[method] = result["peak_bytes"] / against["peak_bytes"]
+        reference = (
+            "precomputed"
+            if "precomputed" in method
+            else "frozen copy"
+            if "full" in method
+            else "adapters off"
+        )
+        slower = result["step_s"] / against["step_s"]
+        print(
+            f"| {method} | {reference} | {result['step_s']:.2f} s | {slower:.2f}x | "
+            f"{human_bytes(result['peak_bytes'])} | {ratios[method]:.2f}x |"
+        )
+    print(
+        f"\nDPO peak / SFT peak: LoRA {ratios['dpo-lora']:.2f}, QLoRA {ratios['dpo-qlora']:.2f} "
+        f"(goal: at most 1.25) · load average after {os.getloadavg()[0]:.1f}"
+    )
 
 
 if __name__ == "__main__":

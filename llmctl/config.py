@@ -183,6 +183,21 @@ class AdapterConfig(_Section):
     quantize: Literal["none", "nf4"] = "none"
 
 
+class DpoConfig(_Section):
+    """Preference tuning (`llmctl dpo`): the loss, its strength, and where the reference comes from."""
+
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    beta: float = Field(0.1, gt=0, le=10, description="how far the policy may move from the reference")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid only: the share of flipped labels")
+    precompute_reference: bool = False
+
+    @model_validator(mode="after")
+    def _smoothing_is_sigmoid(self) -> DpoConfig:
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError(f"label smoothing applies to the sigmoid loss only, not to {self.loss}")
+        return self
+
+
 class GenerationConfig(_Section):
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.8, ge=0)
@@ -207,6 +222,7 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     # dotted key -> the layer that set it (one of LAYERS), as `resolve_config` found it
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)

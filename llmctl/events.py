@@ -28,6 +28,8 @@ EVENT_KINDS = ("start", "train", "eval", "checkpoint", "sample", "alert", "heart
 TRAIN_FIGURES = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_bytes", "tokens", "elapsed_s")
 # The figures every `eval` event has; a stage's loss may add its own `val_<name>` (val_accuracy)
 EVAL_FIGURES = ("val_loss", "val_ppl", "val_bpb")
+# What a preference stage (dpo) adds to its `train` events, and as `val_<name>` to its `eval` events
+PREFERENCE_FIGURES = ("rewards_chosen", "rewards_rejected", "reward_margin", "preference_accuracy")
 
 
 class EndReason(str, enum.Enum):

@@ -35,7 +35,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS corpora (
     name     TEXT PRIMARY KEY,
-    kind     TEXT NOT NULL,             -- 'text' or 'instruct'
+    kind     TEXT NOT NULL,             -- 'text', 'instruct' or 'preference'
     path     TEXT NOT NULL,
     created  REAL NOT NULL,
     meta     TEXT NOT NULL DEFAULT '{}'
@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS tokenizers (
 );
 CREATE TABLE IF NOT EXISTS runs (
     name            TEXT PRIMARY KEY,
-    stage           TEXT NOT NULL,      -- 'pretrain', 'finetune', 'qlora', 'merge'
+    stage           TEXT NOT NULL,      -- 'pretrain', 'finetune', 'qlora', 'dpo', 'merge'
     path            TEXT NOT NULL,
     corpus          TEXT,
     tokenizer       TEXT,
@@ -72,7 +72,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE TABLE IF NOT EXISTS evals (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     checkpoint_id INTEGER REFERENCES checkpoints(id),
-    kind          TEXT NOT NULL,        -- 'perplexity', 'humaneval', 'probes', 'classify'
+    kind          TEXT NOT NULL,        -- 'perplexity', 'humaneval', 'probes', 'classify', 'preference'
     created       REAL NOT NULL,
     meta          TEXT NOT NULL DEFAULT '{}'
 );
@@ -349,11 +349,13 @@ class Workspace:
 #   runs/<run>/config.yaml                      the resolved RunConfig
 #   runs/<run>/events.jsonl                     the event stream
 #   runs/<run>/checkpoints/step-00001000/       one checkpoint per step
+#   runs/<run>/reference_logps.safetensors      dpo --precompute-reference: the reference's scores
 #
 # Spelled here only: the trainer writes it, and monitor, serve, eval and merge read it.
 
 RUN_CONFIG = "config.yaml"
 EVENTS_FILE = "events.jsonl"
+REFERENCE_LOGPS = "reference_logps.safetensors"
 CHECKPOINTS_DIRNAME = "checkpoints"
 _STEP_PREFIX = "step-"
 

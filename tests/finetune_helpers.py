@@ -70,6 +70,34 @@ def task_records() -> list[dict[str, str]]:
     return [{"instruction": prompt, "output": answer} for prompt, answer in TASK]
 
 
+def plain_tokenizer_base(directory: Path) -> Path:
+    """A checkpoint whose byte tokenizer has no chat template (only an end token), random weights."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from llmctl.checkpoint.files import FullModelIO, write_checkpoint
+    from llmctl.config import ModelConfig, RunConfig
+    from llmctl.model.transformer import Transformer
+    from llmctl.tokenizer import EOT_TOKEN, byte_to_unicode
+
+    vocab = {EOT_TOKEN: 0, **{char: 1 + byte for byte, char in byte_to_unicode().items()}}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(EOT_TOKEN, special=True, normalized=False)])
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = RunConfig(model=ModelConfig(n_layer=1, n_head=2, d_model=32, context_length=256, vocab_size=257))
+    return write_checkpoint(
+        directory / "plain" / "step-00000001",
+        model=Transformer(config.model),
+        model_io=FullModelIO(),
+        config=config,
+        trainer_state={},
+        meta={"step": 1},
+        tokenizer_file=directory / "tokenizer.json",
+    )
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
     return path

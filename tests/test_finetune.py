@@ -10,7 +10,7 @@ import signal
 
 import pytest
 import torch
-from finetune_helpers import QUICK, TASK, exact_match, write_jsonl
+from finetune_helpers import QUICK, TASK, exact_match, plain_tokenizer_base, write_jsonl
 from pretrain_helpers import events_of, llmctl_process, nothing_written, one_thread, wait_for_event
 from safetensors.torch import load_file
 
@@ -260,29 +260,7 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(ft, base_workspace, tm
 
 
 def test_a_base_without_chat_tokens_asks_for_a_plain_prompt_style(ft, base_workspace, tmp_path):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    from llmctl.checkpoint.files import FullModelIO, write_checkpoint
-    from llmctl.config import ModelConfig, RunConfig
-    from llmctl.model.transformer import Transformer
-    from llmctl.tokenizer import EOT_TOKEN, byte_to_unicode
-
-    vocab = {EOT_TOKEN: 0, **{char: 1 + byte for byte, char in byte_to_unicode().items()}}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(EOT_TOKEN, special=True, normalized=False)])
-    tokenizer.save(str(tmp_path / "tokenizer.json"))
-    config = RunConfig(model=ModelConfig(n_layer=1, n_head=2, d_model=32, context_length=256, vocab_size=257))
-    checkpoint = write_checkpoint(
-        tmp_path / "plain" / "step-00000001",
-        model=Transformer(config.model),
-        model_io=FullModelIO(),
-        config=config,
-        trainer_state={},
-        meta={"step": 1},
-        tokenizer_file=tmp_path / "tokenizer.json",
-    )
+    checkpoint = plain_tokenizer_base(tmp_path)
     args = ["finetune", "--model", checkpoint, "--data", task_file(base_workspace), "--run", "plainft"]
     refused = ft(*args)
     assert refused.exit_code == 2 and "use --prompt-style alpaca" in refused.stderr

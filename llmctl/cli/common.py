@@ -222,6 +222,72 @@ RUN_OPTIONS = [
 ]
 
 
+# What the stages that adapt a trained model take (finetune, qlora, dpo), declared once.
+def adapt_options(data_help: str) -> list[inspect.Parameter]:
+    """--model, --data and --run, the data described by `data_help`."""
+    return [
+        option("model", str, typer.Option(None, "--model", "-m", help=f"Base model: {MODEL_REF_HELP}.")),
+        option("data", str, typer.Option(None, "--data", "-d", help=data_help)),
+        option(
+            "run", str, typer.Option(None, "--run", "-r", help="Run name \\[default: DATA-STAGE-TIMESTAMP].")
+        ),
+    ]
+
+
+PROMPT_STYLE_OPTION = option(
+    "prompt_style",
+    str,
+    typer.Option(
+        None,
+        "--prompt-style",
+        help="chat (the tokenizer's template), alpaca or problem-solution \\[default: chat].",
+    ),
+)
+LORA_SWITCH = [
+    option("lora", bool, typer.Option(False, "--lora", help="Train LoRA adapters instead of every weight.")),
+]
+ADAPTER_OPTIONS = [
+    option("lora_r", int, typer.Option(None, "--lora-r", min=1, help="LoRA rank \\[default: 8].")),
+    option(
+        "lora_alpha",
+        float,
+        typer.Option(None, "--lora-alpha", min=0.0, help="LoRA scale numerator \\[default: 16]."),
+    ),
+    option(
+        "lora_dropout",
+        float,
+        typer.Option(None, "--lora-dropout", min=0.0, max=0.99, help="LoRA dropout \\[default: 0.05]."),
+    ),
+    option(
+        "lora_targets",
+        str,
+        typer.Option(
+            None,
+            "--lora-targets",
+            help="Comma-separated layer names \\[default: q_proj,k_proj,v_proj,o_proj].",
+        ),
+    ),
+    option(
+        "preset",
+        str,
+        typer.Option(None, "--preset", "-p", help="Training settings preset (its model shape is ignored)."),
+    ),
+]
+
+
+def adapter_option_values(flags: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA fields of llmctl.train.finetune.FinetuneOptions from ADAPTER_OPTIONS."""
+    targets = flags["lora_targets"]
+    return {
+        "lora_r": flags["lora_r"],
+        "lora_alpha": flags["lora_alpha"],
+        "lora_dropout": flags["lora_dropout"],
+        "lora_targets": None
+        if targets is None
+        else [name.strip() for name in targets.split(",") if name.strip()],
+    }
+
+
 def run_option_values(flags: dict[str, Any]) -> dict[str, Any]:
     """The llmctl.train.runs.RunOptions fields from a training command's RUN_OPTIONS, checked."""
     if flags["resume"] and flags["overwrite"]:

@@ -33,8 +33,8 @@ def build(
         "--format",
         "-f",
         show_default=False,
-        help="Instruction data: alpaca, dolly, chat, code-contests, sms-spam, or auto (detect from the "
-        "fields). Without it the corpus is plain text.",
+        help="Instruction data: alpaca, dolly, chat, code-contests, sms-spam; preference pairs for dpo: "
+        "preference; or auto (detect from the fields). Without it the corpus is plain text.",
     ),
     text_field: str = typer.Option(
         "text",

@@ -5,8 +5,12 @@ from __future__ import annotations
 import typer
 
 from llmctl.cli.common import (
-    MODEL_REF_HELP,
+    ADAPTER_OPTIONS,
+    LORA_SWITCH,
+    PROMPT_STYLE_OPTION,
     RUN_OPTIONS,
+    adapt_options,
+    adapter_option_values,
     announce,
     err,
     out,
@@ -23,65 +27,19 @@ from llmctl.cli.common import option as opt
 
 INSPECT_COUNT = 3
 
-# What finetune and qlora take, declared once; finetune adds --lora after --packing.
+# What finetune and qlora take besides the shared groups; finetune adds --lora after --packing.
 DATA_OPTIONS = [
-    opt("model", str, typer.Option(None, "--model", "-m", help=f"Base model: {MODEL_REF_HELP}.")),
-    opt(
-        "data",
-        str,
-        typer.Option(
-            None, "--data", "-d", help="Instruction corpus (llmctl corpus list) or a .jsonl/.json file."
-        ),
-    ),
-    opt("run", str, typer.Option(None, "--run", "-r", help="Run name \\[default: DATA-STAGE-TIMESTAMP].")),
+    *adapt_options("Instruction corpus (llmctl corpus list) or a .jsonl/.json file."),
     opt(
         "task",
         str,
         typer.Option(None, "--task", help="sft (instruction tuning) or classify \\[default: sft]."),
     ),
-    opt(
-        "prompt_style",
-        str,
-        typer.Option(
-            None,
-            "--prompt-style",
-            help="chat (the tokenizer's template), alpaca or problem-solution \\[default: chat].",
-        ),
-    ),
+    PROMPT_STYLE_OPTION,
     opt(
         "packing",
         bool,
         typer.Option(None, "--packing/--no-packing", help="Pack examples into rows \\[default: packing]."),
-    ),
-]
-LORA_SWITCH = [
-    opt("lora", bool, typer.Option(False, "--lora", help="Train LoRA adapters instead of every weight.")),
-]
-ADAPTER_OPTIONS = [
-    opt("lora_r", int, typer.Option(None, "--lora-r", min=1, help="LoRA rank \\[default: 8].")),
-    opt(
-        "lora_alpha",
-        float,
-        typer.Option(None, "--lora-alpha", min=0.0, help="LoRA scale numerator \\[default: 16]."),
-    ),
-    opt(
-        "lora_dropout",
-        float,
-        typer.Option(None, "--lora-dropout", min=0.0, max=0.99, help="LoRA dropout \\[default: 0.05]."),
-    ),
-    opt(
-        "lora_targets",
-        str,
-        typer.Option(
-            None,
-            "--lora-targets",
-            help="Comma-separated layer names \\[default: q_proj,k_proj,v_proj,o_proj].",
-        ),
-    ),
-    opt(
-        "preset",
-        str,
-        typer.Option(None, "--preset", "-p", help="Training settings preset (its model shape is ignored)."),
     ),
 ]
 OUTPUT_OPTIONS = [
@@ -160,7 +118,6 @@ def _adapt(stage: str, flags: dict) -> int:
 
     if flags["as_json"] and not (flags["dry_run"] or flags["inspect"]):
         raise UsageError("--json goes with --dry-run or --inspect")
-    targets = flags["lora_targets"]
     options = FinetuneOptions(
         stage=stage,
         model=flags["model"],
@@ -169,12 +126,7 @@ def _adapt(stage: str, flags: dict) -> int:
         prompt_style=flags["prompt_style"],
         packing=flags["packing"],
         lora=flags["lora"],
-        lora_r=flags["lora_r"],
-        lora_alpha=flags["lora_alpha"],
-        lora_dropout=flags["lora_dropout"],
-        lora_targets=None
-        if targets is None
-        else [name.strip() for name in targets.split(",") if name.strip()],
+        **adapter_option_values(flags),
         **run_option_values(flags),
     )
     ws = workspace()

@@ -72,6 +72,7 @@ def _register_commands() -> None:
     """
     from llmctl.cli import chat as chat_cmd
     from llmctl.cli import corpus as corpus_cmd
+    from llmctl.cli import dpo as dpo_cmd
     from llmctl.cli import eval as eval_cmd
     from llmctl.cli import export as export_cmd
     from llmctl.cli import finetune as finetune_cmd
@@ -94,6 +95,7 @@ def _register_commands() -> None:
     app.command("pretrain", no_args_is_help=True, rich_help_panel="Train")(pretrain_cmd.pretrain)
     app.command("finetune", no_args_is_help=True, rich_help_panel="Train")(finetune_cmd.finetune)
     app.command("qlora", no_args_is_help=True, rich_help_panel="Train")(finetune_cmd.qlora)
+    app.command("dpo", no_args_is_help=True, rich_help_panel="Train")(dpo_cmd.dpo)
     app.command("merge", no_args_is_help=True, rich_help_panel="Train")(finetune_cmd.merge)
     app.add_typer(eval_cmd.app, name="eval", rich_help_panel="Use")
     app.command("sample", no_args_is_help=True, rich_help_panel="Use")(sample_cmd.sample)

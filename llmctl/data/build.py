@@ -112,7 +112,6 @@ def build_corpus(
 
     with writer_lock(workspace.root, "corpus", name):
         started = time.monotonic()
-        kind = "text" if options.format is None else "instruct"
         with atomic_dir(final, overwrite=True) as staging:
             writer = _SplitWriter(staging, options)
             try:
@@ -120,6 +119,7 @@ def build_corpus(
             finally:
                 writer.close()
             writer.ensure_both_splits(stats)
+            kind = _kind(options, stats)
             if writer.documents == 0:
                 raise LlmctlError(
                     f"corpus '{name}' is empty after cleaning ({_drop_summary(stats)}); "
@@ -154,6 +154,19 @@ def build_corpus(
             write_json_atomic(staging / "meta.json", meta)
         registry.add_corpus(name, kind, final, meta)
         return meta
+
+
+def _kind(options: BuildOptions, stats: list[SourceStats]) -> str:
+    """text, instruct, or preference (pairs for dpo); one corpus holds one kind."""
+    if options.format is None:
+        return "text"
+    pairs = {s.format == "preference" for s in stats}
+    if len(pairs) > 1:
+        raise UsageError(
+            "the sources mix preference pairs with instruction records; build a corpus of each "
+            "(dpo trains on the pairs, finetune on the instructions)"
+        )
+    return "preference" if pairs == {True} else "instruct"
 
 
 def _ingest(spec: SourceSpec, options: BuildOptions, writer: _SplitWriter, progress: Progress) -> SourceStats:

@@ -20,11 +20,12 @@ from llmctl.data.clean import normalize_text
 from llmctl.data.sources import Skip
 from llmctl.errors import UsageError
 
-FORMATS = ("alpaca", "dolly", "chat", "code-contests", "sms-spam")
+FORMATS = ("alpaca", "dolly", "chat", "code-contests", "sms-spam", "preference")
 FORMAT_CHOICES = (*FORMATS, "auto")
 
 # The fields whose presence identifies a format, in the order detection tries them.
 _SIGNATURES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "preference": (("chosen", "rejected"),),  # pairs for dpo (llmctl.data.preference)
     "chat": (("messages",), ("conversations",)),
     "code-contests": (("description", "solutions"),),
     "alpaca": (("instruction", "output"),),
@@ -87,6 +88,11 @@ def normalize(record: dict[str, Any], fmt: str, max_solutions: int) -> Iterator[
     """One raw record -> normalised records (a code-contests problem gives one per solution) or Skips."""
     if fmt == "code-contests":
         yield from _code_contests(record, max_solutions)
+        return
+    if fmt == "preference":
+        from llmctl.data import preference  # it renders through sft, which imports this module
+
+        yield preference.normalize(record)
         return
     normalized = {"alpaca": _alpaca, "dolly": _dolly, "chat": _chat, "sms-spam": _sms_spam}[fmt](record)
     if isinstance(normalized, dict):

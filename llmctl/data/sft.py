@@ -135,7 +135,7 @@ def encode_example(messages: Messages, tokenizer: LoadedTokenizer, style: str, m
 # ---------------------------------------------------------------- records
 
 
-def _read_file(path: Path) -> list[dict[str, Any]]:
+def read_records(path: Path) -> list[dict[str, Any]]:
     if path.suffix not in DATA_SUFFIXES:
         raise UsageError(f"data file '{path}' must be .jsonl (one JSON object per line) or .json (a list)")
     try:
@@ -173,6 +173,8 @@ def _normalize_file_records(records: list[dict[str, Any]], where: str) -> Iterat
         )
         return
     fmt = instruct.detect_format(first)
+    if fmt == "preference":
+        raise UsageError(f"{where} holds preference pairs (chosen, rejected); train on them with llmctl dpo")
     if fmt is None:
         raise UsageError(
             f"{where} has no instruction fields (fields found: {', '.join(map(str, first)) or 'none'}); "
@@ -201,26 +203,32 @@ def open_data(workspace: Workspace, data: str) -> DataSource:
     if path.is_file() or path.suffix in DATA_SUFFIXES:
         if not path.is_file():
             raise UsageError(f"data file '{data}' does not exist")
-        records = list(_normalize_file_records(_read_file(path), f"data file '{data}'"))
-        holdout = int(len(records) * HOLDOUT_FRACTION)
-        if holdout < MIN_HOLDOUT:
-            return DataSource(data, records, records, "the training examples (too few to hold some out)")
-        # a fixed, spread-out holdout: every k-th record, so the split does not depend on file order runs
-        every = len(records) // holdout
-        val = records[every - 1 :: every][:holdout]
-        held = {id(record) for record in val}
-        return DataSource(
-            data, [r for r in records if id(r) not in held], val, f"{len(val)} examples held out of the file"
-        )
+        records = list(_normalize_file_records(read_records(path), f"data file '{data}'"))
+        return DataSource(data, *hold_out(records))
     store = CorpusStore.open(workspace, data)
     if store.meta.get("kind") != "instruct":
         raise UsageError(
-            f"corpus '{data}' is plain text; finetuning needs instruction data "
+            f"corpus '{data}' holds {store.meta.get('kind')} data; finetuning needs instruction data "
             f"(llmctl corpus build NAME --source FILE --format auto) or a .jsonl file"
         )
     return DataSource(
         data, list(store.records("train")), list(store.records("val")), "the corpus's val split", corpus=data
     )
+
+
+Records = list[dict[str, Any]]
+
+
+def hold_out(records: Records, noun: str = "examples") -> tuple[Records, Records, str]:
+    """A data file's training and validation records, and where the validation ones come from."""
+    holdout = int(len(records) * HOLDOUT_FRACTION)
+    if holdout < MIN_HOLDOUT:
+        return records, records, f"the training {noun} (too few to hold some out)"
+    # a fixed, spread-out holdout: every k-th record, so the split does not depend on file order runs
+    every = len(records) // holdout
+    val = records[every - 1 :: every][:holdout]
+    held = {id(record) for record in val}
+    return [r for r in records if id(r) not in held], val, f"{len(val)} {noun} held out of the file"
 
 
 def messages_of(record: Mapping[str, Any], where: str) -> Messages:

@@ -1,4 +1,5 @@
-"""Curves of one or more runs as a PNG: loss, validation perplexity and learning rate."""
+"""Curves of one or more runs as a PNG: loss, validation perplexity and learning rate; and for a
+preference stage (dpo), its preference accuracy."""
 
 from __future__ import annotations
 
@@ -48,8 +49,16 @@ def plot_runs(logs: dict[str, Path], out: Path) -> Path:
             f"nothing to plot: no train or eval events yet in {', '.join(str(p) for p in logs.values())}"
         )
 
-    figure, (loss_ax, ppl_ax, lr_ax) = pyplot.subplots(
-        3, 1, figsize=(10, 9.5), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1.4]}, layout="constrained"
+    # a preference stage (dpo) gets a panel of its preference accuracy; its exp(loss) is no perplexity
+    preference = any(len(s.preference_accuracy) or len(s.val_preference_accuracy) for s in states.values())
+    ratios = [3, 2, 1.4] + [2] * preference
+    figure, (loss_ax, ppl_ax, lr_ax, *pref_ax) = pyplot.subplots(
+        len(ratios),
+        1,
+        figsize=(10, 9.5 + 3 * preference),
+        sharex=True,
+        gridspec_kw={"height_ratios": ratios},
+        layout="constrained",
     )
     colors = pyplot.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, state) in enumerate(states.items()):
@@ -73,7 +82,9 @@ def plot_runs(logs: dict[str, Path], out: Path) -> Path:
                 linewidth=1.3,
                 label=f"{label} val",
             )
-        ppl = state.val_ppl.points()
+        ppl = [] if len(state.val_preference_accuracy) else state.val_ppl.points()
+        if pref_ax:
+            _preference_curves(pref_ax[0], state, color, label)
         if ppl:
             steps, values = zip(*ppl, strict=True)
             best = state.best_eval if state.best_eval and "val_ppl" in state.best_eval else None
@@ -104,8 +115,14 @@ def plot_runs(logs: dict[str, Path], out: Path) -> Path:
     ppl_ax.set_ylabel("val perplexity")
     lr_ax.set_ylabel("learning rate")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    lr_ax.set_xlabel("step")
-    for ax in (loss_ax, ppl_ax, lr_ax):
+    (pref_ax or [lr_ax])[-1].set_xlabel("step")
+    if pref_ax:
+        pref_ax[0].set_ylabel("preference accuracy")
+        pref_ax[0].set_ylim(-0.02, 1.02)
+        pref_ax[0].set_title(
+            "share of pairs whose chosen reply wins: train and validation", loc="left", fontsize=10
+        )
+    for ax in (loss_ax, ppl_ax, lr_ax, *pref_ax):
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
@@ -115,6 +132,18 @@ def plot_runs(logs: dict[str, Path], out: Path) -> Path:
     figure.savefig(out, dpi=110)
     pyplot.close(figure)
     return out
+
+
+def _preference_curves(ax, state: RunState, color: str, label: str) -> None:
+    train = state.preference_accuracy.points()
+    if train:
+        steps, values = zip(*train, strict=True)
+        ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, _smoothed(list(values)), color=color, linewidth=1.6, label=f"{label} train")
+    val = state.val_preference_accuracy.points()
+    if val:
+        steps, values = zip(*val, strict=True)
+        ax.plot(steps, values, color=color, linestyle="--", marker="o", markersize=3.5, label=f"{label} val")
 
 
 def _frame(ax, curves: list[Series]) -> None:

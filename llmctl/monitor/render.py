@@ -279,6 +279,7 @@ def _throughput(state: RunState, view: View) -> list[Text]:
             else (f"{units.gigabytes(mem)} GB" if mem is not None else units.DASH),
             f"peak {units.gigabytes(state.peak_mem_bytes)}" if state.peak_mem_bytes else None,
         ),
+        *_preference(latest),
         _pair(
             "speed",
             (f"{speed:.3g}" if speed < 1000 else units.count(speed)) + " steps/s" if speed else units.DASH,
@@ -286,6 +287,20 @@ def _throughput(state: RunState, view: View) -> list[Text]:
         ),
     ]
     return lines
+
+
+def _preference(latest: dict[str, float | None]) -> list[Text]:
+    """A preference stage's (dpo) figures: how often the chosen reply wins, and by how much."""
+    if latest.get("preference_accuracy") is None:
+        return []
+    rewards = (
+        f"chosen {units.figure(latest.get('rewards_chosen'), 3)} · "
+        f"rejected {units.figure(latest.get('rewards_rejected'), 3)}"
+    )
+    return [
+        _pair("pref acc", units.percent(latest.get("preference_accuracy")), None, style="bold"),
+        _pair("margin", units.figure(latest.get("reward_margin"), 3), rewards),
+    ]
 
 
 def _params(state: RunState) -> str | None:
@@ -303,12 +318,15 @@ def _eval(state: RunState, now: float) -> list[Text]:
     line = Text()
     line.append("val loss ", style="dim")
     line.append(units.fixed(last.get("val_loss")), style=f"bold {VAL_STYLE}")
+    preference = "val_preference_accuracy" in last  # a dpo loss: its exp is no perplexity
     for name, key, shown in (
         ("ppl", "val_ppl", units.figure),
         ("bpb", "val_bpb", units.fixed),
         ("acc", "val_accuracy", units.percent),
+        ("pref acc", "val_preference_accuracy", units.percent),
+        ("margin", "val_reward_margin", lambda value: units.figure(value, 3)),
     ):
-        if key in last:
+        if key in last and not (preference and key == "val_ppl"):
             line.append(f"  {name} ", style="dim")
             line.append(shown(last[key]), style="bold")
     lines = [line]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class Series:
     """At most `capacity` points, each the mean of `stride` consecutive raw points.
@@ -36,6 +38,11 @@ class Series:
             self._pending_count = 0
             if len(self.steps) == self.capacity:
                 self._halve()
+
+    def append_finite(self, step: int, value: float | None) -> None:
+        """Append `value` unless it is missing, NaN or infinite (a figure read from an event)."""
+        if value is not None and math.isfinite(value):
+            self.append(step, value)
 
     def _halve(self) -> None:
         self.steps = [(a + b) / 2 for a, b in zip(self.steps[::2], self.steps[1::2], strict=True)]

@@ -18,7 +18,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from llmctl.events import COMPLETED, TRAIN_FIGURES, EndReason, as_float, jsonable
+from llmctl.events import COMPLETED, PREFERENCE_FIGURES, TRAIN_FIGURES, EndReason, as_float, jsonable
 from llmctl.monitor.series import Series
 from llmctl.monitor.units import duration
 
@@ -79,6 +79,10 @@ class Ema:
         self.value = sample if self.value is None else self.value + self.alpha * (sample - self.value)
 
 
+# what an eval record keeps: the common figures, a classifier's accuracy, a dpo run's (PREFERENCE_FIGURES)
+EVAL_NAMES = ("val_loss", "val_ppl", "val_bpb", "val_accuracy", *(f"val_{n}" for n in PREFERENCE_FIGURES))
+
+
 def _int(value: Any) -> int:
     number = as_float(value)
     return int(number) if number is not None and math.isfinite(number) else 0
@@ -130,6 +134,9 @@ class RunState:
         self.lr = Series(history_points)
         self.val_loss = Series(history_points)
         self.val_ppl = Series(history_points)
+        # a preference stage's (dpo) curves: the share of pairs whose chosen reply wins
+        self.preference_accuracy = Series(history_points)
+        self.val_preference_accuracy = Series(history_points)
         # evaluation, checkpoints, samples, alerts
         self.last_eval: dict[str, Any] | None = None
         self.best_eval: dict[str, Any] | None = None
@@ -183,7 +190,8 @@ class RunState:
         self.end = None
         self.step = step
         # A resumed run repeats the steps after its checkpoint: the curve continues from there.
-        for series in (self.train_loss, self.lr, self.val_loss, self.val_ppl):
+        curves = (self.train_loss, self.lr, self.val_loss, self.val_ppl)
+        for series in (*curves, self.preference_accuracy, self.val_preference_accuracy):
             series.truncate_after(step)
         self._recent_progress.clear()
         self._val_window = deque(
@@ -193,6 +201,8 @@ class RunState:
     def _on_train(self, event: dict[str, Any], step: int, ts: float | None) -> None:
         self._train_events += 1
         self.latest = {name: as_float(event.get(name)) for name in TRAIN_FIGURES}
+        self.latest.update({name: as_float(event[name]) for name in PREFERENCE_FIGURES if name in event})
+        self.preference_accuracy.append_finite(step, self.latest.get("preference_accuracy"))
         loss, lr = self.latest["loss"], self.latest["lr"]
         if loss is not None:
             if math.isfinite(loss):
@@ -204,8 +214,7 @@ class RunState:
                 self.train_loss.append(step, loss)
             else:
                 self._alert("error", "nonfinite_loss", f"train loss is {loss} at step {step:,}", step, ts)
-        if lr is not None and math.isfinite(lr):
-            self.lr.append(step, lr)
+        self.lr.append_finite(step, lr)
         for name, smoothed in (
             ("tokens_per_s", self.tokens_per_s_smoothed),
             ("mfu", self.mfu_smoothed),
@@ -238,19 +247,18 @@ class RunState:
 
     def _on_eval(self, event: dict[str, Any], step: int, ts: float | None) -> None:
         record: dict[str, Any] = {"step": step, "ts": ts}
-        for name in ("val_loss", "val_ppl", "val_bpb", "val_accuracy"):
+        for name in EVAL_NAMES:
             value = as_float(event.get(name))
             if value is not None:
                 record[name] = value
         self.last_eval = record
+        self.val_preference_accuracy.append_finite(step, record.get("val_preference_accuracy"))
         self.eval_count += 1
         val_loss = record.get("val_loss")
         if val_loss is None or not math.isfinite(val_loss):
             return
         self.val_loss.append(step, val_loss)
-        val_ppl = record.get("val_ppl")
-        if val_ppl is not None and math.isfinite(val_ppl):
-            self.val_ppl.append(step, val_ppl)
+        self.val_ppl.append_finite(step, record.get("val_ppl"))
         if _is_lower(val_loss, self.best_eval and self.best_eval["val_loss"]):
             self.best_eval = record
         self._check_overfitting(val_loss, step, ts)

@@ -104,7 +104,7 @@ def _checkpoint_entry(row: dict[str, Any]) -> dict[str, Any]:
         "created": row["created"],
         **{
             key: meta[key]
-            for key in ("val_loss", "val_ppl", "val_bpb", "val_accuracy", "tokens")
+            for key in ("val_loss", "val_ppl", "val_bpb", "val_accuracy", "val_preference_accuracy", "tokens")
             if key in meta
         },
     }

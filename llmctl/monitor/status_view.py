@@ -245,6 +245,28 @@ def _lineage_tree(node: dict[str, Any], tree: Tree | None = None) -> Tree:
     return tree
 
 
+def _preference_row(train: dict[str, Any], last_eval: dict[str, Any]) -> str | None:
+    """A dpo run's latest rewards and preference accuracy, in training and at the last evaluation."""
+    if train.get("preference_accuracy") is None and last_eval.get("val_preference_accuracy") is None:
+        return None
+    parts = []
+    if train.get("preference_accuracy") is not None:
+        rewards = (
+            f"chosen {units.figure(train.get('rewards_chosen'), 3)}, "
+            f"rejected {units.figure(train.get('rewards_rejected'), 3)}"
+        )
+        parts.append(
+            f"train acc {units.percent(train['preference_accuracy'])} · margin "
+            f"{units.figure(train.get('reward_margin'), 3)} ({rewards})"
+        )
+    if last_eval.get("val_preference_accuracy") is not None:
+        parts.append(
+            f"val acc {units.percent(last_eval['val_preference_accuracy'])} · margin "
+            f"{units.figure(last_eval.get('val_reward_margin'), 3)} at step {last_eval.get('step', 0):,}"
+        )
+    return " · ".join(parts)
+
+
 def render_run(doc: dict[str, Any]) -> RenderableType:
     run = doc["run"]
     best = run["best_eval"] or {}
@@ -270,6 +292,9 @@ def render_run(doc: dict[str, Any]) -> RenderableType:
             f"loss {units.fixed(best.get('val_loss'))} · ppl {units.figure(best.get('val_ppl'))}"
             f" · bpb {units.fixed(best.get('val_bpb'))} at step {best.get('step', 0):,}",
         )
+    preference = _preference_row(doc["train"] or {}, doc["last_eval"] or {})
+    if preference:
+        head.add_row("preference", preference)
     if doc["end"]:
         head.add_row("ended", f"{doc['end']['reason']} at step {doc['end']['step']:,}")
     parts: list[RenderableType] = [

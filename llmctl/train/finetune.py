@@ -17,47 +17,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmctl.checkpoint import load as loader
-from llmctl.checkpoint.files import AdapterModelIO, FullModelIO, read_config, read_meta
-from llmctl.checkpoint.refs import resolve_model_ref
-from llmctl.config import RunConfig
+from llmctl.checkpoint.files import AdapterModelIO, FullModelIO
 from llmctl.data import sft
-from llmctl.errors import LlmctlError, UsageError
-from llmctl.model import quantize
-from llmctl.model.classifier import TASK, classifier_from
-from llmctl.model.lora import apply_lora, check_targets, lora_parameter_count
-from llmctl.model.sizing import (
-    MemoryEstimate,
-    count_parameters,
-    estimate_training_memory,
-    flops_per_token,
-    human_bytes,
-    human_count,
-)
-from llmctl.model.transformer import Attention, Transformer
-from llmctl.tokenizer import END_OF_TURN_TOKEN, LoadedTokenizer, load_tokenizer_file
-from llmctl.train import recipe
+from llmctl.errors import UsageError
+from llmctl.model.classifier import TASK
+from llmctl.model.sizing import MemoryEstimate, human_bytes, human_count
+from llmctl.train import adapt, recipe
+from llmctl.train.adapt import Base, open_base
 from llmctl.train.allocator import return_large_frees_to_the_os
 from llmctl.train.distributed import DistEnv, seed_per_rank
 from llmctl.train.finetune_config import TASKS, FinetuneOptions, resolve_finetune_config, resume_state
 from llmctl.train.finetune_data import EncodedData, encode_data, make_batches
 from llmctl.train.losses import classify_loss, lm_loss
 from llmctl.train.optim import build_optimizer, paged_adamw_8bit
-from llmctl.train.precision import resolve_device
-from llmctl.train.recipe import Plan, Row, Runtime, Size, StageParts
+from llmctl.train.recipe import Plan, Row, StageParts
 from llmctl.train.runinfo import Sampler
 from llmctl.train.runs import check_run_name, starts_over
-from llmctl.workspace import Workspace, check_name
+from llmctl.workspace import Workspace
 
-
-@dataclass(frozen=True)
-class Base:
-    """The checkpoint a finetune starts from."""
-
-    path: Path
-    config: RunConfig
-    tokenizer: LoadedTokenizer
-    registry_id: int | None
+__all__ = ["Base", "FinetuneOptions", "FinetunePlan", "build_model", "make_plan", "open_base"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +61,7 @@ class FinetunePlan(Plan):
 
     @property
     def paged_optimizer(self) -> bool:
-        return paged_optimizer(self.config, self.device)
+        return adapt.paged_optimizer(self.config, self.device)
 
     @property
     def optimizer_name(self) -> str:
@@ -213,30 +191,6 @@ class FinetunePlan(Plan):
         )
 
 
-def paged_optimizer(config: RunConfig, device: torch.device) -> bool:
-    """QLoRA on a GPU trains with bitsandbytes' paged 8-bit AdamW (CUDA only)."""
-    return config.adapter.quantize == "nf4" and device.type == "cuda"
-
-
-# ---------------------------------------------------------------- plan
-
-
-def open_base(workspace: Workspace, ref: str) -> Base:
-    path = resolve_model_ref(workspace, ref)
-    meta = read_meta(path)
-    config = read_config(path)
-    if meta.get("task") == TASK:
-        raise UsageError(f"'{ref}' is a classifier; finetune from a language model checkpoint")
-    if not (path / "tokenizer.json").is_file():
-        raise LlmctlError(
-            f"checkpoint '{path}' has no tokenizer.json; a base checkpoint must carry its tokenizer"
-        )
-    # an llmctl checkpoint names its tokenizer; a Hugging Face model directory goes by its own name
-    tokenizer = load_tokenizer_file(path / "tokenizer.json", name=config.data.tokenizer or path.name)
-    row = workspace.registry(create=False).checkpoint_by_path(path)
-    return Base(path, config, tokenizer, row["id"] if row else None)
-
-
 def make_plan(
     workspace: Workspace,
     options: FinetuneOptions,
@@ -244,20 +198,13 @@ def make_plan(
     inspect_only: bool = False,
 ) -> FinetunePlan:
     """Resolve and check everything a run needs, writing nothing."""
-    if options.run is not None:
-        check_name(options.run, "run")
-    elif options.resume:
-        raise UsageError("--resume needs --run NAME (llmctl status lists runs)")
+    adapt.check_run_names(options, "finetuning")
     saved = run_meta = None
     if options.resume:
         saved, run_meta = resume_state(workspace, options)
         base_ref, task = run_meta["base_checkpoint"], run_meta["task"]
         options.lora = bool(saved["adapter"]["enabled"])
     else:
-        if not options.model:
-            raise UsageError(
-                "finetuning needs a base model: --model RUN (or RUN:step-N, or a checkpoint directory)"
-            )
         base_ref, task = options.model, options.task or "sft"
         if task not in TASKS:
             raise UsageError(f"unknown --task '{task}'; use sft or classify")
@@ -266,27 +213,23 @@ def make_plan(
     if task == "sft":
         sft.check_prompt_style(base.tokenizer, config.data.prompt_style)
     data = sft.open_data(workspace, config.data.corpus)
-    if config.adapter.enabled:
-        with torch.device("meta"):
-            check_targets(Transformer(config.model), list(config.adapter.targets))
-    if config.adapter.quantize == "nf4" and not inspect_only:
-        quantize.require_bitsandbytes(resolve_device(config.train.device))
+    adapt.check_adapter(config, inspect_only)
 
     run = (
         options.run
         or f"{Path(str(config.data.corpus)).stem}-{options.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     resume_from = None if inspect_only else check_run_name(workspace, run, options, warn)
-    runtime = _runtime(config)
+    runtime = adapt.resolve_runtime(config)
     labels = run_meta.get("labels") if run_meta else None
     if task == TASK and labels is None:
         labels = sft.label_set(data.train, f"data '{data.name}'")
     encoded = encode_data(config, base.tokenizer, data, task, labels)
-    size, memory, unquantized = _size(config, labels, runtime)
+    sizing = adapt.size_run(config, runtime, labels)
     device_memory = runtime.memory
     if not inspect_only:
         recipe.check_fits(
-            memory,
+            sizing.memory,
             device_memory,
             runtime.device,
             force=options.force,
@@ -298,8 +241,8 @@ def make_plan(
         config=config,
         tokenizer=base.tokenizer,
         runtime=runtime,
-        size=size,
-        memory=memory,
+        size=sizing.size,
+        memory=sizing.memory,
         device_memory=device_memory,
         resume_from=resume_from,
         overwrite=starts_over(options, resume_from),
@@ -308,86 +251,23 @@ def make_plan(
         data=data,
         labels=labels,
         encoded=encoded,
-        unquantized_memory=unquantized,
+        unquantized_memory=sizing.unquantized,
     )
-
-
-def _runtime(config: RunConfig) -> Runtime:
-    requested = None
-    on_cpu = resolve_device(config.train.device).type == "cpu"
-    if config.train.precision == "auto" and config.adapter.quantize == "nf4" and on_cpu:
-        requested = "fp32"  # the 4-bit layers compute in fp32 on a CPU; bf16 autocast would only add casts
-    return recipe.resolve_runtime(config, precision=requested)
-
-
-def _size(
-    config: RunConfig, labels: list[str] | None, runtime: Runtime
-) -> tuple[Size, MemoryEstimate, MemoryEstimate | None]:
-    """Parameter counts, FLOPs and steps; the memory estimate (QLoRA: also LoRA's on the full base)."""
-    adapter = config.adapter.enabled
-    base_params = count_parameters(config.model)
-    head = config.model.d_model * len(labels) if labels else 0
-    with torch.device("meta"):
-        shape = Transformer(config.model)
-    lora = lora_parameter_count(shape, config.adapter) if adapter else 0
-    params = base_params + head + lora
-    trainable = lora + head if adapter else base_params + head
-    # adapters train no base weight: the base's weight gradients (2N of the 6N) are never computed
-    flops = flops_per_token(config.model, base_params) - (2 * base_params if adapter else 0)
-    size = Size.of(config, params, trainable, flops)
-
-    mixed = runtime.precision.name != "fp32"
-    full_bytes = 4 * params
-    unquantized = None
-    weight_bytes = full_bytes
-    if config.adapter.quantize == "nf4":
-        quantized, kept = quantize.count_quantized(shape)
-        weight_bytes = quantized * quantize.NF4_BITS_PER_WEIGHT / 8 + 4 * (kept + head + lora)
-        unquantized = estimate_training_memory(
-            config.model, config.train, trainable, full_bytes / base_params, mixed
-        )
-    memory = estimate_training_memory(
-        config.model, config.train, trainable, weight_bytes / base_params, mixed
-    )
-    if paged_optimizer(config, runtime.device):  # two 8-bit moments per trained parameter, not two fp32
-        memory = MemoryEstimate(memory.weights, memory.gradients, 2 * trainable, memory.activations)
-    return size, memory, unquantized
 
 
 # ---------------------------------------------------------------- the model and its samples
 
 
-def set_dropout(model: nn.Module, p: float) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = p
-        elif isinstance(module, Attention):
-            module.dropout = p
-
-
 def build_model(plan: FinetunePlan) -> nn.Module:
     """The base, as a classifier if asked, quantized for QLoRA, wrapped with LoRA for adapters."""
-    cfg, base = plan.config, plan.base.path
-    if plan.task == TASK:
-        model = classifier_from(loader.load_weights(base), len(plan.labels))
-        if plan.quantized:
-            quantize.quantize_model(model, plan.device)
-    else:
-        model = loader.load_weights(base, quantize_base=plan.quantized, device=plan.device)
-    set_dropout(model, cfg.model.dropout)
-    if plan.adapter:
-        model = apply_lora(model, cfg.adapter, base)
-    return model
+    labels = plan.labels if plan.task == TASK else None
+    return adapt.build_model(plan.base.path, plan.config, plan.device, labels)
 
 
 def sft_sampler(plan: FinetunePlan) -> Sampler | None:
-    """Samples for the event stream: the model's reply to the first validation prompt, rendered in
-    the run's prompt style."""
+    """Samples for the event stream: the model's reply to the first validation prompt."""
     if plan.task == TASK:
         return None
-    cfg = plan.config
     messages = sft.messages_of(plan.data.val[0], f"data '{plan.data.name}'")
     last_reply = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
-    prompt = sft.render_prompt(messages[:last_reply], cfg.data.prompt_style)
-    stop = [END_OF_TURN_TOKEN] if cfg.data.prompt_style == "chat" else []
-    return recipe.event_sampler(plan.tokenizer, cfg.generation, cfg.train.seed, prompt, stop)
+    return adapt.reply_sampler(plan.tokenizer, plan.config, messages[:last_reply])

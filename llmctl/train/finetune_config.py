@@ -44,6 +44,11 @@ class FinetuneOptions(RunOptions):
     lora_alpha: float | None = None
     lora_dropout: float | None = None
     lora_targets: list[str] | None = None
+    qlora: bool = False  # adapters on the base quantized to 4 bits (the stage 'qlora' implies it)
+
+    @property
+    def quantize_base(self) -> bool:
+        return self.qlora or self.stage == "qlora"
 
 
 def resume_state(workspace: Workspace, options: FinetuneOptions) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -66,15 +71,37 @@ def resume_state(workspace: Workspace, options: FinetuneOptions) -> tuple[dict[s
 
 
 def resolve_finetune_config(
-    options: FinetuneOptions, base_config: RunConfig | None, saved: dict[str, Any] | None
+    options: FinetuneOptions,
+    base_config: RunConfig | None,
+    saved: dict[str, Any] | None,
+    *,
+    stage_flags: dict[str, Any] | None = None,
+    stage_train: dict[str, Any] | None = None,
+    adapter_lr: float = ADAPTER_LR,
+    what: str = "finetuning",
 ) -> RunConfig:
-    """defaults < the base's model and tokenizer < finetuning defaults < preset < --config < --set < flags."""
-    quantize_base = options.stage == "qlora"
+    """defaults < the base's model and tokenizer < the stage's training defaults (finetuning's, or
+    `stage_train` and `adapter_lr`) < preset < --config < --set < flags (the stage adds
+    `stage_flags`)."""
+    quantize_base = options.quantize_base
     adapter = options.lora or quantize_base
+    lora_flags = {
+        "--lora-r": options.lora_r,
+        "--lora-alpha": options.lora_alpha,
+        "--lora-dropout": options.lora_dropout,
+        "--lora-targets": options.lora_targets,
+    }
+    given = [flag for flag, value in lora_flags.items() if value is not None]
+    if given and not adapter:
+        raise UsageError(
+            f"{given[0]} shapes LoRA adapters, and this run trains every weight; add --lora "
+            "(or train on a 4-bit base with qlora), or drop the LoRA flags"
+        )
     flags = {
         "data.corpus": options.data,
         "data.prompt_style": options.prompt_style,
         "data.packing": options.packing,
+        **(stage_flags or {}),
         "adapter.enabled": True if adapter else None,
         "adapter.quantize": "nf4" if quantize_base else None,
         "adapter.r": options.lora_r,
@@ -87,8 +114,8 @@ def resolve_finetune_config(
         base_tree = copy.deepcopy(saved)  # resolve_config merges into the nested dicts it is given
     else:
         train = {
-            **FINETUNE_TRAIN,
-            **({"lr": ADAPTER_LR} if adapter else {}),
+            **(FINETUNE_TRAIN if stage_train is None else stage_train),
+            **({"lr": adapter_lr} if adapter else {}),
             **({"activation_checkpointing": True} if quantize_base else {}),
         }
         base_tree = {
@@ -113,18 +140,18 @@ def resolve_finetune_config(
     dropout = config.model.dropout if config.set_by_user("model.dropout") else shape.dropout
     config.model = shape.model_copy(update={"dropout": dropout})
     if not config.data.corpus:
-        raise UsageError("finetuning needs data: --data CORPUS (llmctl corpus list) or --data FILE.jsonl")
+        raise UsageError(f"{what} needs data: --data CORPUS (llmctl corpus list) or --data FILE.jsonl")
     if config.adapter.quantize == "nf4" and not config.adapter.enabled:
-        raise UsageError("adapter.quantize nf4 needs adapters: use llmctl qlora")
+        raise UsageError("adapter.quantize nf4 needs adapters: use llmctl qlora (or llmctl dpo --qlora)")
     if saved is not None:
         _check_unchanged(config, RunConfig.model_validate(saved))
     return config
 
 
 def _check_unchanged(config: RunConfig, saved: RunConfig) -> None:
-    """A resumed run keeps its adapter and its data rendering: either would change what the
-    checkpoint holds or which batches come next."""
-    for section in ("adapter", "data"):
+    """A resumed run keeps its adapter, its data rendering and its preference loss: each would
+    change what the checkpoint holds, which batches come next or what the steps minimise."""
+    for section in ("adapter", "data", "dpo"):
         now, before = getattr(config, section).model_dump(), getattr(saved, section).model_dump()
         for key, value in now.items():
             if value != before[key]:

@@ -716,10 +716,18 @@ function renderRunDetail() {
       el("div", { text: `step ${fmt(step)}${curves.max_steps ? ` of ${fmt(curves.max_steps)}` : ""}` +
         (curves.eta_s ? ` · ETA ${fmtDuration(curves.eta_s)}` : "") }),
       progress));
+  // a preference stage (dpo): how often the chosen reply wins, in place of its loss's meaningless exp
+  const lastEval = curves.last_eval || {};
+  const preference = train.preference_accuracy != null || lastEval.val_preference_accuracy != null;
+  const percent = (value) => (value == null ? "–" : `${(100 * value).toFixed(1)}%`);
   const tiles = el("div", { class: "tiles" },
     tile("best val loss", fmt(best.val_loss, 4), best.step !== undefined ? `step ${fmt(best.step)}` : ""),
-    tile("perplexity", fmt(best.val_ppl, 4)),
-    tile("bits / byte", fmt(best.val_bpb, 3)),
+    preference ? tile("preference acc", percent(lastEval.val_preference_accuracy ?? train.preference_accuracy),
+      lastEval.val_preference_accuracy != null ? "validation" : "train")
+      : tile("perplexity", fmt(best.val_ppl, 4)),
+    preference ? tile("reward margin", fmt(train.reward_margin, 3),
+      `chosen ${fmt(train.rewards_chosen, 3)} · rejected ${fmt(train.rewards_rejected, 3)}`)
+      : tile("bits / byte", fmt(best.val_bpb, 3)),
     tile("train loss", fmt(train.loss, 4), "latest"),
     tile("tokens / s", fmt(train.tokens_per_s_avg), "average"),
     tile("elapsed", fmtDuration(run.elapsed_s)));
