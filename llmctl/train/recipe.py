@@ -12,7 +12,7 @@ Commands, quickstart and tune go through these two, so every stage is started th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from llmctl.train.precision import (
     resolve_device,
     resolve_precision,
 )
+from llmctl.train.run_log import Listener
 from llmctl.train.runinfo import OptimizerFactory, RunInfo, Sampler, TrainResult, planned_steps
 from llmctl.train.runs import RunOptions, open_run
 from llmctl.train.trainer import Trainer
@@ -241,6 +242,7 @@ class Plan:
         *,
         console: Console | None = None,
         show_progress: bool = True,
+        listeners: Sequence[Listener] = (),
     ) -> Trainer:
         """The stage's Trainer, resumed from the plan's checkpoint when there is one."""
         dist = dist or DistEnv()
@@ -272,6 +274,7 @@ class Plan:
             sampler=parts.sampler,
             console=console,
             show_progress=show_progress,
+            listeners=listeners,
         )
         if self.resume_from is not None:
             trainer.resume(self.resume_from)
@@ -412,16 +415,24 @@ def train(
     dist: DistEnv | None = None,
     console: Console | None = None,
     on_start: Callable[[Plan], None] | None = None,
+    listeners: Sequence[Listener] = (),
+    on_trainer: Callable[[Trainer], None] | None = None,
 ) -> TrainResult:
     """Start the run and fit the stage's Trainer. In a distributed run, rank 0 started it before
-    the other ranks planned (`pretrain.join_distributed_run`); every rank fits."""
+    the other ranks planned (`pretrain.join_distributed_run`); every rank fits.
+
+    `listeners` hear every event rank 0 writes; `on_trainer` receives the built Trainer before it
+    fits, for a listener that acts on the run (a search pruning a trial calls its `request_stop`)."""
     dist = dist or DistEnv()
     if not dist.enabled:
         start_run(workspace, plan)
     if on_start is not None and dist.is_main:
         on_start(plan)
     try:
-        return plan.build_trainer(workspace, dist, console=console).fit()
+        trainer = plan.build_trainer(workspace, dist, console=console, listeners=listeners)
+        if on_trainer is not None:
+            on_trainer(trainer)
+        return trainer.fit()
     finally:
         distributed.destroy_process_group()
 
