@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from llmctl.cli.common import (
+    MODEL_REF_HELP,
     RUN_OPTIONS,
     count,
     err,
@@ -46,7 +47,11 @@ STUDY_OPTIONS = [
 DATA_OPTIONS = [
     opt("corpus", str, typer.Option(None, "--corpus", "-c", help="pretrain: the corpus.")),
     opt("tokenizer", str, typer.Option(None, "--tokenizer", "-t", help="pretrain: the tokenizer.")),
-    opt("model", str, typer.Option(None, "--model", "-m", help="finetune, qlora: the base model.")),
+    opt(
+        "model",
+        str,
+        typer.Option(None, "--model", "-m", help=f"finetune, qlora: the base, {MODEL_REF_HELP}."),
+    ),
     opt("data", str, typer.Option(None, "--data", "-d", help="finetune, qlora: the instruction data.")),
     opt("task", str, typer.Option(None, "--task", help="finetune, qlora: sft or classify.")),
     opt("preset", str, typer.Option(None, "--preset", "-p", help="Preset every trial starts from.")),
