@@ -29,7 +29,7 @@ def quiet_optuna() -> None:
         raise LlmctlError("llmctl tune needs Optuna: pip install 'llmctl[tune]'") from None
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+    warnings.filterwarnings("ignore", module=r"optuna(\.|$)")
 
 
 def storage_url(workspace: Workspace, given: str | None) -> str:

@@ -164,7 +164,12 @@ def end_dead_run(workspace: Workspace, run: str, number: int, host: str | None) 
     (error), so status, monitor and the page show it failed; False while it may still be alive."""
     log = workspace.run_dir(run) / EVENTS_FILE
     events = read_events(log) if log.is_file() else []
-    if any(event["event"] == "end" for event in events) or not events:
+    registry = workspace.registry()
+    if not events:  # it died before its run started training: the row alone says it ended
+        if registry.run(run) is not None and registry.run(run)["meta"].get("end_reason") is None:
+            registry.update_run_meta(run, end_reason=EndReason.ERROR)
+        return True
+    if any(event["event"] == "end" for event in events):
         return True
     last = events[-1]
     if host != socket.gethostname() and time.time() - last["ts"] < LOST_AFTER_S:
@@ -177,7 +182,6 @@ def end_dead_run(workspace: Workspace, run: str, number: int, host: str | None) 
             message=f"trial {number}'s process died (killed or lost) at step {last['step']:,}; "
             "llmctl tune marked it failed",
         )
-    registry = workspace.registry()
     if registry.run(run) is not None:
         registry.update_run_meta(run, end_reason=EndReason.ERROR)
     return True

@@ -38,6 +38,7 @@ from llmctl.workspace import Workspace, check_name
 
 Report = Callable[[str], None]
 DIRECTIONS = ("minimize", "maximize")
+STUDY_NAME_MAX = 90  # a trial's run is STUDY-tNNN, and run names hold 100 characters
 
 
 @dataclass
@@ -94,6 +95,13 @@ class Sweep:
             force=request.force,
         )
 
+    @property
+    def trials(self) -> int:
+        """The trials the study runs to: a grid ends when every point ran."""
+        if self.request.sampler == "grid":
+            return min(self.request.trials, self.space.size())
+        return self.request.trials
+
     def plan(self, workspace: Workspace, run: str, values: dict[str, Any], warn=None) -> Plan:
         return self.stage.plan(workspace, self.options(run, values), warn)
 
@@ -104,6 +112,9 @@ class Sweep:
         parts += [f"--{key} {value}" for key, value in request.inputs.items() if value is not None]
         parts += [f"--preset {request.preset}"] if request.preset else []
         parts += [f"--set {shlex.quote(assignment)}" for assignment in request.overrides]
+        budget = {"--max-time": request.trial_time, "--max-steps": request.trial_steps}
+        budget["--max-tokens"] = request.trial_tokens
+        parts += [f"{flag} {value}" for flag, value in budget.items() if value is not None]
         return " ".join(parts)
 
 
@@ -113,6 +124,10 @@ def prepared(workspace: Workspace, request: SweepRequest, warn=None) -> Iterator
     the config model and the stage (each bound and choice planned), the objective, the sampler."""
     storage.quiet_optuna()
     check_name(request.study, "study")
+    if len(request.study) > STUDY_NAME_MAX:
+        raise UsageError(
+            f"--study '{request.study}' is too long: trial runs add to it; use {STUDY_NAME_MAX} or fewer"
+        )
     if request.trials < 1:
         raise UsageError("--trials must be at least 1")
     found, rest = space.build_space(request.params, request.config_file)
@@ -130,12 +145,14 @@ def prepared(workspace: Workspace, request: SweepRequest, warn=None) -> Iterator
             stage,
             found,
             config_file,
-            Question(stage.name, request.objective, direction, tuple(found.specs)),
+            Question(stage.name, request.objective, direction, tuple(sorted(found.specs))),
             storage.storage_url(workspace, request.storage),
         )
         _check_objective(sweep)
         make_sampler(request.sampler, found, request.seed, request.startup_trials)
         make_pruner(request.pruner, request.startup_trials, 1)
+        if request.sampler == "grid" and request.trials > found.size():
+            warn and warn(f"the grid holds {found.size()} points: the study ends at {found.size()} trials")
         sweep.base = _check_plans(workspace, sweep, warn)
         if request.baseline:
             _baseline(sweep)
@@ -214,8 +231,16 @@ class SweepResult:
 
 def open_sweep_study(workspace: Workspace, sweep: Sweep):
     """Open the storage and create or join the study; record it in the registry. Returns both."""
+    import optuna
+
     request = sweep.request
     store = storage.open_storage(sweep.storage_url, live=True)
+    earlier = workspace.registry().trial_runs(request.study)
+    if earlier and request.study not in optuna.get_all_study_names(store):
+        raise UsageError(
+            f"runs of an earlier study '{request.study}' remain ({earlier[0]['name']}, ...) but the "
+            "storage has no such study; choose another --study name"
+        )
     study = open_study(
         store,
         request.study,
@@ -269,7 +294,7 @@ def run_sweep(
         for number in settle_dead_trials(study, store, workspace, settled):
             report_line(f"trial {number}: its process died; marked failed and queued again")
         tally = counts(study)
-        if tally.done + tally.running >= sweep.request.trials:
+        if tally.done + tally.running >= sweep.trials:
             break
         runner.trial_id = None
         try:
