@@ -4,6 +4,7 @@ killed with SIGKILL and resumed ends bit-identical to an uninterrupted run over 
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
 from pathlib import Path
@@ -35,11 +36,11 @@ def test_the_estimate_waits_for_the_measured_steps_and_counts_the_evaluations():
     budget = TimeBudget(train, first_step=0)
     # the first two steps (allocation, compilation) are slow and not counted
     assert budget.estimate(1, 3.0) is None and budget.estimate(2, 4.0) is None
-    # 0.1 s a step from step 2 on; the estimate waits for 10 steps and 5 s (5% of the budget)
-    assert budget.estimate(12, 5.0) is None
-    # at step 52, 5 s measured: 0.1 s a step, plus an evaluation (6 batches, a third of a step
-    # each) every 10 steps: 0.12 s; the 91 s left hold 758 more steps
-    assert budget.estimate(52, 9.0) == 52 + int(91.0 / 0.12)
+    # 0.1 s a step from step 2 on; the estimate waits for 10 steps and 10 s (10% of the budget)
+    assert budget.estimate(12, 5.0) is None and budget.estimate(92, 13.0) is None
+    # at step 102, 10 s measured: 0.1 s a step, plus an evaluation (6 batches, a third of a step
+    # each) every 10 steps: 0.12 s; the 86 s left hold 716 more steps
+    assert budget.estimate(102, 14.0) == 102 + int(86.0 / 0.12)
 
     schedule = CosineSchedule(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]), train, None)
     schedule.fix_total(200)
@@ -57,12 +58,21 @@ def test_a_time_bounded_run_decays_to_its_floor_when_the_time_ends(cli, ws):
     assert events[-1]["reason"] == "max_time"
     end_step, state = _trainer_state(ws, "timed")
     estimate = state["schedule"]["estimated_total_steps"]
-    # the estimate holds roughly the steps the time did (a loaded machine makes steps slower later)
-    assert 0.6 * end_step < estimate < 1.4 * end_step, (estimate, end_step)
-    # the rate rose through warmup, then fell; the last steps trained near the floor
+    # the estimate holds roughly the steps the time did (other processes slow a shared machine's
+    # steps unevenly, so the bounds are loose)
+    assert 0.5 * end_step < estimate < 2 * end_step, (estimate, end_step)
+    # once fixed, the rate follows the cosine over the estimate: the last half of the run surely
+    schedule = CosineSchedule(None, TrainConfig(lr=PEAK, min_lr=FLOOR, warmup_steps=5), estimate)
+    late = [event for event in train if event["step"] > end_step / 2]
+    assert late and all(event["lr"] == pytest.approx(schedule.lr_at(event["step"] - 1)) for event in late)
+    # it rose through warmup to the peak, then fell; the last steps trained near the floor, where a
+    # run that did not know its length kept the peak rate
     lrs = [event["lr"] for event in train]
-    assert max(lrs) == pytest.approx(PEAK, rel=0.05)
-    assert lrs[-1] - FLOOR < 0.2 * (PEAK - FLOOR), lrs[-5:]
+    peak = lrs.index(max(lrs))
+    assert lrs[peak] == pytest.approx(PEAK) and all(a >= b for a, b in itertools.pairwise(lrs[peak:]))
+    assert lrs[-1] - FLOOR < 0.5 * (PEAK - FLOOR), (lrs[-5:], estimate, end_step)
+    if estimate <= end_step:
+        assert lrs[-1] == pytest.approx(FLOOR)
 
 
 def test_resume_after_sigkill_keeps_the_estimate_and_ends_bit_identical(cli, ws):

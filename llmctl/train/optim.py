@@ -104,7 +104,7 @@ class TimeBudget:
 
     SKIP_STEPS = 2
     MEASURE_STEPS = 10
-    MEASURE_FRACTION = 0.05
+    MEASURE_FRACTION = 0.1
 
     def __init__(self, train: TrainConfig, first_step: int):
         self.max_time = train.max_time

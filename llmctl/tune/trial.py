@@ -65,7 +65,8 @@ class EvalFollower:
 
 
 class TrialRunner:
-    """The objective Optuna calls: `options(run, values)` gives the stage's options for a trial."""
+    """The objective Optuna calls: `plan_trial(run, values)` plans the stage's run of a trial, and
+    `suggest(trial)` samples its values."""
 
     def __init__(
         self,
