@@ -1,6 +1,7 @@
 """The workspace on disk and the SQLite registry of everything llmctl makes.
 
-    <workspace>/registry.db     corpora, tokenizers, runs, checkpoints, evals (WAL mode)
+    <workspace>/registry.db     corpora, tokenizers, runs, checkpoints, evals, studies (WAL mode)
+    <workspace>/studies.db      hyperparameter studies: Optuna's own storage (llmctl tune)
     <workspace>/corpora/<name>/
     <workspace>/tokenizers/<name>/
     <workspace>/runs/<run>/
@@ -75,6 +76,13 @@ CREATE TABLE IF NOT EXISTS evals (
     kind          TEXT NOT NULL,        -- 'perplexity', 'humaneval', 'probes', 'classify', 'preference'
     created       REAL NOT NULL,
     meta          TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS studies (
+    name     TEXT PRIMARY KEY,          -- a trial's run names it in its meta: {"study", "trial"}
+    stage    TEXT NOT NULL,
+    storage  TEXT,                      -- Optuna's storage URL, password hidden; NULL: studies.db
+    created  REAL NOT NULL,
+    meta     TEXT NOT NULL DEFAULT '{}' -- objective, direction, search space, sampler, pruner
 );
 """
 
@@ -306,6 +314,24 @@ class Registry:
             )
             return int(cursor.lastrowid)
 
+    # studies
+    def add_study(self, name: str, stage: str, storage: str | None, meta: dict[str, Any]) -> None:
+        """Record a study; one already recorded (another process or machine joined it) keeps its row."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO studies (name, stage, storage, created, meta) VALUES (?, ?, ?, ?, ?)",
+                (name, stage, storage, time.time(), json.dumps(meta)),
+            )
+
+    def study(self, name: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM studies WHERE name = ?", name)
+
+    def studies(self) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM studies ORDER BY created")
+
+    def trial_runs(self, study: str) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM runs WHERE json_extract(meta, '$.study') = ? ORDER BY created", study)
+
     def evals(self, checkpoint_id: int | None = None) -> list[dict[str, Any]]:
         if checkpoint_id is None:
             return self._all("SELECT * FROM evals ORDER BY created")
@@ -335,6 +361,10 @@ class Workspace:
 
     def tokenizer_dir(self, name: str) -> Path:
         return self.root / "tokenizers" / name
+
+    @property
+    def studies_db(self) -> Path:
+        return self.root / "studies.db"
 
     @property
     def runs_dir(self) -> Path:

@@ -86,6 +86,7 @@ def _register_commands() -> None:
     from llmctl.cli import serve as serve_cmd
     from llmctl.cli import status as status_cmd
     from llmctl.cli import tokenizer as tokenizer_cmd
+    from llmctl.cli import tune as tune_cmd
 
     app.command("quickstart", rich_help_panel="Prepare")(quickstart_cmd.quickstart)
     app.add_typer(presets_cmd.app, name="presets", rich_help_panel="Prepare")
@@ -97,6 +98,7 @@ def _register_commands() -> None:
     app.command("qlora", no_args_is_help=True, rich_help_panel="Train")(finetune_cmd.qlora)
     app.command("dpo", no_args_is_help=True, rich_help_panel="Train")(dpo_cmd.dpo)
     app.command("merge", no_args_is_help=True, rich_help_panel="Train")(finetune_cmd.merge)
+    app.add_typer(tune_cmd.app, name="tune", rich_help_panel="Train")
     app.add_typer(eval_cmd.app, name="eval", rich_help_panel="Use")
     app.command("sample", no_args_is_help=True, rich_help_panel="Use")(sample_cmd.sample)
     app.command("chat", no_args_is_help=True, rich_help_panel="Use")(chat_cmd.chat)

@@ -163,9 +163,16 @@ def _row_and_state(
         "latest_checkpoint": latest_checkpoint,
         "corpus": row.get("corpus"),
         "tokenizer": row.get("tokenizer"),
+        "study": _study_of(row),
         "path": str(log.parent),
     }
     return run_row, summary
+
+
+def _study_of(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The hyperparameter study a trial's run belongs to (llmctl tune), or None."""
+    meta = row.get("meta") or {}
+    return {"name": meta["study"], "trial": meta.get("trial")} if meta.get("study") else None
 
 
 def workspace_status(workspace: Workspace) -> dict[str, Any]:

@@ -51,6 +51,11 @@ def _step(run: dict[str, Any]) -> str:
     return f"{run['step']:,}"
 
 
+def _trial_of(run: dict[str, Any]) -> str:
+    study = run.get("study")
+    return f" · {study['name']} #{study['trial']}" if study else ""
+
+
 def _state(run: dict[str, Any]) -> Text:
     return Text(run["state"], style=STATE_STYLES.get(run["state"], DIM))
 
@@ -142,7 +147,7 @@ def _runs_table(runs: list[dict[str, Any]], width: int) -> Table:
         cells.append(
             {
                 "run": run["name"],
-                "stage": run["stage"] or units.DASH,
+                "stage": (run["stage"] or units.DASH) + _trial_of(run),
                 "state": _state(run),
                 "step": _step(run),
                 "done": units.DASH if run["progress"] is None else f"{100 * run['progress']:.0f}%",
@@ -297,6 +302,9 @@ def render_run(doc: dict[str, Any]) -> RenderableType:
         head.add_row("preference", preference)
     if doc["end"]:
         head.add_row("ended", f"{doc['end']['reason']} at step {doc['end']['step']:,}")
+    if run.get("study"):
+        study = run["study"]
+        head.add_row("study", f"trial {study['trial']} of {study['name']} (llmctl tune show {study['name']})")
     parts: list[RenderableType] = [
         head,
         Text(),

@@ -43,8 +43,9 @@ def build_optimizer(model: nn.Module, train: TrainConfig, device: torch.device) 
 class CosineSchedule:
     """Linear warmup to `lr`, then cosine decay to `min_lr` at `total_steps`, then flat at the floor.
 
-    With no known total (a run bounded only by time) the rate stays at `lr` after warmup.
-    The schedule is a pure function of the step; its state is the step it is at.
+    A run bounded by time learns its total once it has measured its steps (`fix_total`); until then,
+    and for a run with no bound at all, the rate stays at `lr` after warmup. The schedule is a pure
+    function of the step; its state is the step it is at and the total it fixed, if it did.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int | None):
@@ -52,6 +53,12 @@ class CosineSchedule:
         self.lr, self.min_lr, self.warmup = train.lr, train.min_lr, train.warmup_steps
         self.total_steps = total_steps
         self.step_index = 0
+        self.estimated = False  # whether total_steps was fixed from a time budget
+
+    def fix_total(self, total_steps: int) -> None:
+        """Decay over `total_steps` from now on: the steps a time budget holds, estimated once. It is
+        saved with the schedule's state, so a resumed run follows the same curve."""
+        self.total_steps, self.estimated = max(1, int(total_steps)), True
 
     def lr_at(self, step: int) -> float:
         """The rate for the update with zero-based index `step`."""
@@ -75,10 +82,47 @@ class CosineSchedule:
         self.step_index += 1
 
     def state_dict(self) -> dict:
-        return {"step_index": self.step_index}
+        state = {"step_index": self.step_index}
+        if self.estimated:
+            state["estimated_total_steps"] = self.total_steps
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step_index = int(state["step_index"])
+        if "estimated_total_steps" in state:
+            self.fix_total(state["estimated_total_steps"])
+
+
+class TimeBudget:
+    """How many optimizer steps a run bounded by `max_time` seconds holds, measured once per session.
+
+    The first steps of a session pay for allocation, compilation and caches, so the clock starts
+    after SKIP_STEPS; the estimate comes once at least MEASURE_STEPS steps and MEASURE_FRACTION of the
+    budget have gone by. Evaluations cost time the training steps do not show: each evaluation
+    batch is about a third of a micro-batch's forward and backward pass, so they are added in.
+    """
+
+    SKIP_STEPS = 2
+    MEASURE_STEPS = 10
+    MEASURE_FRACTION = 0.1
+
+    def __init__(self, train: TrainConfig, first_step: int):
+        self.max_time = train.max_time
+        self.eval_share = train.eval_batches / (3 * train.grad_accum_steps * train.eval_every)
+        self.start_step = first_step + self.SKIP_STEPS
+        self.start_elapsed: float | None = None
+
+    def estimate(self, step: int, elapsed: float) -> int | None:
+        """The total steps of the run, counted from its first, once measured; None before."""
+        if step == self.start_step:
+            self.start_elapsed = elapsed
+        if self.start_elapsed is None or step < self.start_step + self.MEASURE_STEPS:
+            return None
+        measured = elapsed - self.start_elapsed
+        if measured <= 0 or measured < self.MEASURE_FRACTION * self.max_time:
+            return None
+        seconds_per_step = measured / (step - self.start_step) * (1 + self.eval_share)
+        return step + max(0, int((self.max_time - elapsed) / seconds_per_step))
 
 
 def paged_adamw_8bit(model: nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

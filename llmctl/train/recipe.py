@@ -13,7 +13,7 @@ Commands, quickstart and tune go through these two, so every stage is started th
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from llmctl.train.precision import (
     resolve_device,
     resolve_precision,
 )
+from llmctl.train.run_log import Listener
 from llmctl.train.runinfo import OptimizerFactory, RunInfo, Sampler, TrainResult, planned_steps
 from llmctl.train.runs import RunOptions, open_run
 from llmctl.train.trackers import describe as describe_trackers
@@ -247,6 +248,7 @@ class Plan:
         console: Console | None = None,
         show_progress: bool = True,
         tracker_group: str | None = None,
+        listeners: Sequence[Listener] = (),
     ) -> Trainer:
         """The stage's Trainer, resumed from the plan's checkpoint when there is one; rank 0 mirrors
         its events to the trackers of `train.report_to` (`tracker_group`: a tune study's name)."""
@@ -279,11 +281,16 @@ class Plan:
             sampler=parts.sampler,
             console=console,
             show_progress=show_progress,
-            listeners=open_sinks(
-                self.config.train.report_to, workspace, self.run, group=tracker_group, console=console
-            )
-            if dist.is_main
-            else (),
+            listeners=[
+                *listeners,
+                *(
+                    open_sinks(
+                        self.config.train.report_to, workspace, self.run, group=tracker_group, console=console
+                    )
+                    if dist.is_main
+                    else ()
+                ),
+            ],
         )
         if self.resume_from is not None:
             trainer.resume(self.resume_from)
@@ -431,10 +438,15 @@ def train(
     console: Console | None = None,
     on_start: Callable[[Plan], None] | None = None,
     tracker_group: str | None = None,
+    listeners: Sequence[Listener] = (),
+    on_trainer: Callable[[Trainer], None] | None = None,
 ) -> TrainResult:
     """Start the run and fit the stage's Trainer. In a distributed run, rank 0 started it before
-    the other ranks planned (`pretrain.join_distributed_run`); every rank fits. `tracker_group`
-    groups the run with others in the trackers (tune: the study's name)."""
+    the other ranks planned (`pretrain.join_distributed_run`); every rank fits.
+
+    `tracker_group` groups the run with others in the trackers (tune: the study's name);
+    `listeners` hear every event rank 0 writes; `on_trainer` receives the built Trainer before it
+    fits, for a listener that acts on the run (a search pruning a trial calls its `request_stop`)."""
     dist = dist or DistEnv()
     # one writer per run: rank 0 holds the run's lock while it trains (another trainer of the same
     # run, or an --overwrite of it, is refused naming this process)
@@ -445,7 +457,12 @@ def train(
                 start_run(workspace, plan)
             if on_start is not None and dist.is_main:
                 on_start(plan)
-            return plan.build_trainer(workspace, dist, console=console, tracker_group=tracker_group).fit()
+            trainer = plan.build_trainer(
+                workspace, dist, console=console, tracker_group=tracker_group, listeners=listeners
+            )
+            if on_trainer is not None:
+                on_trainer(trainer)
+            return trainer.fit()
     finally:
         distributed.destroy_process_group()
 

@@ -37,7 +37,7 @@ from llmctl.train.distributed import DistEnv
 from llmctl.train.keeper import CheckpointKeeper
 from llmctl.train.losses import LossFn, lm_loss, measure_loss
 from llmctl.train.mfu import peak_flops
-from llmctl.train.optim import CosineSchedule, build_optimizer
+from llmctl.train.optim import CosineSchedule, TimeBudget, build_optimizer
 from llmctl.train.precision import Precision, describe_device, device_memory_bytes, peak_memory_bytes
 from llmctl.train.progress import Interval, ProgressLine
 from llmctl.train.rng import capture_rng_state, restore_rng_state
@@ -159,6 +159,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         self.events = RunLog(self.run.dir / EVENTS_FILE if self.dist.is_main else None, self.listeners)
         self._start_time = time.monotonic()
+        self._budget = TimeBudget(self.train_cfg, self.step)
         self._write_start()
         progress = ProgressLine(self.console, self.total_steps, self.step, enabled=self.show_progress)
         self.events.start_heartbeat(lambda: self.step)
@@ -201,6 +202,7 @@ class Trainer:
             self.step += 1
             self.tokens += self.tokens_per_step
             self.schedule.advance()
+            self._fix_schedule()
 
             if not (_finite(loss) and (grad_norm is None or _finite(grad_norm) or self.scaler.is_enabled())):
                 self._nonfinite_in_a_row += 1
@@ -230,6 +232,16 @@ class Trainer:
                 self.save_checkpoint()
             if self.train_cfg.sample_every and self.step % self.train_cfg.sample_every == 0:
                 self._write_samples()
+
+    def _fix_schedule(self) -> None:
+        """A run bounded by time decays its rate over the steps the time holds (or its step limit, if
+        that comes first), estimated once from rank 0's clock and the same on every rank."""
+        if self.schedule.estimated or not self.train_cfg.max_time:
+            return
+        mine = self._budget.estimate(self.step, self.elapsed) if self.dist.is_main else None
+        (steps,) = distributed.all_reduce([float(mine or 0)], self.dist, self.device, op="max")
+        if steps:
+            self.schedule.fix_total(min(int(steps), self.total_steps or int(steps)))
 
     def request_stop(self, reason: EndReason) -> None:
         """Stop after the current step with `reason` (a listener pruning a trial, say); the run
