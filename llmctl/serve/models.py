@@ -21,7 +21,7 @@ from pathlib import Path
 import anyio
 
 from llmctl.checkpoint.files import read_meta
-from llmctl.checkpoint.refs import resolve_model_ref
+from llmctl.checkpoint.refs import resolve_model_ref, resolve_run_ref
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.generate import LoadedEngine
 from llmctl.monitor.runs import known_runs
@@ -111,8 +111,8 @@ class ModelPool:
         if self.refs:
             if model_id not in self.refs:
                 raise ModelNotFound(f"model '{model_id}' is not served here; served: {', '.join(self.refs)}")
+            resolve = resolve_model_ref
         else:
-            # only run names: a request must not reach checkpoint directories anywhere on disk
             run = model_id.partition(":")[0]
             try:
                 check_name(run, "run")
@@ -120,8 +120,11 @@ class ModelPool:
                 run = ""
             if not run or not workspace.run_dir(run).is_dir():
                 raise ModelNotFound(f"model '{model_id}' does not exist; GET /v1/models lists them")
+            # a run reference only, never a path: no directory on disk (the server's working
+            # directory included) is reachable through a request
+            resolve = resolve_run_ref
         try:
-            return resolve_model_ref(workspace, model_id)
+            return resolve(workspace, model_id)
         except LlmctlError as exc:
             raise ModelNotFound(exc.message) from None
 
@@ -138,7 +141,7 @@ class ModelPool:
             if not checkpoints:
                 continue
             try:
-                found.append(describe(run, resolve_model_ref(workspace, run)))
+                found.append(describe(run, resolve_run_ref(workspace, run)))
                 found += [describe(f"{run}:step-{checkpoint_step(path)}", path) for path in checkpoints]
             except LlmctlError:
                 continue  # a checkpoint removed or damaged while listing: left out, not an error
