@@ -17,9 +17,11 @@ server's log, never into the response.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -29,7 +31,7 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -60,6 +62,7 @@ from llmctl.serve.openai_schema import (
     ModelList,
 )
 from llmctl.serve.runs import RunsView
+from llmctl.serve.transport import ConnectionLimits
 from llmctl.workspace import Workspace
 
 STATIC = Path(__file__).parent / "static"
@@ -84,6 +87,7 @@ class ServeSettings:
     precision: str = "auto"
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 def _error(
@@ -126,12 +130,14 @@ class ApiKeyGuard:
 
 
 class BodyLimit:
-    """Refuse request bodies over `max_bytes` with a 413, before any route parses them. The body is
-    read here (it is small by then) and handed on whole."""
+    """Refuse request bodies over `max_bytes` with a 413, and bodies that take longer than
+    `timeout_s` to arrive with a 408, before any route parses them. The body is read here (it is
+    small by then) and handed on whole."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -148,15 +154,25 @@ class BodyLimit:
             await too_large(scope, receive, send)
             return
         body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                await too_large(scope, receive, send)
-                return
+        with anyio.move_on_after(self.timeout_s) as deadline:
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client left
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > self.max_bytes:
+                    await too_large(scope, receive, send)
+                    return
+        if deadline.cancelled_caught:
+            too_slow = _error(
+                408,
+                f"the request body did not arrive within {self.timeout_s:g} s (llmctl serve --body-timeout)",
+                code="body_timeout",
+                headers={"Connection": "close"},
+            )
+            await too_slow(scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -167,6 +183,36 @@ class BodyLimit:
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+class ClientGone(Exception):
+    """The client of a request disconnected before its answer was ready."""
+
+
+class ClientWatch:
+    """Notices a client disconnecting while its request is still being prepared or generated
+    (a streamed response notices it by itself). `check` is called from worker threads."""
+
+    def __init__(self, request: Request):
+        self._receive = request.receive
+        self._gone = threading.Event()
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> ClientWatch:
+        self._task = asyncio.create_task(self._listen())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._task.cancel()
+
+    async def _listen(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self._gone.set()
+
+    def check(self) -> None:
+        if self._gone.is_set():
+            raise ClientGone
 
 
 class EventStream(StreamingResponse):
@@ -219,13 +265,18 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]
     if not telling and len(same_field) > 1:
         return f"'{param}' has the wrong type", param
     chosen = (telling or same_field)[0]
-    return f"invalid '{param}': {chosen['msg'][:1].lower()}{chosen['msg'][1:]}", param
+    message = chosen["msg"].removeprefix("Value error, ")
+    return f"invalid '{param}': {message[:1].lower()}{message[1:]}", param
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body.model_dump(), status_code=exc.status)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it: nginx's code for "client closed request"
 
     @app.exception_handler(ModelNotFound)
     async def model_not_found(_: Request, exc: ModelNotFound) -> JSONResponse:
@@ -273,7 +324,8 @@ def create_app(settings: ServeSettings, pool: ModelPool | None = None) -> FastAP
     limits = settings.limits
     app = FastAPI(title="llmctl", docs_url=None, redoc_url=None, openapi_url=None)
     _install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    body_timeout = settings.connections.body_timeout_s
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=body_timeout)
     if settings.api_key:
         app.add_middleware(ApiKeyGuard, api_key=settings.api_key)
 
@@ -294,13 +346,15 @@ def create_app(settings: ServeSettings, pool: ModelPool | None = None) -> FastAP
         return _card(describe(model_id, pool.resolve(model_id)))
 
     async def generate(
-        request: ChatCompletionRequest | CompletionRequest, plan_request: Callable[..., Plan]
+        request: ChatCompletionRequest | CompletionRequest,
+        plan_request: Callable[..., Plan],
+        watch: ClientWatch,
     ) -> tuple[Lease, Plan, Generation]:
         """The request's model, held for this request, and its generation started."""
         path = await anyio.to_thread.run_sync(pool.resolve, request.model)
         lease = await pool.acquire(path)
         try:
-            plan = await anyio.to_thread.run_sync(plan_request, lease.loaded, request, limits)
+            plan = await anyio.to_thread.run_sync(plan_request, lease.loaded, request, limits, watch.check)
             return lease, plan, start(lease.loaded, plan)
         except BaseException:
             lease.release()
@@ -313,20 +367,22 @@ def create_app(settings: ServeSettings, pool: ModelPool | None = None) -> FastAP
             lease.release()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest) -> Any:
-        lease, _, generation = await generate(request, plan_chat)
-        if request.stream:
-            body = chat_stream(request.model, generation, request.include_usage())
-            return EventStream(body, generation, lease)
-        return await whole(lease, chat_response, request.model, generation)
+    async def chat_completions(request: ChatCompletionRequest, http: Request) -> Any:
+        async with ClientWatch(http) as watch:
+            lease, _, generation = await generate(request, plan_chat, watch)
+            if request.stream:
+                body = chat_stream(request.model, generation, request.include_usage())
+                return EventStream(body, generation, lease)
+            return await whole(lease, chat_response, request.model, generation, watch.check)
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest) -> Any:
-        lease, plan, generation = await generate(request, plan_completion)
-        if request.stream:
-            body = completion_stream(request.model, generation, request.include_usage(), plan.echo)
-            return EventStream(body, generation, lease)
-        return await whole(lease, completion_response, request.model, generation, plan.echo)
+    async def completions(request: CompletionRequest, http: Request) -> Any:
+        async with ClientWatch(http) as watch:
+            lease, plan, generation = await generate(request, plan_completion, watch)
+            if request.stream:
+                body = completion_stream(request.model, generation, request.include_usage(), plan.echo)
+                return EventStream(body, generation, lease)
+            return await whole(lease, completion_response, request.model, generation, plan.echo, watch.check)
 
     # ------------------------------------------------------------ the page's JSON
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import anyio
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from llmctl.config import GenerationConfig
 from llmctl.errors import LlmctlError, UsageError
@@ -80,6 +80,7 @@ class Limits:
 
     max_tokens: int = 1024  # tokens generated per sample
     max_samples: int = 16  # prompts x n in one request
+    max_messages: int = 512  # in one chat request
     max_body_bytes: int = 1 << 20
 
 
@@ -112,7 +113,9 @@ def generation_config(
     try:
         return override_generation(base, overrides, REQUEST_NAMES)
     except UsageError as exc:
-        raise ApiError(400, exc.message) from None
+        cause = exc.__cause__
+        field = cause.errors()[0]["loc"][0] if isinstance(cause, ValidationError) and cause.errors() else None
+        raise ApiError(400, exc.message, param=REQUEST_NAMES.get(str(field))) from None
 
 
 def _check_samples(prompts: int, request: ChatCompletionRequest | CompletionRequest, limits: Limits) -> None:
@@ -125,7 +128,17 @@ def _check_samples(prompts: int, request: ChatCompletionRequest | CompletionRequ
         )
 
 
-def plan_chat(loaded: LoadedEngine, request: ChatCompletionRequest, limits: Limits) -> Plan:
+def plan_chat(
+    loaded: LoadedEngine, request: ChatCompletionRequest, limits: Limits, check: Callable[[], None]
+) -> Plan:
+    """`check` raises once the client has gone, so a long prompt is not built for nobody."""
+    if len(request.messages) > limits.max_messages:
+        raise ApiError(
+            400,
+            f"{len(request.messages)} messages is over this server's limit of {limits.max_messages} "
+            "(llmctl serve --max-messages)",
+            param="messages",
+        )
     _check_samples(1, request, limits)
     config = generation_config(loaded, request, limits)
     system = "\n\n".join(m.text() for m in request.messages if m.role in SYSTEM_ROLES) or None
@@ -133,7 +146,7 @@ def plan_chat(loaded: LoadedEngine, request: ChatCompletionRequest, limits: Limi
     if not turns or turns[-1]["role"] != "user":
         raise ApiError(400, "the last message must be the user's (role 'user')", param="messages")
     prompt = ChatPrompt(loaded.engine, system)
-    ids, _ = prompt.build(turns[:-1], turns[-1]["content"], config.max_new_tokens)
+    ids, _ = prompt.build(turns[:-1], turns[-1]["content"], config.max_new_tokens, check)
     context = loaded.engine.context_length
     if len(ids) >= context:
         raise ApiError(
@@ -146,7 +159,9 @@ def plan_chat(loaded: LoadedEngine, request: ChatCompletionRequest, limits: Limi
     return Plan([ids], config, request.n, prompt.stop_token_ids())
 
 
-def plan_completion(loaded: LoadedEngine, request: CompletionRequest, limits: Limits) -> Plan:
+def plan_completion(
+    loaded: LoadedEngine, request: CompletionRequest, limits: Limits, check: Callable[[], None]
+) -> Plan:
     prompts = request.prompts()
     if not prompts:
         raise ApiError(400, "the prompt list is empty", param="prompt")
@@ -156,6 +171,7 @@ def plan_completion(loaded: LoadedEngine, request: CompletionRequest, limits: Li
     vocab = engine.model.cfg.vocab_size
     token_lists = []
     for prompt in prompts:
+        check()
         ids = engine.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         if any(token >= vocab for token in ids):
             raise ApiError(400, f"token ids must be below the vocabulary size, {vocab}", param="prompt")
@@ -195,8 +211,19 @@ def _index(completion: Completion, num_samples: int) -> int:
     return completion.prompt_index * num_samples + completion.sample_index
 
 
-def chat_response(model: str, generation: Generation) -> ChatCompletion:
-    completions = generation.completions()
+def _run_to_end(generation: Generation, check: Callable[[], None]) -> list[Completion]:
+    """The completions, checking between decoding steps that the client is still there."""
+    try:
+        for _ in generation:
+            check()
+    except BaseException:
+        generation.close()
+        raise
+    return generation.completions()
+
+
+def chat_response(model: str, generation: Generation, check: Callable[[], None]) -> ChatCompletion:
+    completions = _run_to_end(generation, check)
     return ChatCompletion(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
@@ -213,8 +240,10 @@ def chat_response(model: str, generation: Generation) -> ChatCompletion:
     )
 
 
-def completion_response(model: str, generation: Generation, echo: list[str] | None) -> TextCompletion:
-    completions = generation.completions()
+def completion_response(
+    model: str, generation: Generation, echo: list[str] | None, check: Callable[[], None]
+) -> TextCompletion:
+    completions = _run_to_end(generation, check)
     return TextCompletion(
         id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
