@@ -168,6 +168,8 @@ class GenerationConfig(_Section):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stop: list[str] = Field(default_factory=list)
+    # the weights' dtype while generating (llmctl.model.decode_dtype): auto is the fastest accurate one
+    dtype: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
 
     @field_validator("temperature")
     @classmethod

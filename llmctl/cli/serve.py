@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from llmctl.cli.common import DEVICE, MODEL_REF_HELP, PRECISION, note, success, warn, workspace
+from llmctl.cli.common import DEVICE, DTYPE, MODEL_REF_HELP, note, success, warn, workspace
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -54,7 +54,7 @@ def serve(
         30.0, "--body-timeout", min=0.1, help="Seconds a request's body may take to arrive (408 past it)."
     ),
     device: str = DEVICE,
-    precision: str = PRECISION,
+    dtype: str = DTYPE,
 ) -> None:
     """Serve models over an OpenAI-compatible API, with a page to chat, compare and watch runs.
 
@@ -88,7 +88,7 @@ def serve(
         refs=model,
         max_loaded=max_loaded,
         device=device,
-        precision=precision,
+        dtype=dtype,
         api_key=api_key,
         limits=Limits(max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_messages=max_messages),
         connections=ConnectionLimits(

@@ -19,6 +19,7 @@ import torch
 from llmctl.config import GenerationConfig
 from llmctl.errors import UsageError
 from llmctl.generate.batch import Completion, DecodeBatch, Row
+from llmctl.model.decode_dtype import compute_dtype, convert_for_decoding, dtype_name, resolve_decode_dtype
 from llmctl.model.transformer import Transformer
 from llmctl.tokenizer import LoadedTokenizer
 
@@ -114,14 +115,16 @@ def in_row_order(chunks: Iterable[Chunk]) -> Iterator[Chunk]:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on a GPU that has it (fp16 on older ones); fp32 on CPU, where small models decode
-    fastest in fp32."""
+    """The floating-point dtype for `name` on `device` (auto: bf16 on a GPU that has it, fp16 on
+    older ones, fp32 on CPU); int8 models compute in what `compute_dtype` says."""
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "int8":
+        return compute_dtype("int8", device)
     if name not in DTYPES:
-        raise UsageError(f"unknown precision '{name}': use auto, fp32, bf16 or fp16")
+        raise UsageError(f"unknown dtype '{name}' (--dtype): use auto, fp32, bf16, fp16 or int8")
     return DTYPES[name]
 
 
@@ -129,7 +132,9 @@ class Engine:
     """Generates with one model and its tokenizer.
 
     stop_token_ids end a sample without appearing in its text; the default is the tokenizer's
-    end-of-text token. `device` and `dtype` move and cast the model once, here.
+    end-of-text token. `device` and `dtype` move and convert the model once, here: a torch dtype
+    casts it, a decode dtype name (`fp32`, `bf16`, `int8`, `auto`) converts it as
+    llmctl.model.decode_dtype does (int8: weight-only linear layers).
     """
 
     def __init__(
@@ -139,11 +144,16 @@ class Engine:
         *,
         stop_token_ids: Iterable[int] | None = None,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
     ):
-        self.model = model.to(device=device, dtype=dtype).eval()
+        if isinstance(dtype, str):
+            target = torch.device(device) if device is not None else model.embed_tokens.weight.device
+            self.model = convert_for_decoding(model, resolve_decode_dtype(dtype, target), target)
+        else:
+            self.model = model.to(device=device, dtype=dtype).eval()
         self.tokenizer = tokenizer
         self.stop_token_ids = set(stop_token_ids) if stop_token_ids is not None else {tokenizer.eot_id}
+        self.dtype = dtype_name(self.model)
 
     @property
     def device(self) -> torch.device:

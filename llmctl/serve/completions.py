@@ -15,13 +15,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
-import anyio
 from pydantic import BaseModel, ValidationError
 
 from llmctl.config import GenerationConfig
-from llmctl.errors import LlmctlError, UsageError
-from llmctl.generate import Chunk, Completion, Generation, LoadedEngine, override_generation
+from llmctl.errors import UsageError
+from llmctl.generate import Chunk, Completion, LoadedEngine, override_generation
 from llmctl.generate.chat_prompt import ChatPrompt
+from llmctl.serve.batching import Ticket
 from llmctl.serve.openai_schema import (
     AssistantMessage,
     ChatChoice,
@@ -188,21 +188,11 @@ def plan_completion(
     return Plan(token_lists, config, request.n, None, echo)
 
 
-def start(loaded: LoadedEngine, plan: Plan) -> Generation:
-    try:
-        return loaded.engine.stream(
-            plan.prompts, plan.config, num_samples=plan.num_samples, stop_token_ids=plan.stop_token_ids
-        )
-    except LlmctlError as exc:
-        raise ApiError(400, exc.message) from None
-
-
 # ---------------------------------------------------------------- whole responses
 
 
-def _usage(generation: Generation) -> Usage:
-    prompt = sum(len(prompt.ids) for prompt in generation.prompts)
-    completion = generation.stats.generated_tokens
+def _usage(ticket: Ticket) -> Usage:
+    prompt, completion = ticket.prompt_tokens, ticket.generated_tokens
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
@@ -211,52 +201,39 @@ def _index(completion: Completion, num_samples: int) -> int:
     return completion.prompt_index * num_samples + completion.sample_index
 
 
-def _run_to_end(generation: Generation, check: Callable[[], None]) -> list[Completion]:
-    """The completions, checking between decoding steps that the client is still there."""
-    try:
-        for _ in generation:
-            check()
-    except BaseException:
-        generation.close()
-        raise
-    return generation.completions()
-
-
-def chat_response(model: str, generation: Generation, check: Callable[[], None]) -> ChatCompletion:
-    completions = _run_to_end(generation, check)
+def chat_response(model: str, ticket: Ticket, completions: list[Completion]) -> ChatCompletion:
     return ChatCompletion(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=model,
         choices=[
             ChatChoice(
-                index=_index(c, generation.num_samples),
+                index=_index(c, ticket.num_samples),
                 message=AssistantMessage(content=c.text),
                 finish_reason=FINISH_REASONS[c.finish_reason],
             )
             for c in completions
         ],
-        usage=_usage(generation),
+        usage=_usage(ticket),
     )
 
 
 def completion_response(
-    model: str, generation: Generation, echo: list[str] | None, check: Callable[[], None]
+    model: str, ticket: Ticket, completions: list[Completion], echo: list[str] | None
 ) -> TextCompletion:
-    completions = _run_to_end(generation, check)
     return TextCompletion(
         id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=model,
         choices=[
             TextChoice(
-                index=_index(c, generation.num_samples),
+                index=_index(c, ticket.num_samples),
                 text=(echo[c.prompt_index] if echo else "") + c.text,
                 finish_reason=FINISH_REASONS[c.finish_reason],
             )
             for c in completions
         ],
-        usage=_usage(generation),
+        usage=_usage(ticket),
     )
 
 
@@ -268,18 +245,17 @@ def _event(item: BaseModel) -> str:
 
 
 async def event_stream(
-    generation: Generation,
+    ticket: Ticket,
     opening: Iterable[BaseModel],
     chunk_events: Callable[[Chunk], Iterable[BaseModel]],
     closing: Callable[[], Iterable[BaseModel]],
 ) -> AsyncIterator[str]:
-    """Server-sent events: `opening`, one or more per chunk as the engine makes them (each
-    decoding step runs in a worker thread), `closing`, then `data: [DONE]`."""
+    """Server-sent events: `opening`, one or more per chunk as the model's batch decodes them,
+    `closing`, then `data: [DONE]`."""
     for item in opening:
         yield _event(item)
-    chunks = iter(generation)
     try:
-        while (chunk := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
+        async for chunk in ticket.chunks():
             for item in chunk_events(chunk):
                 yield _event(item)
     except Exception:  # the response has started: the error can only be an event
@@ -292,9 +268,9 @@ async def event_stream(
     yield "data: [DONE]\n\n"
 
 
-def chat_stream(model: str, generation: Generation, include_usage: bool) -> AsyncIterator[str]:
+def chat_stream(model: str, ticket: Ticket, include_usage: bool) -> AsyncIterator[str]:
     stream_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    rows = len(generation.prompts) * generation.num_samples
+    rows = len(ticket.prompts) * ticket.num_samples
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=stream_id, created=created, model=model, choices=choices, usage=usage)
@@ -311,13 +287,11 @@ def chat_stream(model: str, generation: Generation, include_usage: bool) -> Asyn
     opening = [
         chunk([ChatChunkChoice(index=row, delta=Delta(role="assistant", content=""))]) for row in range(rows)
     ]
-    return event_stream(
-        generation, opening, events, lambda: [chunk([], _usage(generation))] if include_usage else []
-    )
+    return event_stream(ticket, opening, events, lambda: [chunk([], _usage(ticket))] if include_usage else [])
 
 
 def completion_stream(
-    model: str, generation: Generation, include_usage: bool, echo: list[str] | None
+    model: str, ticket: Ticket, include_usage: bool, echo: list[str] | None
 ) -> AsyncIterator[str]:
     stream_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -328,12 +302,8 @@ def completion_stream(
         reason = FINISH_REASONS[item.completion.finish_reason] if item.completion is not None else None
         return [chunk([TextChoice(index=item.row, text=item.text, finish_reason=reason)])]
 
-    rows = range(len(generation.prompts) * generation.num_samples)
+    rows = range(len(ticket.prompts) * ticket.num_samples)
     opening = (
-        [chunk([TextChoice(index=row, text=echo[row // generation.num_samples])]) for row in rows]
-        if echo
-        else []
+        [chunk([TextChoice(index=row, text=echo[row // ticket.num_samples])]) for row in rows] if echo else []
     )
-    return event_stream(
-        generation, opening, events, lambda: [chunk([], _usage(generation))] if include_usage else []
-    )
+    return event_stream(ticket, opening, events, lambda: [chunk([], _usage(ticket))] if include_usage else [])
