@@ -38,6 +38,12 @@ def serve(
     max_body_bytes: int = typer.Option(
         1 << 20, "--max-body-bytes", min=1024, help="Requests with a larger body are refused (413)."
     ),
+    max_batch: int = typer.Option(
+        16, "--max-batch", min=1, help="Sequences one model decodes at once (each sample of each request)."
+    ),
+    max_queue: int = typer.Option(
+        64, "--max-queue", min=0, help="Sequences that may wait for a free slot; past it requests get 429."
+    ),
     max_messages: int = typer.Option(
         512, "--max-messages", min=1, help="Chat requests with more messages are refused (400)."
     ),
@@ -82,6 +88,11 @@ def serve(
             f"llmctl serve needs FastAPI and uvicorn ({exc.name} is missing): pip install 'llmctl[serve]'"
         ) from None
 
+    if dtype is not None:  # a bad --dtype fails before the port is taken or a model loads
+        from llmctl.generate import resolve_device
+        from llmctl.model.decode_dtype import resolve_decode_dtype
+
+        resolve_decode_dtype(dtype, resolve_device(device))
     ws = workspace()
     settings = ServeSettings(
         workspace_root=ws.root,
@@ -91,6 +102,8 @@ def serve(
         dtype=dtype,
         api_key=api_key,
         limits=Limits(max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_messages=max_messages),
+        max_batch=max_batch,
+        max_queue=max_queue,
         connections=ConnectionLimits(
             max_connections=max_connections, header_timeout_s=header_timeout, body_timeout_s=body_timeout
         ),
@@ -104,4 +117,7 @@ def serve(
         warn(f"listening on {host} without --api-key: anyone who can reach this machine can use the models")
     server = uvicorn.Server(server_config(create_app(settings, pool), settings.connections))
     success(f"serving {ws.root} at {url}/  (OpenAI API: {url}/v1) · Ctrl-C stops")
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        pool.close()

@@ -44,10 +44,12 @@ class Int8Linear(nn.Module):
         weight = linear.weight.detach().to(device=device, dtype=torch.float32)
         # an all-zero row gets scale 1, so it quantizes to zeros instead of dividing by zero
         absmax = weight.abs().amax(dim=1)
-        scales = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
-        quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        # rounded to the kernel's dtype first, and the weights divided by the rounded scale, so each
+        # weight is within half a step of the value the kernel multiplies by
+        scales = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax)).to(INT8_KERNEL_DTYPE)
+        quantized = torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
         bias = None if linear.bias is None else linear.bias.detach().to(device=device).clone()
-        return cls(quantized.contiguous(), scales.to(INT8_KERNEL_DTYPE), bias)
+        return cls(quantized.contiguous(), scales, bias)
 
     def dequantized(self) -> torch.Tensor:
         """The weight this layer multiplies by, in fp32 (for checks and tests)."""

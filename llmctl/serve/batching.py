@@ -142,6 +142,8 @@ class Batcher:
             if ticket.cancelled or ticket._open_rows == 0:
                 return
             ticket.cancelled = True
+            # its waiting rows give their places back now; rows decoding leave at the next step
+            self._waiting = deque(row for row in self._waiting if row.owner is not ticket)
             self._cancelled[id(ticket)] = ticket
             self._lock.notify()
 
