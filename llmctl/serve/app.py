@@ -286,6 +286,13 @@ def create_app(settings: ServeSettings, pool: ModelPool | None = None) -> FastAP
 
     # ------------------------------------------------------------ the page's JSON
 
+    def planned_dtype(checkpoint_default: str) -> str:
+        """The dtype a model not loaded yet will load in."""
+        from llmctl.generate import resolve_device
+        from llmctl.model.decode_dtype import resolve_decode_dtype
+
+        return resolve_decode_dtype(settings.dtype or checkpoint_default, resolve_device(settings.device))
+
     @app.get("/api/models/{model_id:path}")
     def model_detail(model_id: str) -> dict[str, Any]:
         from llmctl.checkpoint.files import read_config
@@ -301,7 +308,7 @@ def create_app(settings: ServeSettings, pool: ModelPool | None = None) -> FastAP
             "checkpoint": str(path),
             "loaded": served is not None,
             # the weights' dtype once loaded, and the batch's rows now (decoding, waiting) and limits
-            "dtype": served.loaded.engine.dtype if served else settings.dtype or config.generation.dtype,
+            "dtype": served.loaded.engine.dtype if served else planned_dtype(config.generation.dtype),
             "batch": served.batcher.load() if served else None,
             "chat": tokenizer.chat_template is not None,
             "context_length": config.model.context_length,
