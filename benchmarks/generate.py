@@ -2,6 +2,8 @@
 
     python benchmarks/generate.py [--new-tokens 256,1024] [--device cpu] [--precision fp32]
     python benchmarks/generate.py --new-tokens 256 --transformers     # and transformers' generate
+    python benchmarks/generate.py --new-tokens 256 --transformers --dtypes fp32,bf16,int8 \
+        --model mini27 --workspace WS --bpb-corpus stdlib             # each dtype, on a trained model
     python benchmarks/generate.py --new-tokens 256 --gguf --n-layer 6 --n-head 8 --d-model 512 \
         --context 1024 --threads 2                                    # and llama.cpp on GGUF exports
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import copy
 import os
 import platform
 import shutil
@@ -56,6 +59,19 @@ def scratch_dir(prefix: str) -> Path:
 
 
 def build_engine(args: argparse.Namespace, texts: list[str]) -> Engine:
+    device = resolve_device(args.device)
+    if args.model:
+        from llmctl.checkpoint.load import load_model
+        from llmctl.workspace import Workspace
+
+        loaded = load_model(Workspace(args.workspace), args.model)
+        return Engine(
+            loaded.model,
+            loaded.tokenizer,
+            stop_token_ids=[],
+            device=device,
+            dtype=resolve_dtype(args.precision, device),
+        )
     directory = scratch_dir("llmctl-bench-")
     train_bpe(texts, args.vocab).save(str(directory / "tokenizer.json"))
     tokenizer = load_tokenizer_file(directory)
@@ -68,7 +84,6 @@ def build_engine(args: argparse.Namespace, texts: list[str]) -> Engine:
         tie_embeddings=False,
     )
     torch.manual_seed(0)
-    device = resolve_device(args.device)
     # no stop tokens: every run generates exactly the number of tokens asked for
     return Engine(
         Transformer(cfg),
@@ -122,6 +137,19 @@ def main() -> None:
         help="also time llama.cpp (xllamacpp) on f32 and q8_0 GGUF exports of the model",
     )
     parser.add_argument("--rounds", type=int, default=3, help="with --transformers / --gguf: rounds")
+    parser.add_argument(
+        "--dtypes",
+        default="fp32,bf16,int8",
+        help="with --transformers: llmctl's dtypes to time (--dtype's names)",
+    )
+    parser.add_argument(
+        "--model", default=None, help="a trained checkpoint (a model reference) instead of random weights"
+    )
+    parser.add_argument("--workspace", default=os.environ.get("LLMCTL_HOME", "."), help="where --model is")
+    parser.add_argument(
+        "--bpb-corpus", default=None, help="with --transformers: bits per byte on this corpus"
+    )
+    parser.add_argument("--bpb-documents", type=int, default=40, help="validation documents scored for it")
     args = parser.parse_args()
     lengths = [int(n) for n in args.new_tokens.split(",")]
     if args.threads:
@@ -159,7 +187,10 @@ def main() -> None:
         for label, steps in (("KV cache", cached_steps), ("recompute", full_steps)):
             print(f"  {label:<24}" + "".join(f"{per_token_ms(steps, p):9.2f}" for p in positions))
     if args.transformers:
-        compare_with_transformers(engine, prompt_ids, lengths, args.rounds)
+        texts_for_bpb = bpb_texts(args) if args.bpb_corpus else None
+        compare_with_transformers(
+            engine, prompt_ids, lengths, args.rounds, args.dtypes.split(","), texts_for_bpb
+        )
     if args.gguf:
         compare_with_llamacpp(engine, prompt_ids, lengths, args.rounds)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
@@ -215,26 +246,69 @@ def time_transformers(model, prompt_ids: list[int], new_tokens: int) -> float:
     return new_tokens / seconds
 
 
-def compare_with_transformers(engine: Engine, prompt_ids: list[int], lengths: list[int], rounds: int) -> None:
+def compare_with_transformers(
+    engine: Engine,
+    prompt_ids: list[int],
+    lengths: list[int],
+    rounds: int,
+    dtypes: list[str],
+    texts: list[str] | None,
+) -> None:
     from transformers import AutoModelForCausalLM
 
     if engine.device.type != "cpu":
         print("\nthe transformers comparison runs on the CPU only; skipped")
         return
-    engine.model.to(torch.float32)  # both sides in fp32
+    engine.model.to(torch.float32)  # transformers in fp32, the reference
     directory = export_engine_model(engine)
     theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    time_transformers(theirs, prompt_ids, 8)  # warm-up, as for the engine
-    print(f"\nagainst transformers {transformers_version()} on the exported copy (fp32, best of {rounds})")
+    ours = {
+        dtype: Engine(copy.deepcopy(engine.model), engine.tokenizer, stop_token_ids=[], dtype=dtype)
+        for dtype in dtypes
+    }
+    timers = {f"llmctl {dtype}": (lambda n, e=e: time_engine(e, prompt_ids, n)) for dtype, e in ours.items()}
+    timers["transformers fp32"] = lambda n: time_transformers(theirs, prompt_ids, n)
+    for timer in timers.values():
+        timer(8)  # warm-up: allocator, kernels, lazy imports
+    print(
+        f"\nagainst transformers {transformers_version()} (fp32) on the exported copy: {rounds} rounds in "
+        "rotated order, wall clock around each whole call; median (min-max)"
+    )
+    names = list(timers)
     for new_tokens in lengths:
-        ours, their_rates = [], []
-        for _ in range(rounds):  # interleaved, so a busy neighbour slows both alike
-            ours.append(measure(engine, prompt_ids, new_tokens, use_cache=True)[0])
-            their_rates.append(time_transformers(theirs, prompt_ids, new_tokens))
-        print(
-            f"  {new_tokens} new tokens: llmctl {max(ours):8.1f} tokens/s   transformers "
-            f"{max(their_rates):8.1f} tokens/s   ratio {max(ours) / max(their_rates):5.2f}x"
-        )
+        rates: dict[str, list[float]] = {name: [] for name in names}
+        for round_ in range(rounds):
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                rates[name].append(timers[name](new_tokens))
+        baseline = statistics.median(rates["transformers fp32"])
+        print(f"  {new_tokens} new tokens:")
+        for name, found in rates.items():
+            median = statistics.median(found)
+            print(
+                f"    {name:<18} {median:8.1f} tokens/s ({min(found):.1f}-{max(found):.1f})   "
+                f"{median / baseline:5.2f}x transformers"
+            )
+    if texts:
+        from llmctl.eval.perplexity import measure_perplexity
+
+        print(f"\nbits per byte on {len(texts)} validation documents ({sum(map(len, texts)):,} characters)")
+        scored = {
+            dtype: measure_perplexity(e.model, e.tokenizer, texts).bits_per_byte for dtype, e in ours.items()
+        }
+        reference = scored.get("fp32")
+        for dtype, bpb in scored.items():
+            change = f"   {100 * (bpb - reference) / reference:+.2f}% against fp32" if reference else ""
+            print(f"    llmctl {dtype:<11} {bpb:.4f}{change}")
+
+
+def bpb_texts(args: argparse.Namespace) -> list[str]:
+    from itertools import islice
+
+    from llmctl.eval.perplexity import text_source
+    from llmctl.workspace import Workspace
+
+    _, texts = text_source(Workspace(args.workspace), args.bpb_corpus, None)
+    return list(islice(texts, args.bpb_documents))
 
 
 # ---------------------------------------------------------------- llmctl against llama.cpp

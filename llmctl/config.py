@@ -198,17 +198,31 @@ class DpoConfig(_Section):
         return self
 
 
+# Below this, sampling is greedy in all but name and the logits divided by it overflow: 0 says greedy.
+MIN_TEMPERATURE = 1e-3
+
+
 class GenerationConfig(_Section):
     max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(0.8, ge=0)
+    temperature: float = Field(0.8, ge=0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=1)
     top_p: float = Field(1.0, gt=0, le=1)
     min_p: float = Field(0.0, ge=0, lt=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
+    # beyond these the penalised logits overflow to infinities, and sampling to NaN
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stop: list[str] = Field(default_factory=list)
+    # the weights' dtype while generating (llmctl.model.decode_dtype): auto is the fastest accurate one
+    dtype: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_vanishing(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"use 0 for greedy decoding, or at least {MIN_TEMPERATURE}")
+        return value
 
 
 # Where a resolved key's value came from, lowest layer first; a key no layer set is a default.

@@ -26,6 +26,7 @@ from tiny_checkpoints import write_run_checkpoint
 
 from llmctl.cli.main import main
 from llmctl.serve.app import ServeSettings, bind_socket, create_app
+from llmctl.serve.transport import server_config
 from llmctl.workspace import Workspace
 
 BASE_RUN = "tiny-base"
@@ -75,7 +76,7 @@ def running_server(settings: ServeSettings) -> Iterator[str]:
     """The app for `settings` served by uvicorn in a background thread; yields its base URL."""
     sock = bind_socket("127.0.0.1", 0)
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn.Server(server_config(app, settings.connections))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -137,7 +137,8 @@ def test_a_prompt_longer_than_the_context_window_keeps_its_end_with_a_warning(cl
         (("-m", "tiny"), "give the prompt with --prompt TEXT or --prompt-file FILE"),
         (("-m", "tiny", "-p", "x", "-f", "y"), "give the prompt with --prompt TEXT or --prompt-file FILE"),
         (("-m", "tiny", "-f", "missing.txt"), "prompt file 'missing.txt' does not exist"),
-        (("-m", "tiny", "-p", "x", "--precision", "fp8"), "unknown precision 'fp8'"),
+        (("-m", "tiny", "-p", "x", "--dtype", "fp8"), "unknown dtype 'fp8'"),
+        (("-m", "tiny", "-p", "x", "--precision", "fp8"), "unknown dtype 'fp8'"),  # the older name
     ],
 )
 def test_bad_input_is_a_one_line_error(cli, run, flags, message):

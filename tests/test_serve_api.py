@@ -299,42 +299,43 @@ def test_a_client_leaving_a_stream_frees_the_model(server):
     assert time.monotonic() - started < 20
 
 
-def test_pool_serves_one_model_in_order_and_evicts_the_least_recently_used(tmp_path):
-    """ModelPool with a stand-in loader: one model's requests never overlap, two models' may, and
-    at most max_loaded stay loaded (never one that is in use)."""
+def test_pool_loads_each_model_once_shares_it_and_evicts_the_least_recently_used(tmp_path):
+    """ModelPool with a stand-in loader: requests for one model hold it together (their rows share
+    its batch), it loads once however many ask at once, and at most max_loaded stay loaded (never
+    one in use); an evicted model is unloaded."""
     loads: list[str] = []
-    pool = ModelPool(tmp_path, load=lambda path: loads.append(path.name) or path.name, max_loaded=2)
+    unloaded: list[str] = []
+
+    def load(path: Path) -> str:
+        time.sleep(0.05)  # a load in progress while the other requests for it arrive
+        loads.append(path.name)
+        return path.name
+
+    pool = ModelPool(tmp_path, load=load, max_loaded=2, unload=unloaded.append)
     a, b, c = (tmp_path / name for name in "abc")
     timeline: list[str] = []
 
-    async def request(
-        path: Path, label: str, started: asyncio.Event | None = None, alongside: asyncio.Event | None = None
-    ) -> None:
+    async def request(path: Path, label: str, together: asyncio.Barrier | None = None) -> None:
         lease = await pool.acquire(path)
         try:
             timeline.append(f"start {label}")
-            if started is not None:
-                started.set()
-            if alongside is not None:  # hangs (and times out) unless the other request runs meanwhile
-                await asyncio.wait_for(alongside.wait(), timeout=10)
-            await asyncio.sleep(0.01)
+            if together is not None:  # hangs (and times out) unless the others hold the model too
+                await asyncio.wait_for(together.wait(), timeout=10)
             timeline.append(f"end {label}")
         finally:
             lease.release()
 
     async def scenario() -> None:
-        b_started = asyncio.Event()
-        await asyncio.gather(
-            request(a, "a1", alongside=b_started), request(a, "a2"), request(b, "b1", started=b_started)
-        )
-        assert timeline.index("end a1") < timeline.index("start a2")  # one model: in order, never together
+        together = asyncio.Barrier(3)
+        await asyncio.gather(*(request(a, f"a{i}", together) for i in range(3)), request(b, "b1"))
+        assert loads.count("a") == 1  # three requests at once, one load
         held = await pool.acquire(a)
         await request(c, "c1")  # a third model: b goes, a is in use and stays
-        assert sorted(p.name for p in pool.loaded_paths()) == ["a", "c"]
+        assert sorted(p.name for p in pool.loaded_paths()) == ["a", "c"] and unloaded == ["b"]
         held.release()
         held.release()  # a second release does nothing
         await request(b, "b2")
-        assert sorted(p.name for p in pool.loaded_paths()) == ["b", "c"]
+        assert sorted(p.name for p in pool.loaded_paths()) == ["b", "c"] and unloaded == ["b", "a"]
 
     asyncio.run(scenario())
     assert sorted(loads[:2]) == ["a", "b"] and loads[2:] == ["c", "b"]  # each model loaded once until evicted

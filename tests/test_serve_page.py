@@ -81,6 +81,7 @@ def test_chat_streams_a_reply_and_highlights_code(server, page, tmp_path):
     page.goto(server)
     page.select_option("#chat-model", CHAT_RUN)
     expect(page.locator("#chat-model-info .badge")).to_have_text("chat model")
+    expect(page.locator("#chat-model-info")).to_contain_text("weightsint8")  # auto on a CPU
     expect(page.locator("#chat-temperature-value")).to_have_text("0.00")  # the checkpoint's default
 
     page.fill("#chat-input", "hi")

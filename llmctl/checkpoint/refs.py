@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from llmctl.errors import LlmctlError, UsageError
-from llmctl.workspace import Workspace, checkpoint_step, list_checkpoints, run_dir_of
+from llmctl.workspace import Workspace, check_name, checkpoint_step, list_checkpoints, run_dir_of
 
 SELECTORS = ("best", "latest")
 META = "meta.json"
@@ -37,26 +37,55 @@ def _val_loss(path: Path) -> float | None:
 
 
 def resolve_model_ref(workspace: Workspace, ref: str) -> Path:
-    """The checkpoint directory `ref` names, or a one-line error saying what exists instead."""
+    """The checkpoint directory `ref` names, or a one-line error saying what exists instead.
+
+    A bare name that is both a run of the workspace and a directory here is refused rather than
+    guessed: `./NAME` says the directory, `NAME:best` the run."""
     as_path = Path(ref).expanduser()
     if as_path.is_dir():
-        if (as_path / META).is_file() and (as_path / "config.yaml").is_file():
-            return as_path.resolve()
-        if (as_path / "config.json").is_file():  # its model_type is checked when it is read
-            if not (as_path / "tokenizer.json").is_file():
-                raise UsageError(
-                    f"'{ref}' is a Hugging Face model directory without a tokenizer.json; llmctl needs "
-                    "the fast tokenizer's file beside the weights"
-                )
-            return as_path.resolve()
-        raise UsageError(
-            f"'{ref}' is a directory but neither an llmctl checkpoint (no meta.json and config.yaml) "
-            "nor a Hugging Face model directory (no config.json)"
-        )
+        run = ref.partition(":")[0]
+        run_dir = workspace.run_dir(run) if _is_run_name(run) else None
+        if run_dir is not None and run_dir.is_dir():
+            if as_path.resolve() == run_dir.resolve():  # standing in runs/: the run itself
+                return resolve_run_ref(workspace, ref)
+            raise UsageError(
+                f"'{ref}' names both run '{run}' of the workspace and the directory ./{ref}; "
+                f"write ./{ref} for the directory or {run}:best (or :latest, :step-N) for the run"
+            )
+        return _checkpoint_directory(as_path, ref)
+    return resolve_run_ref(workspace, ref)
 
+
+def _is_run_name(name: str) -> bool:
+    try:
+        check_name(name, "run")
+    except UsageError:
+        return False
+    return True
+
+
+def _checkpoint_directory(as_path: Path, ref: str) -> Path:
+    if (as_path / META).is_file() and (as_path / "config.yaml").is_file():
+        return as_path.resolve()
+    if (as_path / "config.json").is_file():  # its model_type is checked when it is read
+        if not (as_path / "tokenizer.json").is_file():
+            raise UsageError(
+                f"'{ref}' is a Hugging Face model directory without a tokenizer.json; llmctl needs "
+                "the fast tokenizer's file beside the weights"
+            )
+        return as_path.resolve()
+    raise UsageError(
+        f"'{ref}' is a directory but neither an llmctl checkpoint (no meta.json and config.yaml) "
+        "nor a Hugging Face model directory (no config.json)"
+    )
+
+
+def resolve_run_ref(workspace: Workspace, ref: str) -> Path:
+    """The checkpoint `ref` names as a run reference (RUN, RUN:best, RUN:latest, RUN:step-N) of
+    `workspace`, never as a path: what a server resolves for a request's `model`."""
     run, _, selector = ref.partition(":")
-    run_dir = workspace.run_dir(run)
-    if not run_dir.is_dir():
+    run_dir = workspace.run_dir(run) if _is_run_name(run) else None
+    if run_dir is None or not run_dir.is_dir():
         known = [row["name"] for row in workspace.registry(create=False).runs()]
         close = difflib.get_close_matches(run, known, n=1)
         hint = f"did you mean '{close[0]}'?" if close else "llmctl status lists runs"

@@ -8,10 +8,10 @@ import typer
 
 from llmctl.cli.common import (
     DEVICE,
+    DTYPE,
     MAX_NEW_TOKENS,
     MIN_P,
     MODEL,
-    PRECISION,
     REPETITION_PENALTY,
     SEED,
     TEMPERATURE,
@@ -39,7 +39,7 @@ def chat(
     repetition_penalty: float = REPETITION_PENALTY,
     seed: int = SEED,
     device: str = DEVICE,
-    precision: str = PRECISION,
+    dtype: str = DTYPE,
 ) -> None:
     """Chat with a trained model: streamed replies, the checkpoint's chat template, /help for commands.
 
@@ -73,11 +73,11 @@ def chat(
     }
     override_generation(GenerationConfig(), flags)  # bad flags fail before the model loads
     ws = workspace()
-    loaded = load_engine(ws, model, device, precision)
+    loaded = load_engine(ws, model, device, dtype)
     config = override_generation(loaded.config.generation, flags)
 
     def switch_model(ref: str) -> LoadedEngine:  # for /model
-        return load_engine(ws, ref, device, precision)
+        return load_engine(ws, ref, device, dtype)
 
     session = ChatSession(loaded, config, switch_model, system, mode)
 

@@ -118,8 +118,15 @@ def with_options(*groups: Sequence[inspect.Parameter]) -> Callable[[Command], Co
 
 MODEL = typer.Option(..., "--model", "-m", help=f"Model: {MODEL_REF_HELP}.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
-PRECISION = typer.Option(
-    "auto", "--precision", help="auto, fp32, bf16 or fp16 (auto: bf16 on a GPU, fp32 on CPU)."
+# The weights while generating (sample, chat, serve, eval humaneval, eval probes, eval compare):
+# converted once at load (llmctl.model.decode_dtype); --precision is its older name.
+DTYPE = typer.Option(
+    None,
+    "--dtype",
+    "--precision",
+    show_default=False,
+    help="Weights while generating: fp32, bf16, int8 (weight-only linear layers) or auto "
+    "\\[default: the checkpoint's generation.dtype, auto: int8 on a CPU, bf16 on a GPU].",
 )
 
 # Sampling flags of sample and chat; None means "the checkpoint's generation config decides".

@@ -8,10 +8,10 @@ import typer
 
 from llmctl.cli.common import (
     DEVICE,
+    DTYPE,
     MAX_NEW_TOKENS,
     MIN_P,
     MODEL,
-    PRECISION,
     REPETITION_PENALTY,
     SEED,
     TEMPERATURE,
@@ -44,7 +44,7 @@ def sample(
         [], "--stop", help="End a sample at this text (repeatable; \\n and \\t escapes)."
     ),
     device: str = DEVICE,
-    precision: str = PRECISION,
+    dtype: str = DTYPE,
     as_json: bool = typer.Option(
         False, "--json", help="Print prompt, completions and speed as one JSON document."
     ),
@@ -75,7 +75,7 @@ def sample(
         "stop": unescape_stops(stop) or None,
     }
     override_generation(GenerationConfig(), flags)  # bad flags fail before the model loads
-    loaded = load_engine(workspace(), model, device, precision)
+    loaded = load_engine(workspace(), model, device, dtype)
     config = override_generation(loaded.config.generation, flags)
     generation = loaded.engine.stream([text], config, num_samples=num_samples)
 

@@ -19,7 +19,8 @@ from llmctl.errors import LlmctlError, UsageError
 from llmctl.eval.perplexity import measure_perplexity, name_source
 from llmctl.eval.probes import run_probes
 from llmctl.eval.results import describe_checkpoint, record
-from llmctl.generate import Engine, resolve_device, resolve_dtype
+from llmctl.generate import Engine, resolve_device
+from llmctl.model.decode_dtype import resolve_decode_dtype
 from llmctl.workspace import Workspace, checkpoint_step, list_checkpoints
 
 EVALS = ("perplexity", "probes")
@@ -61,7 +62,7 @@ def compare_checkpoints(
     stride: int | None = None,
     batch_size: int = 8,
     device: str = "auto",
-    precision: str = "auto",
+    dtype: str | None = None,
     workers: int = 1,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -73,7 +74,8 @@ def compare_checkpoints(
     if "perplexity" in evals and texts is None:
         raise UsageError("perplexity needs texts to score (from text_source)")
     torch_device = resolve_device(device)
-    dtype = resolve_dtype(precision, torch_device)
+    if dtype is not None:
+        resolve_decode_dtype(dtype, torch_device)  # a bad --dtype fails before any model loads
     rows = []
     for ref in refs:
         loaded = load_model(workspace, ref, torch_device, dtype=torch.float32)  # perplexity in fp32
@@ -92,11 +94,15 @@ def compare_checkpoints(
             }
             row["perplexity"]["eval_id"] = record(workspace, "perplexity", row["perplexity"])
         if "probes" in evals:
-            engine = Engine(loaded.model, loaded.tokenizer, device=torch_device, dtype=dtype)
+            # probes generate in the dtype asked for (the checkpoint's own by default), converting
+            # the model perplexity has finished with
+            name = dtype or loaded.config.generation.dtype
+            engine = Engine(loaded.model, loaded.tokenizer, device=torch_device, dtype=name)
             row["probes"] = {
                 "kind": "probes",
                 **checkpoint,
                 **run_probes(engine, batch_size=batch_size, workers=workers),
+                "dtype": engine.dtype,
             }
             row["probes"]["eval_id"] = record(workspace, "probes", row["probes"])
         rows.append(row)

@@ -64,8 +64,8 @@ def generate_completions(
     """`n_samples` completions for each prompt, `batch_size` rows at a time.
 
     Generation stops early at `stop_sequences` (added to config.stop) and every completion is cut
-    with `truncate_completion` at them, as scoring expects. With a seed, call i samples with
-    seed + i, so the samples of one prompt spread over several calls differ.
+    with `truncate_completion` at them, as scoring expects. With a seed, sample j of a prompt draws
+    with seed + j (the engine's rule), also when a prompt's samples are spread over several calls.
     `on_progress(rows done, rows)` follows each call.
     """
     config = config.model_copy(update={"stop": list(dict.fromkeys([*config.stop, *stop_sequences]))})
@@ -74,8 +74,9 @@ def generate_completions(
     ids = [[start, *engine.tokenizer.encode(prompt)] for prompt in prompts]
     result = GeneratedCompletions([[""] * n_samples for _ in prompts], [[""] * n_samples for _ in prompts])
     rows_done, rows = 0, len(prompts) * n_samples
-    for index, call in enumerate(_plan(len(prompts), n_samples, batch_size)):
-        seeded = config if config.seed is None else config.model_copy(update={"seed": config.seed + index})
+    for call in _plan(len(prompts), n_samples, batch_size):
+        seed = None if config.seed is None else config.seed + call.first_sample
+        seeded = config.model_copy(update={"seed": seed})
         generation = engine.stream([ids[p] for p in call.prompts], seeded, num_samples=call.num_samples)
         for completion in generation.completions():
             prompt = call.prompts[completion.prompt_index]

@@ -52,7 +52,7 @@ class HumanEvalRun:
     timeout_s: float = 5.0
     out_dir: Path | None = None
     device: str = "auto"
-    precision: str = "auto"
+    dtype: str | None = None  # None: the checkpoint's generation.dtype
 
 
 @dataclass
@@ -122,7 +122,7 @@ def _generate(
         "stop": list(STOP_SEQUENCES),
     }
     config = override_generation(GenerationConfig(), flags)  # bad flags fail before the model loads
-    loaded = load_engine(workspace, run.model, run.device, run.precision)
+    loaded = load_engine(workspace, run.model, run.device, run.dtype)
     progress.note(
         f"generating {run.n_samples} completion{'s' * (run.n_samples > 1)} for each of {len(problems)} "
         f"problems with {loaded.path}"
@@ -139,7 +139,10 @@ def _generate(
     write_completions(path, [problem.task_id for problem in problems], generated)
     return {
         **describe_checkpoint(workspace, run.model, loaded.path),
-        "generation": sampling_summary(config, run.n_samples, run.batch_size, generated),
+        "generation": {
+            **sampling_summary(config, run.n_samples, run.batch_size, generated),
+            "dtype": loaded.engine.dtype,
+        },
     }
 
 

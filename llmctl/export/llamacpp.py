@@ -56,14 +56,21 @@ class ChatReply:
 
 class LlamaCpp:
     def __init__(
-        self, path: Path, context_length: int, threads: int | None = None, exact: bool = True
+        self,
+        path: Path,
+        context_length: int,
+        threads: int | None = None,
+        exact: bool = True,
+        parallel: int = 1,
     ) -> None:
+        """`parallel` slots decode at once (llama.cpp's continuous batching), each with the whole
+        `context_length`."""
         import xllamacpp
 
         params = xllamacpp.CommonParams()
         params.model.path = str(path)
-        params.n_ctx = context_length
-        params.n_parallel = 1
+        params.n_ctx = context_length * parallel  # llama.cpp splits its context among the slots
+        params.n_parallel = parallel
         params.warmup = False
         params.ui = False
         params.fit_params = False  # no probing of memory to size the context: it is given
@@ -82,7 +89,7 @@ class LlamaCpp:
                 reason = _load_error(log)
         if reason is not None:
             raise LlmctlError(f"llama.cpp could not load '{path}': {reason}")
-        self._base = self._server.listening_address.rstrip("/")
+        self._base = self.url = self._server.listening_address.rstrip("/")
         self._http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def __enter__(self) -> LlamaCpp:

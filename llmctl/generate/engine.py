@@ -1,9 +1,10 @@
 """The generation engine: prompts in, completions out, streamed as they are decoded.
 
-One call takes a batch of prompts of any lengths and any number of samples per prompt. Rows are
-left-padded to a common width (`attn_mask` hides the padding, `position_ids` restart each row at
-0), prefilled in one forward into a preallocated KV cache, then decoded one token per forward.
-A row that finishes leaves the batch and the cache, so short answers stop costing compute.
+One call takes a batch of prompts of any lengths and any number of samples per prompt. Each row
+(one sample of one prompt) is prefilled into a KV-cache slot of its own (the samples of a prompt
+share one prefill), then every row advances one token per forward, each at its own position
+(llmctl.generate.batch). A row that finishes leaves the batch and the cache, so short answers stop
+costing compute; the server's continuous batching lets rows join between steps as well.
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from llmctl.config import GenerationConfig
 from llmctl.errors import UsageError
-from llmctl.generate.sampling import Penalties, choose_tokens, make_generator
-from llmctl.generate.text import IncrementalDecoder, StopMatcher
-from llmctl.model.transformer import KVCache, Transformer
+from llmctl.generate.batch import Completion, DecodeBatch, Row
+from llmctl.model.decode_dtype import compute_dtype, convert_for_decoding, dtype_name, resolve_decode_dtype
+from llmctl.model.transformer import Transformer
 from llmctl.tokenizer import LoadedTokenizer
 
-FinishReason = Literal["stop", "length", "context"]
+__all__ = ["Chunk", "Completion", "Engine", "Generation", "GenerationStats", "Prompt", "in_row_order"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -34,26 +34,6 @@ class Prompt:
     index: int
     ids: list[int]
     dropped_tokens: int = 0
-
-
-@dataclass
-class Completion:
-    """One sample for one prompt.
-
-    `token_ids` are the sampled tokens, without a stop token that ended the sample (so a stop
-    string may sit inside their decoding while `text` ends before it). `finish_reason` is
-    `stop` (a stop token or string: `stop` says which), `length` (max_new_tokens) or `context`
-    (the context window is full).
-    """
-
-    prompt_index: int
-    sample_index: int
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    dropped_prompt_tokens: int
-    finish_reason: FinishReason
-    stop: str | None = None
 
 
 @dataclass
@@ -135,14 +115,16 @@ def in_row_order(chunks: Iterable[Chunk]) -> Iterator[Chunk]:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on a GPU that has it (fp16 on older ones); fp32 on CPU, where small models decode
-    fastest in fp32."""
+    """The floating-point dtype for `name` on `device` (auto: bf16 on a GPU that has it, fp16 on
+    older ones, fp32 on CPU); int8 models compute in what `compute_dtype` says."""
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "int8":
+        return compute_dtype("int8", device)
     if name not in DTYPES:
-        raise UsageError(f"unknown precision '{name}': use auto, fp32, bf16 or fp16")
+        raise UsageError(f"unknown dtype '{name}' (--dtype): use auto, fp32, bf16, fp16 or int8")
     return DTYPES[name]
 
 
@@ -150,7 +132,9 @@ class Engine:
     """Generates with one model and its tokenizer.
 
     stop_token_ids end a sample without appearing in its text; the default is the tokenizer's
-    end-of-text token. `device` and `dtype` move and cast the model once, here.
+    end-of-text token. `device` and `dtype` move and convert the model once, here: a torch dtype
+    casts it, a decode dtype name (`fp32`, `bf16`, `int8`, `auto`) converts it as
+    llmctl.model.decode_dtype does (int8: weight-only linear layers).
     """
 
     def __init__(
@@ -160,11 +144,16 @@ class Engine:
         *,
         stop_token_ids: Iterable[int] | None = None,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
     ):
-        self.model = model.to(device=device, dtype=dtype).eval()
+        if isinstance(dtype, str):
+            target = torch.device(device) if device is not None else model.embed_tokens.weight.device
+            self.model = convert_for_decoding(model, resolve_decode_dtype(dtype, target), target)
+        else:
+            self.model = model.to(device=device, dtype=dtype).eval()
         self.tokenizer = tokenizer
         self.stop_token_ids = set(stop_token_ids) if stop_token_ids is not None else {tokenizer.eot_id}
+        self.dtype = dtype_name(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -235,6 +224,33 @@ class Engine:
 
     # ------------------------------------------------------------ the decoding loop
 
+    def rows(
+        self,
+        prompts: list[Prompt],
+        config: GenerationConfig,
+        num_samples: int,
+        stop_token_ids: set[int],
+        owner: object = None,
+    ) -> list[Row]:
+        """One Row per sample of each prompt, in row order (prompt by prompt, then sample)."""
+        return [
+            Row(
+                prompt.index * num_samples + sample,
+                prompt.ids,
+                config,
+                self.tokenizer,
+                self.context_length,
+                stop_token_ids,
+                prompt_index=prompt.index,
+                sample=sample,
+                dropped_prompt_tokens=prompt.dropped_tokens,
+                owner=owner,
+                prefill_key=(id(owner), prompt.index),
+            )
+            for prompt in prompts
+            for sample in range(num_samples)
+        ]
+
     def _decode(
         self,
         prompts: list[Prompt],
@@ -244,167 +260,17 @@ class Engine:
         use_cache: bool,
         stats: GenerationStats,
     ) -> Iterator[Chunk]:
-        rows = [
-            _Row(prompt.index * num_samples + sample, prompt, sample, config, self, stop_token_ids)
-            for prompt in prompts
-            for sample in range(num_samples)
-        ]
-        row_prompts = [row.prompt.ids for row in rows]
-        batch = _Batch(self.model, row_prompts, [row.budget for row in rows], use_cache)
-        penalties = Penalties(config, row_prompts, self.model.cfg.vocab_size, self.device)
-        generator = make_generator(config.seed, self.device)
-
+        batch = DecodeBatch(self.model, use_cache)
         started = time.perf_counter()
-        logits = batch.prefill()
+        batch.join(self.rows(prompts, config, num_samples, stop_token_ids))
         stats.prefill_seconds = time.perf_counter() - started
         while True:
-            tokens = _sample(logits, penalties, config, generator).tolist()
-            stats.generated_tokens += len(tokens)
+            stats.generated_tokens += len(batch)  # one token drawn for every row
+            said = batch.draw()
             stats.step_seconds.append(time.perf_counter() - started)
-
-            keep = []
-            for slot, (row, token) in enumerate(zip(rows, tokens, strict=True)):
-                text, completion = row.add(token)
-                if text or completion is not None:
-                    yield Chunk(row.index, text, completion)
-                if completion is None:
-                    keep.append(slot)
-            if not keep:
+            for row, text, completion in said:
+                yield Chunk(row.index, text, completion)
+            if not batch:
                 return
-
             started = time.perf_counter()
-            if len(keep) < len(rows):
-                rows = [rows[slot] for slot in keep]
-                kept = torch.tensor(keep, device=self.device)
-                penalties.keep(kept)
-                batch.keep(kept, tokens=[tokens[slot] for slot in keep])
-            else:
-                batch.append(tokens)
-            logits = batch.step()
-
-
-@torch.inference_mode()
-def _sample(
-    logits: torch.Tensor, penalties: Penalties, config: GenerationConfig, generator: torch.Generator
-) -> torch.Tensor:
-    tokens = choose_tokens(penalties.apply(logits), config, generator)
-    penalties.record(tokens)
-    return tokens
-
-
-class _Row:
-    """One sample of one prompt: its text so far and when it ends."""
-
-    def __init__(
-        self,
-        index: int,
-        prompt: Prompt,
-        sample: int,
-        config: GenerationConfig,
-        engine: Engine,
-        stop_token_ids: set[int],
-    ):
-        self.index = index
-        self.prompt = prompt
-        self.sample = sample
-        self.max_new_tokens = config.max_new_tokens
-        self.budget = min(config.max_new_tokens, engine.context_length - len(prompt.ids))
-        self.tokenizer = engine.tokenizer
-        self.stop_token_ids = stop_token_ids
-        self.decoder = IncrementalDecoder(engine.tokenizer, prompt.ids)
-        self.matcher = StopMatcher(config.stop)
-        self.token_ids: list[int] = []
-        self.text: list[str] = []
-
-    def add(self, token: int) -> tuple[str, Completion | None]:
-        """Take the next sampled token: the text it makes final, and the Completion if it ends the row."""
-        if token in self.stop_token_ids:
-            released = self._release_rest()
-            return released, self._finish("stop", self.matcher.matched or self.tokenizer.decode([token]))
-        self.token_ids.append(token)
-        released = self.matcher.feed(self.decoder.push(token))
-        self.text.append(released)
-        if self.matcher.matched is not None:
-            return released, self._finish("stop", self.matcher.matched)
-        if len(self.token_ids) < self.budget:
-            return released, None
-        released += self._release_rest()
-        if self.matcher.matched is not None:
-            return released, self._finish("stop", self.matcher.matched)
-        return released, self._finish("length" if self.budget == self.max_new_tokens else "context")
-
-    def _release_rest(self) -> str:
-        released = self.matcher.feed(self.decoder.flush()) + self.matcher.flush()
-        self.text.append(released)
-        return released
-
-    def _finish(self, reason: FinishReason, stop: str | None = None) -> Completion:
-        return Completion(
-            prompt_index=self.prompt.index,
-            sample_index=self.sample,
-            text="".join(self.text),
-            token_ids=self.token_ids,
-            prompt_tokens=len(self.prompt.ids),
-            dropped_prompt_tokens=self.prompt.dropped_tokens,
-            finish_reason=reason,
-            stop=stop,
-        )
-
-
-class _Batch:
-    """The token matrix, padding, positions and KV cache of the rows still running.
-
-    Row r's prompt sits right-aligned in columns [width - len_r, width); generated tokens follow
-    in columns width, width + 1, ... for every row alike.
-    """
-
-    def __init__(self, model: Transformer, prompts: list[list[int]], budgets: list[int], use_cache: bool):
-        self.model = model
-        device = model.embed_tokens.weight.device
-        lengths = torch.tensor([len(ids) for ids in prompts], device=device)
-        width = int(lengths.max())
-        # the last sampled token is never fed back, hence the - 1
-        columns = width + max(budgets) - 1
-        self.tokens = torch.zeros(len(prompts), columns, dtype=torch.long, device=device)
-        for row, ids in enumerate(prompts):
-            self.tokens[row, width - len(ids) : width] = torch.tensor(ids, device=device)
-        self.real = torch.arange(columns, device=device)[None] >= (width - lengths)[:, None]
-        self.positions = (self.real.cumsum(dim=-1) - 1).clamp(min=0)
-        self.padded = bool((lengths != width).any())
-        self.end = width
-        self.cache = model.new_kv_cache(len(prompts), columns) if use_cache else None
-
-    def prefill(self) -> torch.Tensor:
-        return self._forward(0)
-
-    def append(self, tokens: list[int]) -> None:
-        self.tokens[:, self.end] = torch.tensor(tokens, device=self.tokens.device)
-        self.end += 1
-
-    def keep(self, rows: torch.Tensor, tokens: list[int]) -> None:
-        """Drop the finished rows, then append the next tokens of those left."""
-        self.tokens, self.real, self.positions = self.tokens[rows], self.real[rows], self.positions[rows]
-        self.padded = not bool(self.real[:, : self.end].all())
-        if self.cache is not None:
-            self.cache = KVCache(
-                keys=[keys[rows] for keys in self.cache.keys],
-                values=[values[rows] for values in self.cache.values],
-            )
-        self.append(tokens)
-
-    def step(self) -> torch.Tensor:
-        """Logits for the token just appended (with the cache, only that token is computed)."""
-        return self._forward(self.end - 1 if self.cache is not None else 0)
-
-    @torch.inference_mode()
-    def _forward(self, start: int) -> torch.Tensor:
-        """fp32 logits [rows, vocab] after the tokens in columns [start, end)."""
-        mask = self.real[:, None, None, : self.end] if self.padded else None
-        hidden = self.model.hidden_states(
-            self.tokens[:, start : self.end],
-            position_ids=self.positions[:, start : self.end],
-            attn_mask=mask,
-            kv_cache=self.cache,
-            cache_position=start,
-        )
-        return self.model.logits(hidden[:, -1]).float()
+            batch.advance()

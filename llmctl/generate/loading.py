@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from llmctl.checkpoint.load import load_model
 from llmctl.config import GenerationConfig, RunConfig
 from llmctl.errors import UsageError
-from llmctl.generate.engine import Engine, resolve_dtype
+from llmctl.generate.engine import Engine
+from llmctl.model.decode_dtype import resolve_decode_dtype
 from llmctl.model.device import resolve_device
 from llmctl.workspace import Workspace
 
@@ -30,13 +31,17 @@ class LoadedEngine:
 
 
 def load_engine(
-    workspace: Workspace, ref: str, device: str = "auto", precision: str = "auto"
+    workspace: Workspace, ref: str, device: str = "auto", dtype: str | None = None
 ) -> LoadedEngine:
-    """The model `ref` names (see llmctl.checkpoints), on `device` in `precision`, ready to generate."""
+    """The model `ref` names (see llmctl.checkpoint.refs), on `device`, its weights converted once
+    to `dtype` (fp32, bf16, fp16, int8 or auto; None: the checkpoint's `generation.dtype`)."""
     torch_device = resolve_device(device)
-    dtype = resolve_dtype(precision, torch_device)
+    if dtype is not None:
+        resolve_decode_dtype(dtype, torch_device)  # a bad --dtype fails before the model loads
     loaded = load_model(workspace, ref, device=torch_device)
-    engine = Engine(loaded.model, loaded.tokenizer, device=torch_device, dtype=dtype)
+    name = resolve_decode_dtype(dtype or loaded.config.generation.dtype, torch_device)
+    engine = Engine(loaded.model, loaded.tokenizer, device=torch_device, dtype=name)
+    loaded.config.generation.dtype = engine.dtype  # what it resolved to, in every config shown
     return LoadedEngine(engine, ref, loaded.path, loaded.config)
 
 

@@ -63,7 +63,7 @@ def sample_document(
         "model": loaded.ref,
         "checkpoint": str(loaded.path),
         "device": str(engine.device),
-        "dtype": str(engine.model.embed_tokens.weight.dtype).removeprefix("torch."),
+        "dtype": engine.dtype,
         "prompt": prompt,
         "prompt_tokens": len(prepared.ids),
         "dropped_prompt_tokens": prepared.dropped_tokens,

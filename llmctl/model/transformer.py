@@ -150,7 +150,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
         cache: tuple[torch.Tensor, torch.Tensor] | None,
-        cache_position: int,
+        cache_position: int | torch.Tensor,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -160,9 +160,15 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k_cache, v_cache = cache
-            end = cache_position + T
-            k_cache[:, :, cache_position:end] = k
-            v_cache[:, :, cache_position:end] = v
+            if isinstance(cache_position, torch.Tensor):  # one new token per row, each at its own position
+                rows = torch.arange(B, device=x.device)
+                k_cache[rows, :, cache_position] = k[:, :, 0].to(k_cache.dtype)
+                v_cache[rows, :, cache_position] = v[:, :, 0].to(v_cache.dtype)
+                end = mask.shape[-1]
+            else:
+                end = cache_position + T
+                k_cache[:, :, cache_position:end] = k
+                v_cache[:, :, cache_position:end] = v
             k, v = k_cache[:, :, :end].to(q.dtype), v_cache[:, :, :end].to(q.dtype)
         # Each key/value head serves n_head / n_kv_head consecutive query heads (HF's repeat_kv order).
         # Repeating them copies K/V, which in decoding means the whole cache at every token; SDPA's
@@ -220,7 +226,7 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache_position: int = 0,
+        cache_position: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache, cache_position))
         return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
@@ -336,11 +342,14 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        cache_position: int = 0,
+        cache_position: int | torch.Tensor = 0,
     ) -> torch.Tensor:
-        """[B, T, d_model] after the final norm. See docs/model.md for the arguments."""
+        """[B, T, d_model] after the final norm. See docs/model.md for the arguments; a tensor
+        `cache_position` [B] decodes one token per row, each row at its own position."""
         T = input_ids.shape[1]
         device = input_ids.device
+        if isinstance(cache_position, torch.Tensor):
+            return self._decode_rows(input_ids, cache_position, kv_cache)
         if kv_cache is not None:
             if doc_ids is not None:
                 raise ValueError("doc_ids (packed training sequences) cannot be combined with a KV cache")
@@ -355,14 +364,37 @@ class Transformer(nn.Module):
             else:
                 position_ids = (cache_position + torch.arange(T, device=device))[None]
         mask = self._attention_mask(T, cache_position, doc_ids, attn_mask, kv_cache is not None, device)
+        return self._layers(input_ids, position_ids, mask, kv_cache, cache_position, cache_position + T)
 
+    def _decode_rows(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache | None
+    ) -> torch.Tensor:
+        """One token per row at `positions` [B]: each row attends to its own first positions."""
+        if kv_cache is None or input_ids.shape[1] != 1:
+            raise ValueError("per-row cache positions decode one token per row into a KV cache")
+        end = int(positions.max()) + 1
+        if end > kv_cache.max_length:
+            raise ValueError(f"KV cache holds {kv_cache.max_length} positions; cannot write at {end - 1}")
+        keys = torch.arange(end, device=input_ids.device)
+        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
+        return self._layers(input_ids, positions[:, None], mask, kv_cache, positions, end)
+
+    def _layers(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        kv_cache: KVCache | None,
+        cache_position: int | torch.Tensor,
+        end: int,
+    ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = None
         if self.cfg.position == "learned":
             x = x + self.embed_positions(position_ids)
         else:
             # a position never exceeds its column (padding and packing only restart it lower)
-            rope = self.rope(position_ids, max(self.cfg.context_length, cache_position + T))
+            rope = self.rope(position_ids, max(self.cfg.context_length, end))
 
         caches = [None] * len(self.layers)
         if kv_cache is not None:

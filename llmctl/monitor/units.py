@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from typing import Any
 
 from llmctl.events import as_float
 
@@ -84,3 +86,27 @@ def rate(value: float | None) -> str:
 
 def percent(fraction: float | None) -> str:
     return DASH if fraction is None or not math.isfinite(fraction) else f"{100 * fraction:.1f}%"
+
+
+# C0 controls but newline and tab (which the frame lays out itself), DEL, C1 controls (a lone 0x9b
+# is CSI on some terminals), and the bidirectional overrides that make text read as other text
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with every character that could drive a terminal written as an escape (ESC as
+    `\\x1b`), so a crafted log cannot move the cursor, retitle the window or recolour the screen."""
+    if not _CONTROLS.search(text):
+        return text
+    return _CONTROLS.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def printable_values(value: Any) -> Any:
+    """`value` with `printable` applied to every string in it, dictionary keys included."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable_values(key): printable_values(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [printable_values(item) for item in value]
+    return value

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from llmctl.events import EventTail
+from llmctl.monitor import units
 from llmctl.monitor.state import RunState
 
 
@@ -45,7 +46,7 @@ class RunWatch:
             events = self.tail.poll(slice_bytes)
             if self.tail.restarted:
                 self.state, start = RunState(self.state.history_points), 0
-            self.state.fold(events)
+            self.state.fold([_printable(event) for event in events])
             folded += len(events)
             read += self.tail.offset - start
             if not self.catching_up or (max_bytes is not None and read >= max_bytes):
@@ -70,3 +71,9 @@ class RunWatch:
     @property
     def catching_up(self) -> bool:
         return self.tail.offset < self.tail.size
+
+
+def _printable(event: dict) -> dict:
+    """Strings from the log reach a terminal (status, monitor), so they are escaped before anything
+    reads them; train lines, the bulk of a log, are read for their figures alone."""
+    return event if event.get("event") in RunWatch.SAMPLED_KINDS else units.printable_values(event)

@@ -17,7 +17,7 @@ server's log, never into the response.
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -29,15 +29,15 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import StreamingResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from llmctl.errors import LlmctlError
-from llmctl.generate import Generation, LoadedEngine, load_engine
+from llmctl.generate import LoadedEngine, load_engine
+from llmctl.serve.batching import Batcher, BatcherClosed, QueueFull, Ticket
 from llmctl.serve.completions import (
     ApiError,
     Limits,
@@ -48,22 +48,15 @@ from llmctl.serve.completions import (
     completion_stream,
     plan_chat,
     plan_completion,
-    start,
 )
+from llmctl.serve.guards import ApiKeyGuard, BodyLimit, ClientGone, ClientWatch, error_response
 from llmctl.serve.models import Lease, ModelEntry, ModelNotFound, ModelPool, describe
-from llmctl.serve.openai_schema import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ErrorBody,
-    ErrorResponse,
-    ModelCard,
-    ModelList,
-)
+from llmctl.serve.openai_schema import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from llmctl.serve.runs import RunsView
+from llmctl.serve.transport import ConnectionLimits
 from llmctl.workspace import Workspace
 
 STATIC = Path(__file__).parent / "static"
-PROTECTED_PREFIXES = ("/v1/", "/api/")
 # the page loads only its own files and talks only to this server
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; "
@@ -81,113 +74,40 @@ class ServeSettings:
     refs: list[str] = field(default_factory=list)  # --model: serve only these
     max_loaded: int = 2
     device: str = "auto"
-    precision: str = "auto"
+    dtype: str | None = None  # None: each checkpoint's generation.dtype
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    max_batch: int = 16  # sequences one model decodes at once
+    max_queue: int = 64  # sequences waiting for a slot, past which a request gets 429
 
 
-def _error(
-    status: int,
-    message: str,
-    kind: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+@dataclass
+class ServedModel:
+    """A loaded model and the batch every request for it joins."""
 
-
-# ---------------------------------------------------------------- middleware
-
-
-class ApiKeyGuard:
-    """Bearer-token check on the API and JSON routes (the page itself is public: it asks for the
-    key). Outermost, so a client without the key costs no body buffering or model work."""
-
-    def __init__(self, app: ASGIApp, api_key: str):
-        self.app = app
-        self.api_key = api_key.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIXES):
-            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-            # compare_digest takes as long for a near miss as for a wild guess
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
-                response = _error(
-                    401,
-                    "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                    code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-class BodyLimit:
-    """Refuse request bodies over `max_bytes` with a 413, before any route parses them. The body is
-    read here (it is small by then) and handed on whole."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = _error(
-            413,
-            f"the request body is over this server's limit of {self.max_bytes} bytes "
-            "(llmctl serve --max-body-bytes)",
-            code="body_too_large",
-        )
-        declared = Headers(scope=scope).get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await too_large(scope, receive, send)
-            return
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                await too_large(scope, receive, send)
-                return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # after the body: wait for the disconnect, as the server would
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
+    loaded: LoadedEngine
+    batcher: Batcher
 
 
 class EventStream(StreamingResponse):
     """Server-sent events that, however the response ends (finished, client gone, server stopping),
-    stop the generation and give the model back: its lock must never outlive the request."""
+    take the request's rows out of the batch and give the model back."""
 
-    def __init__(self, body: AsyncIterator[str], generation: Generation, lease: Lease):
+    def __init__(self, body: AsyncIterator[str], ticket: Ticket, served: ServedModel, lease: Lease):
         super().__init__(
             body,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-        self.generation = generation
-        self.lease = lease
+        self.ticket, self.served, self.lease = ticket, served, lease
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             try:
-                self.generation.close()
+                self.served.batcher.cancel(self.ticket)
             finally:
                 self.lease.release()
 
@@ -219,41 +139,55 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]
     if not telling and len(same_field) > 1:
         return f"'{param}' has the wrong type", param
     chosen = (telling or same_field)[0]
-    return f"invalid '{param}': {chosen['msg'][:1].lower()}{chosen['msg'][1:]}", param
+    message = chosen["msg"].removeprefix("Value error, ")
+    return f"invalid '{param}': {message[:1].lower()}{message[1:]}", param
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def apierror_response(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body.model_dump(), status_code=exc.status)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it: nginx's code for "client closed request"
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_: Request, exc: QueueFull) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after_s)}
+        return error_response(429, exc.message, kind="server_busy", code="queue_full", headers=headers)
+
+    @app.exception_handler(BatcherClosed)
+    async def batcher_closed(_: Request, exc: BatcherClosed) -> JSONResponse:
+        return error_response(503, str(exc), kind="server_error", code="model_unloaded")
 
     @app.exception_handler(ModelNotFound)
     async def model_not_found(_: Request, exc: ModelNotFound) -> JSONResponse:
-        return _error(404, exc.message, param="model", code="model_not_found")
+        return error_response(404, exc.message, param="model", code="model_not_found")
 
     @app.exception_handler(LlmctlError)
-    async def llmctl_error(_: Request, exc: LlmctlError) -> JSONResponse:
+    async def llmctlerror_response(_: Request, exc: LlmctlError) -> JSONResponse:
         # a checkpoint that cannot be read or loaded: the server's data, not the request, is wrong
-        return _error(500, exc.message, kind="server_error", code="model_unavailable")
+        return error_response(500, exc.message, kind="server_error", code="model_unavailable")
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _describe_validation(list(exc.errors()))
-        return _error(400, message, param=param)
+        return error_response(400, message, param=param)
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    async def httperror_response(request: Request, exc: HTTPException) -> JSONResponse:
         message = str(exc.detail)
         # Starlette's routing errors say only "Not Found": name what was asked for
         if exc.status_code in ROUTING_ERRORS and message == HTTPStatus(exc.status_code).phrase:
             message = ROUTING_ERRORS[exc.status_code].format(path=request.url.path, method=request.method)
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return _error(exc.status_code, message, kind=kind)
+        return error_response(exc.status_code, message, kind=kind)
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+    async def internalerror_response(_: Request, exc: Exception) -> JSONResponse:
         log.error("internal error", exc_info=exc)
-        return _error(500, "internal error (the server's log has the details)", kind="server_error")
+        return error_response(500, "internal error (the server's log has the details)", kind="server_error")
 
 
 # ---------------------------------------------------------------- the app
@@ -273,7 +207,8 @@ def create_app(settings: ServeSettings, pool: ModelPool | None = None) -> FastAP
     limits = settings.limits
     app = FastAPI(title="llmctl", docs_url=None, redoc_url=None, openapi_url=None)
     _install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    body_timeout = settings.connections.body_timeout_s
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=body_timeout)
     if settings.api_key:
         app.add_middleware(ApiKeyGuard, api_key=settings.api_key)
 
@@ -294,41 +229,69 @@ def create_app(settings: ServeSettings, pool: ModelPool | None = None) -> FastAP
         return _card(describe(model_id, pool.resolve(model_id)))
 
     async def generate(
-        request: ChatCompletionRequest | CompletionRequest, plan_request: Callable[..., Plan]
-    ) -> tuple[Lease, Plan, Generation]:
-        """The request's model, held for this request, and its generation started."""
+        request: ChatCompletionRequest | CompletionRequest,
+        plan_request: Callable[..., Plan],
+        watch: ClientWatch,
+    ) -> tuple[Lease, ServedModel, Plan, Ticket]:
+        """The request's model, held for this request, and its rows in the model's batch."""
         path = await anyio.to_thread.run_sync(pool.resolve, request.model)
         lease = await pool.acquire(path)
         try:
-            plan = await anyio.to_thread.run_sync(plan_request, lease.loaded, request, limits)
-            return lease, plan, start(lease.loaded, plan)
+            served: ServedModel = lease.loaded
+            plan = await anyio.to_thread.run_sync(plan_request, served.loaded, request, limits, watch.check)
+            ticket = served.batcher.submit(
+                plan.prompts, plan.config, plan.num_samples, plan.stop_token_ids, asyncio.get_running_loop()
+            )
+            return lease, served, plan, ticket
         except BaseException:
             lease.release()
             raise
 
-    async def whole(lease: Lease, respond: Callable[..., Any], *args: Any) -> Any:
+    async def whole(
+        lease: Lease, served: ServedModel, ticket: Ticket, watch: ClientWatch, respond: Callable[..., Any]
+    ) -> Any:
+        """The whole answer, once every row has finished; a client that leaves first takes its rows
+        out of the batch at the next step."""
         try:
-            return await anyio.to_thread.run_sync(respond, *args)
+            return respond(await watch.until_gone(ticket.completions()))
         finally:
+            served.batcher.cancel(ticket)
             lease.release()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest) -> Any:
-        lease, _, generation = await generate(request, plan_chat)
-        if request.stream:
-            body = chat_stream(request.model, generation, request.include_usage())
-            return EventStream(body, generation, lease)
-        return await whole(lease, chat_response, request.model, generation)
+    async def chat_completions(request: ChatCompletionRequest, http: Request) -> Any:
+        async with ClientWatch(http) as watch:
+            lease, served, _, ticket = await generate(request, plan_chat, watch)
+            if request.stream:
+                body = chat_stream(request.model, ticket, request.include_usage())
+                return EventStream(body, ticket, served, lease)
+            return await whole(
+                lease, served, ticket, watch, lambda done: chat_response(request.model, ticket, done)
+            )
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest) -> Any:
-        lease, plan, generation = await generate(request, plan_completion)
-        if request.stream:
-            body = completion_stream(request.model, generation, request.include_usage(), plan.echo)
-            return EventStream(body, generation, lease)
-        return await whole(lease, completion_response, request.model, generation, plan.echo)
+    async def completions(request: CompletionRequest, http: Request) -> Any:
+        async with ClientWatch(http) as watch:
+            lease, served, plan, ticket = await generate(request, plan_completion, watch)
+            if request.stream:
+                body = completion_stream(request.model, ticket, request.include_usage(), plan.echo)
+                return EventStream(body, ticket, served, lease)
+            return await whole(
+                lease,
+                served,
+                ticket,
+                watch,
+                lambda done: completion_response(request.model, ticket, done, plan.echo),
+            )
 
     # ------------------------------------------------------------ the page's JSON
+
+    def planned_dtype(checkpoint_default: str) -> str:
+        """The dtype a model not loaded yet will load in."""
+        from llmctl.generate import resolve_device
+        from llmctl.model.decode_dtype import resolve_decode_dtype
+
+        return resolve_decode_dtype(settings.dtype or checkpoint_default, resolve_device(settings.device))
 
     @app.get("/api/models/{model_id:path}")
     def model_detail(model_id: str) -> dict[str, Any]:
@@ -339,10 +302,14 @@ def create_app(settings: ServeSettings, pool: ModelPool | None = None) -> FastAP
         entry = describe(model_id, path)
         config = read_config(path)
         tokenizer = load_tokenizer_file(path / "tokenizer.json")
+        served: ServedModel | None = pool.loaded(path)
         return {
             **_card(entry).model_dump(),
             "checkpoint": str(path),
-            "loaded": path in pool.loaded_paths(),
+            "loaded": served is not None,
+            # the weights' dtype once loaded, and the batch's rows now (decoding, waiting) and limits
+            "dtype": served.loaded.engine.dtype if served else planned_dtype(config.generation.dtype),
+            "batch": served.batcher.load() if served else None,
             "chat": tokenizer.chat_template is not None,
             "context_length": config.model.context_length,
             "vocab_size": config.model.vocab_size,
@@ -388,7 +355,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def make_pool(settings: ServeSettings) -> ModelPool:
-    def load(path: Path) -> LoadedEngine:
-        return load_engine(Workspace(settings.workspace_root), str(path), settings.device, settings.precision)
+    def load(path: Path) -> ServedModel:
+        loaded = load_engine(Workspace(settings.workspace_root), str(path), settings.device, settings.dtype)
+        return ServedModel(loaded, Batcher(loaded.engine, settings.max_batch, settings.max_queue))
 
-    return ModelPool(settings.workspace_root, load, settings.max_loaded, settings.refs)
+    def unload(served: ServedModel) -> None:
+        served.batcher.close(wait=False)
+
+    return ModelPool(settings.workspace_root, load, settings.max_loaded, settings.refs, unload)

@@ -15,13 +15,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
-import anyio
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from llmctl.config import GenerationConfig
-from llmctl.errors import LlmctlError, UsageError
-from llmctl.generate import Chunk, Completion, Generation, LoadedEngine, override_generation
+from llmctl.errors import UsageError
+from llmctl.generate import Chunk, Completion, LoadedEngine, override_generation
 from llmctl.generate.chat_prompt import ChatPrompt
+from llmctl.serve.batching import Ticket
 from llmctl.serve.openai_schema import (
     AssistantMessage,
     ChatChoice,
@@ -80,6 +80,7 @@ class Limits:
 
     max_tokens: int = 1024  # tokens generated per sample
     max_samples: int = 16  # prompts x n in one request
+    max_messages: int = 512  # in one chat request
     max_body_bytes: int = 1 << 20
 
 
@@ -112,7 +113,9 @@ def generation_config(
     try:
         return override_generation(base, overrides, REQUEST_NAMES)
     except UsageError as exc:
-        raise ApiError(400, exc.message) from None
+        cause = exc.__cause__
+        field = cause.errors()[0]["loc"][0] if isinstance(cause, ValidationError) and cause.errors() else None
+        raise ApiError(400, exc.message, param=REQUEST_NAMES.get(str(field))) from None
 
 
 def _check_samples(prompts: int, request: ChatCompletionRequest | CompletionRequest, limits: Limits) -> None:
@@ -125,7 +128,17 @@ def _check_samples(prompts: int, request: ChatCompletionRequest | CompletionRequ
         )
 
 
-def plan_chat(loaded: LoadedEngine, request: ChatCompletionRequest, limits: Limits) -> Plan:
+def plan_chat(
+    loaded: LoadedEngine, request: ChatCompletionRequest, limits: Limits, check: Callable[[], None]
+) -> Plan:
+    """`check` raises once the client has gone, so a long prompt is not built for nobody."""
+    if len(request.messages) > limits.max_messages:
+        raise ApiError(
+            400,
+            f"{len(request.messages)} messages is over this server's limit of {limits.max_messages} "
+            "(llmctl serve --max-messages)",
+            param="messages",
+        )
     _check_samples(1, request, limits)
     config = generation_config(loaded, request, limits)
     system = "\n\n".join(m.text() for m in request.messages if m.role in SYSTEM_ROLES) or None
@@ -133,7 +146,7 @@ def plan_chat(loaded: LoadedEngine, request: ChatCompletionRequest, limits: Limi
     if not turns or turns[-1]["role"] != "user":
         raise ApiError(400, "the last message must be the user's (role 'user')", param="messages")
     prompt = ChatPrompt(loaded.engine, system)
-    ids, _ = prompt.build(turns[:-1], turns[-1]["content"], config.max_new_tokens)
+    ids, _ = prompt.build(turns[:-1], turns[-1]["content"], config.max_new_tokens, check)
     context = loaded.engine.context_length
     if len(ids) >= context:
         raise ApiError(
@@ -146,7 +159,9 @@ def plan_chat(loaded: LoadedEngine, request: ChatCompletionRequest, limits: Limi
     return Plan([ids], config, request.n, prompt.stop_token_ids())
 
 
-def plan_completion(loaded: LoadedEngine, request: CompletionRequest, limits: Limits) -> Plan:
+def plan_completion(
+    loaded: LoadedEngine, request: CompletionRequest, limits: Limits, check: Callable[[], None]
+) -> Plan:
     prompts = request.prompts()
     if not prompts:
         raise ApiError(400, "the prompt list is empty", param="prompt")
@@ -156,6 +171,7 @@ def plan_completion(loaded: LoadedEngine, request: CompletionRequest, limits: Li
     vocab = engine.model.cfg.vocab_size
     token_lists = []
     for prompt in prompts:
+        check()
         ids = engine.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         if any(token >= vocab for token in ids):
             raise ApiError(400, f"token ids must be below the vocabulary size, {vocab}", param="prompt")
@@ -172,21 +188,11 @@ def plan_completion(loaded: LoadedEngine, request: CompletionRequest, limits: Li
     return Plan(token_lists, config, request.n, None, echo)
 
 
-def start(loaded: LoadedEngine, plan: Plan) -> Generation:
-    try:
-        return loaded.engine.stream(
-            plan.prompts, plan.config, num_samples=plan.num_samples, stop_token_ids=plan.stop_token_ids
-        )
-    except LlmctlError as exc:
-        raise ApiError(400, exc.message) from None
-
-
 # ---------------------------------------------------------------- whole responses
 
 
-def _usage(generation: Generation) -> Usage:
-    prompt = sum(len(prompt.ids) for prompt in generation.prompts)
-    completion = generation.stats.generated_tokens
+def _usage(ticket: Ticket) -> Usage:
+    prompt, completion = ticket.prompt_tokens, ticket.generated_tokens
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
@@ -195,39 +201,39 @@ def _index(completion: Completion, num_samples: int) -> int:
     return completion.prompt_index * num_samples + completion.sample_index
 
 
-def chat_response(model: str, generation: Generation) -> ChatCompletion:
-    completions = generation.completions()
+def chat_response(model: str, ticket: Ticket, completions: list[Completion]) -> ChatCompletion:
     return ChatCompletion(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=model,
         choices=[
             ChatChoice(
-                index=_index(c, generation.num_samples),
+                index=_index(c, ticket.num_samples),
                 message=AssistantMessage(content=c.text),
                 finish_reason=FINISH_REASONS[c.finish_reason],
             )
             for c in completions
         ],
-        usage=_usage(generation),
+        usage=_usage(ticket),
     )
 
 
-def completion_response(model: str, generation: Generation, echo: list[str] | None) -> TextCompletion:
-    completions = generation.completions()
+def completion_response(
+    model: str, ticket: Ticket, completions: list[Completion], echo: list[str] | None
+) -> TextCompletion:
     return TextCompletion(
         id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=model,
         choices=[
             TextChoice(
-                index=_index(c, generation.num_samples),
+                index=_index(c, ticket.num_samples),
                 text=(echo[c.prompt_index] if echo else "") + c.text,
                 finish_reason=FINISH_REASONS[c.finish_reason],
             )
             for c in completions
         ],
-        usage=_usage(generation),
+        usage=_usage(ticket),
     )
 
 
@@ -239,18 +245,17 @@ def _event(item: BaseModel) -> str:
 
 
 async def event_stream(
-    generation: Generation,
+    ticket: Ticket,
     opening: Iterable[BaseModel],
     chunk_events: Callable[[Chunk], Iterable[BaseModel]],
     closing: Callable[[], Iterable[BaseModel]],
 ) -> AsyncIterator[str]:
-    """Server-sent events: `opening`, one or more per chunk as the engine makes them (each
-    decoding step runs in a worker thread), `closing`, then `data: [DONE]`."""
+    """Server-sent events: `opening`, one or more per chunk as the model's batch decodes them,
+    `closing`, then `data: [DONE]`."""
     for item in opening:
         yield _event(item)
-    chunks = iter(generation)
     try:
-        while (chunk := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
+        async for chunk in ticket.chunks():
             for item in chunk_events(chunk):
                 yield _event(item)
     except Exception:  # the response has started: the error can only be an event
@@ -263,9 +268,9 @@ async def event_stream(
     yield "data: [DONE]\n\n"
 
 
-def chat_stream(model: str, generation: Generation, include_usage: bool) -> AsyncIterator[str]:
+def chat_stream(model: str, ticket: Ticket, include_usage: bool) -> AsyncIterator[str]:
     stream_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    rows = len(generation.prompts) * generation.num_samples
+    rows = len(ticket.prompts) * ticket.num_samples
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=stream_id, created=created, model=model, choices=choices, usage=usage)
@@ -282,13 +287,11 @@ def chat_stream(model: str, generation: Generation, include_usage: bool) -> Asyn
     opening = [
         chunk([ChatChunkChoice(index=row, delta=Delta(role="assistant", content=""))]) for row in range(rows)
     ]
-    return event_stream(
-        generation, opening, events, lambda: [chunk([], _usage(generation))] if include_usage else []
-    )
+    return event_stream(ticket, opening, events, lambda: [chunk([], _usage(ticket))] if include_usage else [])
 
 
 def completion_stream(
-    model: str, generation: Generation, include_usage: bool, echo: list[str] | None
+    model: str, ticket: Ticket, include_usage: bool, echo: list[str] | None
 ) -> AsyncIterator[str]:
     stream_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -299,12 +302,8 @@ def completion_stream(
         reason = FINISH_REASONS[item.completion.finish_reason] if item.completion is not None else None
         return [chunk([TextChoice(index=item.row, text=item.text, finish_reason=reason)])]
 
-    rows = range(len(generation.prompts) * generation.num_samples)
+    rows = range(len(ticket.prompts) * ticket.num_samples)
     opening = (
-        [chunk([TextChoice(index=row, text=echo[row // generation.num_samples])]) for row in rows]
-        if echo
-        else []
+        [chunk([TextChoice(index=row, text=echo[row // ticket.num_samples])]) for row in rows] if echo else []
     )
-    return event_stream(
-        generation, opening, events, lambda: [chunk([], _usage(generation))] if include_usage else []
-    )
+    return event_stream(ticket, opening, events, lambda: [chunk([], _usage(ticket))] if include_usage else [])

@@ -1,13 +1,14 @@
-"""Which models the server offers, and the loaded ones: an LRU cache with one lock per model.
+"""Which models the server offers, and the loaded ones: an LRU cache of models in use.
 
 A model id is what a request's `model` field says: a run name (its best checkpoint), `run:best`,
 `run:latest` or `run:step-N`, or with `--model` exactly one of the references given there. Each
 request resolves its id to a checkpoint directory, so a run that is still training is served at
 its newest best checkpoint; two ids naming one checkpoint share one loaded model.
 
-A model's lock is held from building a request's prompt to the end of its generation, so one
-model serves its requests one after another and a KV cache is never shared. The locks are
-asyncio locks (first come, first served): a request waiting for its turn holds no thread.
+A request holds a lease on its model from building its prompt to its last token, so a model in
+use is never unloaded; many requests hold one model at once (their rows share its batch, see
+llmctl.serve.batching). A model loads once, whoever asks first; the others wait for that load
+without holding a thread.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from llmctl.checkpoint.files import read_meta
-from llmctl.checkpoint.refs import resolve_model_ref
+from llmctl.checkpoint.refs import resolve_model_ref, resolve_run_ref
 from llmctl.errors import LlmctlError, UsageError
-from llmctl.generate import LoadedEngine
 from llmctl.monitor.runs import known_runs
 from llmctl.workspace import Workspace, check_name, checkpoint_step, list_checkpoints
 
@@ -59,48 +60,48 @@ def describe(model_id: str, path: Path) -> ModelEntry:
 
 @dataclass
 class _Slot:
-    """One checkpoint's place in the cache: its lock, the requests holding or awaiting it, and
-    its engine once loaded."""
+    """One checkpoint's place in the cache: the requests holding it, and what it loaded to."""
 
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    loading: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0
-    loaded: LoadedEngine | None = None
+    loaded: Any = None
 
 
 class Lease:
-    """A loaded engine held by one request; `release` gives it back (a second call does nothing)."""
+    """A loaded model held by one request; `release` gives it back (a second call does nothing)."""
 
     def __init__(self, slot: _Slot):
         self._slot = slot
-        self.loaded: LoadedEngine = slot.loaded
+        self.loaded = slot.loaded
         self._held = True
 
     def release(self) -> None:
         if self._held:
             self._held = False
             self._slot.users -= 1
-            self._slot.lock.release()
 
 
 class ModelPool:
-    """Resolves model ids and keeps at most `max_loaded` engines in memory, least recently used out.
+    """Resolves model ids and keeps at most `max_loaded` models in memory, least recently used out.
 
-    `load` turns a checkpoint directory into an engine (load_engine with the server's device and
-    precision). An engine in use is never evicted: while every loaded model is busy, one more may
-    stay loaded until its request ends.
+    `load` turns a checkpoint directory into what requests use (the app's: an engine and its
+    batch), `unload` lets it go when it leaves the cache. A model in use is never evicted: while
+    every loaded model is busy, one more may stay loaded until its requests end.
     """
 
     def __init__(
         self,
         workspace_root: Path,
-        load: Callable[[Path], LoadedEngine],
+        load: Callable[[Path], Any],
         max_loaded: int = 2,
         refs: Sequence[str] = (),
+        unload: Callable[[Any], None] = lambda loaded: None,
     ):
         self.workspace_root = workspace_root
         self.refs = list(refs)  # with --model: the only ids served
         self.max_loaded = max_loaded
         self._load = load
+        self._unload = unload
         self._slots: OrderedDict[Path, _Slot] = OrderedDict()
 
     # ------------------------------------------------------------ ids
@@ -111,8 +112,8 @@ class ModelPool:
         if self.refs:
             if model_id not in self.refs:
                 raise ModelNotFound(f"model '{model_id}' is not served here; served: {', '.join(self.refs)}")
+            resolve = resolve_model_ref
         else:
-            # only run names: a request must not reach checkpoint directories anywhere on disk
             run = model_id.partition(":")[0]
             try:
                 check_name(run, "run")
@@ -120,8 +121,11 @@ class ModelPool:
                 run = ""
             if not run or not workspace.run_dir(run).is_dir():
                 raise ModelNotFound(f"model '{model_id}' does not exist; GET /v1/models lists them")
+            # a run reference only, never a path: no directory on disk (the server's working
+            # directory included) is reachable through a request
+            resolve = resolve_run_ref
         try:
-            return resolve_model_ref(workspace, model_id)
+            return resolve(workspace, model_id)
         except LlmctlError as exc:
             raise ModelNotFound(exc.message) from None
 
@@ -138,7 +142,7 @@ class ModelPool:
             if not checkpoints:
                 continue
             try:
-                found.append(describe(run, resolve_model_ref(workspace, run)))
+                found.append(describe(run, resolve_run_ref(workspace, run)))
                 found += [describe(f"{run}:step-{checkpoint_step(path)}", path) for path in checkpoints]
             except LlmctlError:
                 continue  # a checkpoint removed or damaged while listing: left out, not an error
@@ -158,10 +162,10 @@ class ModelPool:
         return loaded
 
     async def acquire(self, path: Path) -> Lease:
-        """The engine for checkpoint `path`, loaded if need be, this request's alone until released.
+        """The model for checkpoint `path`, loaded if need be, held until the lease is released.
 
         Releasing never awaits, so a streamed response can release in a `finally` that a cancelled
-        request reaches without being interrupted there (which would keep the model locked).
+        request reaches without being interrupted there.
         """
         slot = self._slots.get(path)
         if slot is None:
@@ -169,17 +173,13 @@ class ModelPool:
         self._slots.move_to_end(path)
         slot.users += 1
         try:
-            await slot.lock.acquire()
-        except BaseException:
-            slot.users -= 1
-            raise
-        try:
             if slot.loaded is None:
-                slot.loaded = await anyio.to_thread.run_sync(self._load, path)
-                self._evict()
+                async with slot.loading:  # one load, whoever asks first; the others wait for it
+                    if slot.loaded is None:
+                        slot.loaded = await anyio.to_thread.run_sync(self._load, path)
+                        self._evict()
         except BaseException:
             slot.users -= 1
-            slot.lock.release()
             raise
         return Lease(slot)
 
@@ -191,8 +191,20 @@ class ModelPool:
                 break
             if slot.users == 0:
                 del self._slots[path]
+                self._unload(slot.loaded)
                 excess -= 1
 
     def loaded_paths(self) -> list[Path]:
         # a snapshot first: the page's JSON endpoints call this from worker threads
         return [path for path, slot in list(self._slots.items()) if slot.loaded is not None]
+
+    def loaded(self, path: Path) -> Any:
+        """What `path` is loaded as, or None."""
+        slot = self._slots.get(path)
+        return None if slot is None else slot.loaded
+
+    def close(self) -> None:
+        """Unload every model (the server is stopping)."""
+        for slot in list(self._slots.values()):
+            if slot.loaded is not None:
+                self._unload(slot.loaded)

@@ -9,9 +9,26 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 
 MAX_STOP_STRINGS = 4  # OpenAI's own limit
+
+
+def _whole_characters(text: str) -> str:
+    """JSON's "\\ud800" escapes decode to a lone surrogate, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        raise ValueError(f"the text holds a lone surrogate (U+{ord(bad):04X}), not valid Unicode") from None
+    return text
+
+
+# Numbers as JSON numbers only (true is not 1, "5" not 5), floats finite (JSON parsers accept
+# Infinity and NaN); text as valid Unicode.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+Text = Annotated[str, AfterValidator(_whole_characters)]
 
 
 class StreamOptions(BaseModel):
@@ -23,22 +40,22 @@ class StreamOptions(BaseModel):
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1)
+    model: Text = Field(min_length=1)
+    max_tokens: Int | None = Field(None, ge=1)
+    temperature: Float | None = Field(None, ge=0, le=2)
+    top_p: Float | None = Field(None, gt=0, le=1)
+    n: Int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    user: str | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: Int | None = None
+    presence_penalty: Float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Float | None = Field(None, ge=-2, le=2)
+    user: Text | None = None
     # extensions
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, lt=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    top_k: Int | None = Field(None, ge=0)
+    min_p: Float | None = Field(None, ge=0, lt=1)
+    repetition_penalty: Float | None = Field(None, gt=0)
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -70,7 +87,7 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
@@ -78,8 +95,8 @@ class ChatMessage(BaseModel):
 
     # OpenAI's newer models call the system prompt "developer"; both mean the same here
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
@@ -87,17 +104,17 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
 
     def sampling(self) -> dict[str, object]:
         return {**super().sampling(), "max_new_tokens": self.max_completion_tokens or self.max_tokens}
 
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+TokenIds = list[Annotated[Int, Field(ge=0)]]
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: Text | list[Text] | TokenIds | list[TokenIds]
     echo: bool = False
 
     def prompts(self) -> list[str] | list[list[int]]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from llmctl.cli.common import DEVICE, PRECISION, note, out, print_json, workspace
+from llmctl.cli.common import DEVICE, DTYPE, note, out, print_json, workspace
 from llmctl.cli.eval.sandbox_notes import DEFAULT_WORKERS
 from llmctl.errors import UsageError
 
@@ -33,7 +33,7 @@ def compare(
     workers: int = typer.Option(DEFAULT_WORKERS, "--workers", min=1, help="Probe tests run at once."),
     plot: Path = typer.Option(None, "--plot", help="Also draw the comparison as a PNG."),
     device: str = DEVICE,
-    precision: str = PRECISION,
+    dtype: str = DTYPE,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Run the same evals over several checkpoints and print one table (and a figure with --plot).
@@ -64,7 +64,7 @@ def compare(
         stride=stride,
         batch_size=batch_size,
         device=device,
-        precision=precision,
+        dtype=dtype,
         workers=workers,
         on_result=_report_checkpoint,
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from llmctl.cli.common import DEVICE, MODEL_REF_HELP, PRECISION, note, out, print_json, warn, workspace
+from llmctl.cli.common import DEVICE, DTYPE, MODEL_REF_HELP, note, out, print_json, warn, workspace
 from llmctl.cli.eval.sandbox_notes import DEFAULT_WORKERS, say_how_confined
 
 
@@ -51,7 +51,7 @@ def humaneval(
         "completions.jsonl go \\[default: the workspace's evals/humaneval-TIME/].",
     ),
     device: str = DEVICE,
-    precision: str = PRECISION,
+    dtype: str = DTYPE,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """HumanEval pass@k: generate completions with a model, or score ones made elsewhere, in the sandbox.
@@ -81,7 +81,7 @@ def humaneval(
         timeout_s=timeout,
         out_dir=out_dir,
         device=device,
-        precision=precision,
+        dtype=dtype,
     )
     progress = Progress(
         note=note,

@@ -22,11 +22,19 @@ def perplexity(
     ),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Windows read at once."),
     device: str = DEVICE,
+    dtype: str = typer.Option(
+        "fp32",
+        "--dtype",
+        help="The weights to score with: fp32, bf16, int8 or auto (as sample would generate), "
+        "to measure what a dtype costs in bits per byte.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Loss, perplexity and bits per byte on a corpus's validation split or a text file.
 
-    Example: llmctl eval perplexity --model code-base --corpus code --stride 256
+    Examples: llmctl eval perplexity --model code-base --corpus code --stride 256
+
+      llmctl eval perplexity --model code-base --corpus code --dtype int8
     """
     import torch
 
@@ -34,12 +42,16 @@ def perplexity(
     from llmctl.eval.perplexity import measure_perplexity, text_source
     from llmctl.eval.results import describe_checkpoint, record
     from llmctl.generate import resolve_device
+    from llmctl.model.decode_dtype import convert_for_decoding, resolve_decode_dtype
 
     ws = workspace()
+    torch_device = resolve_device(device)
+    dtype = resolve_decode_dtype(dtype, torch_device)
     source, texts = text_source(ws, corpus, file)
-    loaded = load_model(ws, model, resolve_device(device), dtype=torch.float32)
+    loaded = load_model(ws, model, torch_device, dtype=torch.float32)
+    scored = convert_for_decoding(loaded.model, dtype, torch_device)
     result = measure_perplexity(
-        loaded.model,
+        scored,
         loaded.tokenizer,
         texts,
         stride=stride,
@@ -52,6 +64,7 @@ def perplexity(
         "source": source,
         **result.as_dict(),
         "batch_size": batch_size,
+        "dtype": dtype,
     }
     summary["eval_id"] = record(ws, "perplexity", summary)
     if as_json:
@@ -82,5 +95,6 @@ def _render_perplexity(summary: dict) -> None:
         f"{summary['documents']} documents · {summary['tokens']:,} tokens · {summary['bytes']:,} bytes",
     )
     table.add_row("window", f"{summary['window']} tokens, stride {summary['stride']}")
+    table.add_row("weights", summary["dtype"])
     table.add_row("time", f"{summary['seconds']:.1f} s ({summary['tokens_per_second'] or 0:,.0f} tokens/s)")
     out.print(table)

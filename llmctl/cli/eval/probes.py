@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from llmctl.cli.common import DEVICE, MODEL, PRECISION, out, print_json, workspace
+from llmctl.cli.common import DEVICE, DTYPE, MODEL, out, print_json, workspace
 from llmctl.cli.eval.sandbox_notes import DEFAULT_WORKERS, say_how_confined
 
 
@@ -15,7 +15,7 @@ def probes(
         DEFAULT_WORKERS, "--workers", min=1, help="Function-body tests run at once (in the sandbox)."
     ),
     device: str = DEVICE,
-    precision: str = PRECISION,
+    dtype: str = DTYPE,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document, with every continuation."),
 ) -> None:
     """Deterministic code probes with greedy decoding, each category scored 0 to 1.
@@ -31,10 +31,15 @@ def probes(
     from llmctl.generate import load_engine
 
     ws = workspace()
-    loaded = load_engine(ws, model, device, precision)
+    loaded = load_engine(ws, model, device, dtype)
     say_how_confined(sandbox_profile())
     scores = run_probes(loaded.engine, batch_size=batch_size, workers=workers)
-    summary = {"kind": "probes", **describe_checkpoint(ws, model, loaded.path), **scores}
+    summary = {
+        "kind": "probes",
+        **describe_checkpoint(ws, model, loaded.path),
+        **scores,
+        "dtype": loaded.engine.dtype,
+    }
     summary["eval_id"] = record(ws, "probes", summary)
     if as_json:
         print_json(summary)

@@ -316,7 +316,12 @@ async function selectModel(id) {
     row("val loss", fmt(detail.val_loss)),
     row("context", `${fmt(detail.context_length)} tokens`),
     row("shape", `${plural(detail.n_layer, "layer")} × ${detail.d_model}`),
+    row("weights", detail.dtype),
   );
+  if (detail.batch) {
+    const { active, waiting, max_batch: limit } = detail.batch;
+    card.append(row("batch", `${active} of ${limit} decoding${waiting ? `, ${waiting} waiting` : ""}`));
+  }
   if (!detail.chat) {
     card.append(el("div", { class: "note", text: "No chat template: it continues the conversation as plain text." }));
   }
