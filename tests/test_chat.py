@@ -398,6 +398,8 @@ def test_the_terminal_repl_streams_renders_stops_on_ctrl_c_and_leaves_on_ctrl_d(
         assert GREETING in terminal.expect("you› ")
         terminal.send("/model endless\r")
         assert "switched to" in terminal.expect("you› ")
+        terminal.send("/max 4000\r")  # the session keeps its settings (60 tokens) across /model
+        assert "4000" in terminal.expect("you› ")
         terminal.send("go on\r")
         terminal.expect("go on")
         terminal.expect("a" * 16)  # the reply is streaming: interrupt it

@@ -68,7 +68,12 @@ def run_terminal(session: ChatSession, console: Console, history_file: Path | No
                 if result.exit:
                     return
                 continue
-            _show_reply(console, session, session.send(line))
+            try:
+                _show_reply(console, session, session.send(line))
+            except KeyboardInterrupt:
+                # Ctrl-C a moment after the reply ended (while its notes print) stops nothing: the
+                # reply is already in the transcript, and the chat goes on
+                console.print()
     finally:
         if readline is not None and history_file is not None:
             with contextlib.suppress(OSError):
