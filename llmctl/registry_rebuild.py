@@ -78,6 +78,7 @@ def _corpora(workspace: Workspace, registry: Registry, result: Rebuilt) -> None:
         meta = _read(directory / "meta.json", result)
         if meta is not None:
             registry.add_corpus(directory.name, meta.get("kind", "text"), directory, meta)
+            _keep_created(registry, "corpora", directory.name, meta.get("created"))
             result.corpora += 1
 
 
@@ -90,6 +91,7 @@ def _tokenizers(workspace: Workspace, registry: Registry, result: Rebuilt) -> No
         registry.add_tokenizer(
             directory.name, directory, meta.get("corpus"), meta["sha256"], meta["vocab_size"], stored
         )
+        _keep_created(registry, "tokenizers", directory.name, meta.get("created"))
         result.tokenizers += 1
 
 
@@ -139,6 +141,7 @@ def _runs(workspace: Workspace, registry: Registry, result: Rebuilt) -> None:
             tokenizer=data.get("tokenizer"),
             meta=meta,
         )
+        _keep_created(registry, "runs", run_dir.name, start.get("ts"))
         result.runs += 1
         for path, checkpoint_meta in checkpoints:
             figures = {key: checkpoint_meta[key] for key in CHECKPOINT_FIGURES if key in checkpoint_meta}
@@ -153,6 +156,13 @@ def _runs(workspace: Workspace, registry: Registry, result: Rebuilt) -> None:
             row = registry.checkpoint_by_path(Path(base))
             if row is not None:
                 conn.execute("UPDATE runs SET base_checkpoint = ? WHERE name = ?", (row["id"], run))
+
+
+def _keep_created(registry: Registry, table: str, name: str, created: object) -> None:
+    """The row's creation time as the files record it (the lists are ordered by it), not now."""
+    if isinstance(created, int | float):
+        with registry.transaction() as conn:
+            conn.execute(f"UPDATE {table} SET created = ? WHERE name = ?", (created, name))
 
 
 def _evals(workspace: Workspace, registry: Registry, result: Rebuilt) -> None:

@@ -23,6 +23,7 @@ from pretrain_helpers import BASE, events_of
 from tiny_checkpoints import write_run_checkpoint
 
 from llmctl.storage import lock_holder, staging_name
+from llmctl.workspace import Registry
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -224,6 +225,13 @@ def test_non_finite_settings_are_refused(cli, value):
 @pytest.mark.parametrize("damage", ["garbage", "directory", "empty-header"])
 def test_a_broken_registry_is_named_and_rebuilt_from_the_files(cli, ws, damage):
     assert cli(*BASE, "--run", "r", "--max-steps", "2").exit_code == 0
+    before = Registry(ws / "registry.db")
+    created = {
+        "corpus": before.corpora()[0]["created"],
+        "tokenizer": before.tokenizers()[0]["created"],
+        "run": before.run("r")["created"],
+    }
+    before.close()
     registry = ws / "registry.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{registry}{suffix}").unlink(missing_ok=True)
@@ -242,6 +250,19 @@ def test_a_broken_registry_is_named_and_rebuilt_from_the_files(cli, ws, damage):
     assert rebuilt.exit_code == 0, rebuilt.stderr
     found = rebuilt.json()
     assert (found["corpora"], found["tokenizers"], found["runs"], found["checkpoints"]) == (1, 1, 1, 1)
+    after = Registry(ws / "registry.db")
+    rebuilt_created = {
+        "corpus": after.corpora()[0]["created"],
+        "tokenizer": after.tokenizers()[0]["created"],
+        "run": after.run("r")["created"],
+    }
+    after.close()
+    # the files' own times: a build's meta.json (written a moment before its row), a run's first
+    # start event (written once its trainer is built, a few seconds after its row on a busy machine)
+    first_start = next(event for event in events_of(ws, "r") if event["event"] == "start")
+    assert rebuilt_created["run"] == first_start["ts"] == pytest.approx(created["run"], abs=30)
+    assert rebuilt_created["corpus"] == pytest.approx(created["corpus"], abs=2.0)
+    assert rebuilt_created["tokenizer"] == pytest.approx(created["tokenizer"], abs=2.0)
     status = cli("status", "--json").json()
     (run,) = status["runs"]
     assert run["name"] == "r" and run["stage"] == "pretrain"
