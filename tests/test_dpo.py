@@ -243,3 +243,29 @@ def test_bad_input_is_one_line_and_writes_nothing(ft, base_workspace, prefs, tmp
     chat = ft("dpo", "--model", plain, "--data", prefs, "--run", "bad", "--prompt-style", "chat")
     assert chat.exit_code == 2 and "use --prompt-style alpaca" in chat.stderr
     assert nothing_written(base_workspace, "bad")
+
+
+def test_tune_searches_dpo_settings_on_the_preference_figures(ft, base_workspace, prefs):
+    import optuna
+
+    from llmctl.tune.storage import open_storage
+
+    result = ft(
+        "tune", "--study", "dpo-beta", "--stage", "dpo", "--model", "base", "--data", prefs,
+        "--param", "dpo.beta=choice:0.05,0.5", "--sampler", "grid", "--trials", "2",
+        "--trial-steps", "6", *FAST, "--set", "train.lr=1e-3", "--set", "train.eval_every=3",
+        "--pruner", "none", "--objective", "val_preference_accuracy", "--direction", "maximize",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    storage = open_storage(f"sqlite:///{base_workspace / 'studies.db'}")
+    trials = optuna.load_study(study_name="dpo-beta", storage=storage).get_trials()
+    assert sorted(trial.params["dpo.beta"] for trial in trials) == [0.05, 0.5]
+    registry = Workspace(base_workspace).registry()
+    for trial in trials:
+        run = f"dpo-beta-t{trial.number:03d}"
+        row = registry.run(run)
+        assert row["stage"] == "dpo" and row["meta"]["study"] == "dpo-beta"
+        assert row["meta"]["config"]["dpo"]["beta"] == trial.params["dpo.beta"]
+        # the trial's value is its run's last evaluation of the objective
+        last = _figures(base_workspace, run, "eval")[-1]
+        assert trial.state.name == "COMPLETE" and trial.value == last["val_preference_accuracy"]

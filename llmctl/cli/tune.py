@@ -41,7 +41,7 @@ STORAGE = typer.Option(
 )
 STUDY_OPTIONS = [
     opt("study", str, typer.Option(None, "--study", "-s", help="Study name: the same name joins the study.")),
-    opt("stage", str, typer.Option("pretrain", "--stage", help="pretrain, finetune or qlora.")),
+    opt("stage", str, typer.Option("pretrain", "--stage", help="pretrain, finetune, qlora or dpo.")),
     opt("storage", str, STORAGE),
 ]
 DATA_OPTIONS = [
@@ -50,9 +50,15 @@ DATA_OPTIONS = [
     opt(
         "model",
         str,
-        typer.Option(None, "--model", "-m", help=f"finetune, qlora: the base, {MODEL_REF_HELP}."),
+        typer.Option(None, "--model", "-m", help=f"finetune, qlora, dpo: the base, {MODEL_REF_HELP}."),
     ),
-    opt("data", str, typer.Option(None, "--data", "-d", help="finetune, qlora: the instruction data.")),
+    opt(
+        "data",
+        str,
+        typer.Option(
+            None, "--data", "-d", help="finetune, qlora: the instruction data; dpo: the preference pairs."
+        ),
+    ),
     opt("task", str, typer.Option(None, "--task", help="finetune, qlora: sft or classify.")),
     opt("preset", str, typer.Option(None, "--preset", "-p", help="Preset every trial starts from.")),
 ]

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmctl.errors import UsageError
-from llmctl.events import EVAL_FIGURES
+from llmctl.events import EVAL_FIGURES, PREFERENCE_FIGURES
 from llmctl.model.classifier import TASK
-from llmctl.train import finetune, pretrain
+from llmctl.train import dpo, finetune, pretrain
+from llmctl.train.dpo import DpoOptions
 from llmctl.train.finetune_config import FinetuneOptions
 from llmctl.train.pretrain import PretrainOptions
 from llmctl.train.recipe import Plan
@@ -77,8 +78,15 @@ STAGES: dict[str, Stage] = {
         {"stage": "qlora", "lora": True},
         _finetune_figures,
     ),
-    # "dpo": Stage("dpo", DpoOptions, ("model", "data"), dpo.make_plan, figures=...) once
-    # llmctl/train/dpo.py lands, with the val_<name> figures its loss sums (reward margin, accuracy)
+    # the reference is the base with adapters off under --set adapter.enabled=true, else a
+    # frozen copy; its evaluations add the figures its loss sums (reward margin, accuracy)
+    "dpo": Stage(
+        "dpo",
+        DpoOptions,
+        ("model", "data"),
+        dpo.make_plan,
+        figures=lambda options: ("val_loss", *(f"val_{name}" for name in PREFERENCE_FIGURES)),
+    ),
 }
 
 
