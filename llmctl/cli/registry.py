@@ -32,7 +32,15 @@ def rebuild(
         warn(f"skipped {skipped}")
     if result.moved_aside:
         warn(f"the old registry is kept as {result.moved_aside}")
-    success(
-        f"registry rebuilt: {result.corpora} corpora, {result.tokenizers} tokenizers, {result.runs} runs, "
-        f"{result.checkpoints} checkpoints, {result.evals} evals"
-    )
+    found = [
+        _counted(result.corpora, "corpus", "corpora"),
+        _counted(result.tokenizers, "tokenizer", "tokenizers"),
+        _counted(result.runs, "run", "runs"),
+        _counted(result.checkpoints, "checkpoint", "checkpoints"),
+        _counted(result.evals, "eval", "evals"),
+    ]
+    success(f"registry rebuilt: {', '.join(found)}")
+
+
+def _counted(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
