@@ -95,6 +95,8 @@ def test_sample_cli_takes_a_model_directory(tmp_path: Path, cli) -> None:
         "0",
         "--max-new-tokens",
         "16",
+        "--dtype",
+        "fp32",  # transformers' greedy tokens are fp32's (auto on a CPU decodes with int8 weights)
         "--json",
     )
     assert result.exit_code == 0, result.stderr
