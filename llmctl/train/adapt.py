@@ -153,12 +153,13 @@ def build_model(
 ) -> nn.Module:
     """The base, as a classifier if given labels, quantized for QLoRA, wrapped with LoRA for adapters."""
     quantized = config.adapter.quantize == "nf4"
+    dtype = quantize.compute_dtype(device, config.train.precision)  # resolved by now: the run's
     if labels is not None:
         model = classifier_from(loader.load_weights(base), len(labels))
         if quantized:
-            quantize.quantize_model(model, device)
+            quantize.quantize_model(model, device, dtype)
     else:
-        model = loader.load_weights(base, quantize_base=quantized, device=device)
+        model = loader.load_weights(base, quantize_base=quantized, device=device, quantized_dtype=dtype)
     set_dropout(model, config.model.dropout)
     if config.adapter.enabled:
         model = apply_lora(model, config.adapter, base)
