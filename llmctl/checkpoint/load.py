@@ -148,7 +148,8 @@ def load_quantized_base(
                 bias = tensors.get_tensor(f"{name}.bias") if f"{name}.bias" in names else None
                 layer = quantize.nf4_layer(tensors.get_tensor(f"{name}.weight"), bias, dtype, device)
                 quantize.set_submodule(model, name, layer)
-            rest = {n: tensors.get_tensor(n) for n in names if n.rsplit(".", 1)[0] not in quantized}
+            # copies: a tensor read from the file keeps its whole mapping resident (every page read)
+            rest = {n: tensors.get_tensor(n).clone() for n in names if n.rsplit(".", 1)[0] not in quantized}
     except (SafetensorError, OSError) as exc:
         raise corrupt(weights, str(exc)) from exc
     model.load_state_dict(rest, strict=False, assign=True)
