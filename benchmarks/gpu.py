@@ -453,7 +453,7 @@ def main() -> int:
     parser.add_argument("--out", help="write every figure to this JSON file (after each part)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--mfu-steps", type=int, default=40)
-    parser.add_argument("--preset-steps", type=int, default=300)
+    parser.add_argument("--preset-steps", type=int, default=200)
     parser.add_argument("--llm200m-steps", type=int, default=20)
     parser.add_argument("--qlora-steps", type=int, default=10)
     parser.add_argument("--qlora-micro-batch", type=int, default=4)
