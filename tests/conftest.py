@@ -12,6 +12,38 @@ from pathlib import Path
 import pytest
 from cli_helpers import CliResult, run_cli
 
+# ---------------------------------------------------------------- CPU unless a test asks for CUDA
+# On a GPU host, 'auto' would put the CLI tests on CUDA with bf16 and compile, and fail them for
+# reasons unrelated to what they test. LLMCTL_DEVICE is what llmctl's 'auto' resolves to, read by
+# every process, so it pins this one and every process a test starts (torchrun's children too);
+# `cuda`-marked tests (tests/test_cuda*.py) are left unpinned and skipped where no GPU is visible.
+
+CPU_PIN = ("LLMCTL_DEVICE", "cpu")
+
+
+def cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cuda_items = [item for item in items if item.get_closest_marker("cuda")]
+    if cuda_items and not cuda_visible():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+        for item in cuda_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def pinned_device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The device 'auto' means in this test: the CPU, unless the test is marked `cuda`."""
+    if request.node.get_closest_marker("cuda"):
+        monkeypatch.delenv(CPU_PIN[0], raising=False)
+        return None
+    monkeypatch.setenv(*CPU_PIN)
+    return CPU_PIN[1]
+
 
 @pytest.fixture
 def workspace_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -27,6 +27,7 @@ def test_auto_is_the_cpu_without_a_gpu_and_names_are_checked(monkeypatch):
 
 
 def test_each_process_takes_the_gpu_of_its_rank_and_a_missing_one_names_the_count(monkeypatch):
+    monkeypatch.delenv("LLMCTL_DEVICE")  # the suite's pin to the CPU (conftest.py), lifted here
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("auto", local_rank=1) == torch.device("cuda", 1)

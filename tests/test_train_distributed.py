@@ -31,6 +31,7 @@ def test_two_gloo_processes_with_half_the_batch_follow_the_single_process_curve(
     def curve(run: str, kind: str, figure: str) -> list[float]:
         return [event[figure] for event in events_of(ws, run) if event["event"] == kind]
 
+    assert curve("two", "start", "distributed") == ["gloo"] and curve("one", "start", "distributed") == [None]
     assert curve("two", "start", "world_size") == [2] and curve("two", "start", "tokens_per_step") == [8 * 32]
     assert curve("two", "train", "loss") == pytest.approx(curve("one", "train", "loss"), abs=1e-4)
     assert curve("two", "eval", "val_loss") == pytest.approx(curve("one", "eval", "val_loss"), abs=1e-4)

@@ -88,13 +88,15 @@ def load_weights(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     quantize_base: bool = False,
+    quantized_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """The plain model of any checkpoint (see the module's table), on `device`."""
+    """The plain model of any checkpoint (see the module's table), on `device`; a 4-bit base's
+    layers compute in `quantized_dtype` (quantize.compute_dtype's default for the device)."""
     meta = meta if meta is not None else read_meta(path)
     config = config if config is not None else read_config(path)
     device = torch.device(device)
     if quantize_base and checkpoint_kind(meta) == "full" and meta.get("task") != TASK:
-        return load_quantized_base(path, config, device)
+        return load_quantized_base(path, config, device, quantized_dtype)
     if checkpoint_kind(meta) == "adapter":
         base = load_weights(base_of(meta, path))
         if meta.get("task") == TASK and not isinstance(base, TransformerClassifier):
@@ -108,7 +110,7 @@ def load_weights(
     if dtype is not None:
         model = model.to(dtype)
     if quantize_base:
-        quantize.quantize_model(model, device)
+        quantize.quantize_model(model, device, quantized_dtype)
     return model.to(device)
 
 
@@ -124,19 +126,21 @@ def _load_transformer(directory: Path, config: RunConfig, dtype: torch.dtype | N
     return model
 
 
-def load_quantized_base(path: Path, config: RunConfig, device: torch.device) -> Transformer:
+def load_quantized_base(
+    path: Path, config: RunConfig, device: torch.device, dtype: torch.dtype | None = None
+) -> Transformer:
     """A full checkpoint's Transformer with its linear layers in NF4, read tensor by tensor: each
     matrix is quantized as it is read, so peak memory stays near the quantized model's size.
     A Hugging Face model directory (other names, maybe sharded) is read whole, then quantized."""
     if is_hf_model_dir(path):
         model = _load_transformer(path, config, None)
-        quantize.quantize_model(model, device)
+        quantize.quantize_model(model, device, dtype)
         return model.to(device)
     weights = path / FullModelIO.weights_file
     with torch.device("meta"):
         model = Transformer(config.model)
     quantized = {name for name, module in model.named_modules() if quantize.quantizable(name, module)}
-    dtype = quantize.compute_dtype(device)
+    dtype = dtype or quantize.compute_dtype(device)
     try:
         with safe_open(str(weights), framework="pt") as tensors:
             names = set(tensors.keys())
@@ -144,7 +148,8 @@ def load_quantized_base(path: Path, config: RunConfig, device: torch.device) -> 
                 bias = tensors.get_tensor(f"{name}.bias") if f"{name}.bias" in names else None
                 layer = quantize.nf4_layer(tensors.get_tensor(f"{name}.weight"), bias, dtype, device)
                 quantize.set_submodule(model, name, layer)
-            rest = {n: tensors.get_tensor(n) for n in names if n.rsplit(".", 1)[0] not in quantized}
+            # copies: a tensor read from the file keeps its whole mapping resident (every page read)
+            rest = {n: tensors.get_tensor(n).clone() for n in names if n.rsplit(".", 1)[0] not in quantized}
     except (SafetensorError, OSError) as exc:
         raise corrupt(weights, str(exc)) from exc
     model.load_state_dict(rest, strict=False, assign=True)

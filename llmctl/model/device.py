@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from llmctl.errors import UsageError
 
 # the setting the user gives a device with, and how they would ask for the CPU instead
-_CPU_INSTEAD = {"--device": "--device cpu", "train.device": "--set train.device=cpu"}
+_CPU_INSTEAD = {
+    "--device": "--device cpu",
+    "train.device": "--set train.device=cpu",
+    "LLMCTL_DEVICE": "LLMCTL_DEVICE=cpu",
+}
+
+# what 'auto' means when set (the test suite pins itself, and the processes it starts, to the CPU
+# with LLMCTL_DEVICE=cpu); an explicit device still wins, and torchrun's children inherit it
+AUTO_DEVICE_ENV = "LLMCTL_DEVICE"
 
 
 def resolve_device(requested: str = "auto", local_rank: int = 0, setting: str = "--device") -> torch.device:
     """'auto' is this process's CUDA GPU (cuda:LOCAL_RANK) when there is one, else the CPU; 'cuda'
     without an index is this process's GPU too. A GPU that is not there (none visible, or an index
-    past the visible count: more processes than GPUs) is a usage error naming the count."""
+    past the visible count: more processes than GPUs) is a usage error naming the count.
+    LLMCTL_DEVICE, when set, is what 'auto' resolves to."""
+    if requested == "auto":
+        requested = os.environ.get(AUTO_DEVICE_ENV) or "auto"
+        setting = AUTO_DEVICE_ENV if requested != "auto" else setting
     if requested == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")

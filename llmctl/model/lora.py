@@ -81,3 +81,14 @@ def lora_parameter_count(model: nn.Module, adapter: AdapterConfig) -> int:
         if _is_linear(module) and name.rsplit(".", 1)[-1] in adapter.targets:
             total += adapter.r * (module.in_features + module.out_features)
     return total
+
+
+def lora_saved_values_per_token(layer: nn.Module, adapter: AdapterConfig) -> int:
+    """Activations LoRA adds to one layer's backward, in values per token: each targeted linear keeps
+    A's output (r) for B, and with dropout the dropped copy of its input (its bool mask, a byte a
+    value, is left out)."""
+    total = 0
+    for name, module in layer.named_modules():
+        if _is_linear(module) and name.rsplit(".", 1)[-1] in adapter.targets:
+            total += adapter.r + (module.in_features if adapter.dropout > 0 else 0)
+    return total

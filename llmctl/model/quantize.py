@@ -62,9 +62,16 @@ def require_bitsandbytes(device: torch.device) -> None:
         ) from exc
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """What the 4-bit layers dequantize to for their matmuls: bf16 (fp16 on older GPUs), fp32 on CPU."""
+_SIXTEEN_BIT = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(device: torch.device, precision: str | None = None) -> torch.dtype:
+    """What the 4-bit layers dequantize to for their matmuls: on a GPU the run's 16-bit precision
+    (else bf16, fp16 on GPUs without it), fp32 on CPU. A QLoRA run in fp16 must compute in fp16:
+    bf16 layers under an fp16 autocast would round twice, and fail on GPUs without bf16."""
     if device.type == "cuda":
+        if precision in _SIXTEEN_BIT:
+            return _SIXTEEN_BIT[precision]
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
@@ -108,9 +115,10 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def quantize_model(model: nn.Module, device: torch.device) -> int:
-    """Replace the model's quantizable linear layers with NF4 Linear4bit ones; returns how many."""
-    dtype = compute_dtype(device)
+def quantize_model(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> int:
+    """Replace the model's quantizable linear layers with NF4 Linear4bit ones computing in `dtype`
+    (compute_dtype's default); returns how many."""
+    dtype = dtype or compute_dtype(device)
     targets = [(name, module) for name, module in model.named_modules() if quantizable(name, module)]
     for name, module in targets:
         set_submodule(model, name, nf4_layer(module.weight.data, module.bias, dtype, device))

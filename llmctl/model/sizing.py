@@ -62,29 +62,43 @@ class MemoryEstimate:
         }
 
 
+def saved_values_per_token(model: ModelConfig) -> int:
+    """Activations one layer keeps for its backward pass, in values per token, counted on this
+    Transformer with autograd's saved-tensor hooks: both norms' inputs and outputs (4d), the
+    attention's input, query, output and o_proj input (4d) and its keys and values (2 kv), rope's
+    inputs (d); SwiGLU keeps gate, up, their product and silu's output (4 ff), GELU its input
+    and output (2 ff). With GELU at 4d this is Korthikanti et al.'s 17d plus rope's and the norms'."""
+    kv = model.kv_heads * model.head_dim
+    mlp = 4 * model.ff_dim if model.mlp == "swiglu" else 2 * model.ff_dim
+    return 9 * model.d_model + 2 * kv + mlp
+
+
 def estimate_training_memory(
     model: ModelConfig,
     train: TrainConfig,
     trainable_params: int | None = None,
     weight_bytes_per_param: float = 4.0,
     mixed_precision: bool | None = None,
+    adapter_values_per_token: int = 0,
 ) -> MemoryEstimate:
     """Bytes for one training step at the config's micro-batch.
 
     Weights are kept in fp32 (autocast computes in 16 bits); AdamW keeps two fp32 moments per
-    trainable parameter. Activations follow Korthikanti et al. (2022) with attention through a
-    fused kernel (no T×T matrix stored): about 34·d bytes per token per layer at 16 bits, plus the
-    logits and their gradient in fp32.
+    trainable parameter. Activations are what each layer saves for its backward pass
+    (`saved_values_per_token`, attention through a fused kernel: no T×T matrix stored) at 2
+    bytes a value in mixed precision, 4 in fp32, plus what adapters save per layer
+    (`adapter_values_per_token`), plus the logits and their log-softmax in fp32.
     """
     n = count_parameters(model)
     trainable = n if trainable_params is None else trainable_params
     if mixed_precision is None:
         mixed_precision = train.precision != "fp32"
-    act_scale = 1.0 if mixed_precision else 2.0
+    value_bytes = 2 if mixed_precision else 4
     tokens = train.micro_batch_size * model.context_length
-    per_layer = 34 * model.d_model * tokens * act_scale
+    per_layer = (saved_values_per_token(model) + adapter_values_per_token) * tokens * value_bytes
     if train.activation_checkpointing:
-        layers = 2 * model.d_model * tokens * act_scale * model.n_layer + per_layer
+        # each layer keeps its input; the layer being recomputed holds its whole set again
+        layers = model.d_model * tokens * value_bytes * model.n_layer + per_layer
     else:
         layers = per_layer * model.n_layer
     logits = 8 * tokens * model.padded_vocab_size

@@ -21,7 +21,7 @@ from llmctl.data import sft
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.model import quantize
 from llmctl.model.classifier import TASK, classifier_from
-from llmctl.model.lora import apply_lora, check_targets, lora_parameter_count
+from llmctl.model.lora import apply_lora, check_targets, lora_parameter_count, lora_saved_values_per_token
 from llmctl.model.sizing import MemoryEstimate, count_parameters, estimate_training_memory, flops_per_token
 from llmctl.model.transformer import Attention, Transformer
 from llmctl.tokenizer import END_OF_TURN_TOKEN, LoadedTokenizer, load_tokenizer_file
@@ -125,13 +125,16 @@ def size_run(
     full_bytes = 4 * params
     unquantized = None
     weight_bytes = full_bytes
+    lora_saved = lora_saved_values_per_token(shape.layers[0], config.adapter) if adapter else 0
     if config.adapter.quantize == "nf4":
         quantized, kept = quantize.count_quantized(shape)
         weight_bytes = quantized * quantize.NF4_BITS_PER_WEIGHT / 8 + 4 * (kept + head + lora)
         unquantized = estimate_training_memory(
-            config.model, train, trainable, full_bytes / base_params, mixed
+            config.model, train, trainable, full_bytes / base_params, mixed, lora_saved
         )
-    memory = estimate_training_memory(config.model, train, trainable, weight_bytes / base_params, mixed)
+    memory = estimate_training_memory(
+        config.model, train, trainable, weight_bytes / base_params, mixed, lora_saved
+    )
     if paged_optimizer(config, runtime.device):  # two 8-bit moments per trained parameter, not two fp32
         memory = MemoryEstimate(memory.weights, memory.gradients, 2 * trainable, memory.activations)
     return Sizing(size, memory, unquantized, base_params, weight_bytes)
@@ -153,12 +156,13 @@ def build_model(
 ) -> nn.Module:
     """The base, as a classifier if given labels, quantized for QLoRA, wrapped with LoRA for adapters."""
     quantized = config.adapter.quantize == "nf4"
+    dtype = quantize.compute_dtype(device, config.train.precision)  # resolved by now: the run's
     if labels is not None:
         model = classifier_from(loader.load_weights(base), len(labels))
         if quantized:
-            quantize.quantize_model(model, device)
+            quantize.quantize_model(model, device, dtype)
     else:
-        model = loader.load_weights(base, quantize_base=quantized, device=device)
+        model = loader.load_weights(base, quantize_base=quantized, device=device, quantized_dtype=dtype)
     set_dropout(model, config.model.dropout)
     if config.adapter.enabled:
         model = apply_lora(model, config.adapter, base)

@@ -21,10 +21,13 @@ class DistEnv:
     local_rank: int = 0
     world_size: int = 1
     local_world_size: int = 1  # the processes on this node
+    # started by torchrun: one process there still joins a process group and trains under DDP,
+    # so `torchrun --nproc-per-node=1` runs the NCCL path N GPUs would (tests/test_cuda.py does)
+    launched: bool = False
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -44,6 +47,7 @@ def dist_env() -> DistEnv:
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         world_size=int(os.environ["WORLD_SIZE"]),
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        launched=True,
     )
 
 
@@ -60,6 +64,11 @@ def init_process_group(env: DistEnv, device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def backend() -> str | None:
+    """The process group's backend ('nccl', 'gloo'), None when the run has none."""
+    return str(dist.get_backend()) if dist.is_available() and dist.is_initialized() else None
 
 
 def destroy_process_group() -> None:

@@ -24,6 +24,7 @@ from llmctl.model.sizing import count_parameters, estimate_training_memory, flop
 from llmctl.model.transformer import Transformer
 from llmctl.tokenizer import LoadedTokenizer, load_tokenizer
 from llmctl.train import distributed, recipe
+from llmctl.train.allocator import return_large_frees_to_the_os
 from llmctl.train.batches import TokenWindows
 from llmctl.train.distributed import DistEnv, seed_per_rank
 from llmctl.train.precision import Precision, resolve_device
@@ -85,6 +86,8 @@ class PretrainPlan(Plan):
     def stage_parts(self, dist: DistEnv) -> StageParts:
         """A fresh Transformer and random windows of the token cache."""
         cfg, cache = self.config, self.cache
+        if self.device.type == "cpu":
+            return_large_frees_to_the_os()  # the heap would grow a third past the live tensors
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = Transformer(cfg.model)
         seed_per_rank(cfg.train.seed, dist)

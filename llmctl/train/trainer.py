@@ -457,6 +457,7 @@ class Trainer:
             max_tokens=self.train_cfg.max_tokens,
             resumed=self.resumed_from is not None,
             world_size=self.dist.world_size,
+            distributed=distributed.backend(),
             **self.run.start_fields,
         )
 
