@@ -44,6 +44,7 @@ class FinetuneOptions(RunOptions):
     lora_alpha: float | None = None
     lora_dropout: float | None = None
     lora_targets: list[str] | None = None
+    lora_rslora: bool | None = None
     qlora: bool = False  # adapters on the base quantized to 4 bits (the stage 'qlora' implies it)
 
     @property
@@ -90,6 +91,7 @@ def resolve_finetune_config(
         "--lora-alpha": options.lora_alpha,
         "--lora-dropout": options.lora_dropout,
         "--lora-targets": options.lora_targets,
+        "--rslora": options.lora_rslora,
     }
     given = [flag for flag, value in lora_flags.items() if value is not None]
     if given and not adapter:
@@ -108,6 +110,7 @@ def resolve_finetune_config(
         "adapter.alpha": options.lora_alpha,
         "adapter.dropout": options.lora_dropout,
         "adapter.targets": options.lora_targets,
+        "adapter.rslora": options.lora_rslora,
         **recipe.limit_flags(options),
     }
     if saved is not None:
