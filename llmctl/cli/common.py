@@ -271,7 +271,7 @@ ADAPTER_OPTIONS = [
         typer.Option(
             None,
             "--lora-targets",
-            help="attention, mlp, all-linear (both), or comma-separated layer names such as q_proj,v_proj,lm_head "
+            help="attention, mlp, all-linear (both), or comma-separated layer names (q_proj,v_proj,lm_head) "
             "\\[default: all-linear].",
         ),
     ),
