@@ -63,8 +63,8 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
     if not resolved or unknown:
         what = f"LoRA targets {', '.join(unknown)} match" if unknown else "no LoRA targets given: they match"
         raise UsageError(
-            f"{what} no module of the model; the groups are {', '.join(LORA_TARGET_GROUPS)} and the "
-            f"linear layers are named {', '.join(available)} (--lora-targets attention or q_proj,v_proj)"
+            f"{what} no module of the model; the linear layers are named {', '.join(available)}, the "
+            f"groups {', '.join(LORA_TARGET_GROUPS)} (--lora-targets all-linear or q_proj,v_proj)"
         )
     return resolved
 
