@@ -181,11 +181,11 @@ class AdapterConfig(_Section):
     """LoRA / QLoRA. `quantize: nf4` is QLoRA."""
 
     enabled: bool = False
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
+    # r, alpha and targets as measured (docs/benchmarks.md#what-each-method-learns): attention-only
+    # adapters learned a fraction of a task full finetuning learned; every linear layer at r 16 learned it
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    # every linear layer of the blocks: attention-only adapters learned nothing where full finetuning
-    # learned a task (docs/benchmarks.md#finetune)
     targets: list[str] = Field(default_factory=lambda: ["all-linear"])
     rslora: bool = Field(False, description="rank-stabilised scaling: alpha / sqrt(r) instead of alpha / r")
     quantize: Literal["none", "nf4"] = "none"

@@ -254,11 +254,11 @@ LORA_SWITCH = [
     option("lora", bool, typer.Option(False, "--lora", help="Train LoRA adapters instead of every weight.")),
 ]
 ADAPTER_OPTIONS = [
-    option("lora_r", int, typer.Option(None, "--lora-r", min=1, help="LoRA rank \\[default: 8].")),
+    option("lora_r", int, typer.Option(None, "--lora-r", min=1, help="LoRA rank \\[default: 16].")),
     option(
         "lora_alpha",
         float,
-        typer.Option(None, "--lora-alpha", min=0.0, help="LoRA scale numerator \\[default: 16]."),
+        typer.Option(None, "--lora-alpha", min=0.0, help="LoRA scale numerator \\[default: 32]."),
     ),
     option(
         "lora_dropout",

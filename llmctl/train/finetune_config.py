@@ -16,8 +16,10 @@ from llmctl.train.runs import RunOptions
 from llmctl.workspace import RUN_CONFIG, Workspace
 
 TASKS = ("sft", TASK)
-# Finetuning starts from trained weights: a short warmup, a lower rate than pretraining (higher for
-# adapters, which start at zero), and no weight decay pulling the base's weights toward zero.
+# Finetuning starts from trained weights: a short warmup, a lower rate than pretraining, and no weight
+# decay pulling the base's weights toward zero. Adapters start at zero and need about ten times the
+# rate: at 2e-4 they learned nothing in the steps full finetuning at 1e-4 learned a task
+# (docs/benchmarks.md#what-each-method-learns).
 FINETUNE_TRAIN = {
     "lr": 1e-4,
     "min_lr": 1e-5,
@@ -27,7 +29,7 @@ FINETUNE_TRAIN = {
     "eval_every": 50,
     "save_every": 100,
 }
-ADAPTER_LR = 2e-4
+ADAPTER_LR = 1e-3
 MODEL_KEYS_ALLOWED = ("model.dropout",)
 
 
