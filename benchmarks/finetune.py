@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -48,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -305,6 +307,7 @@ def learn(workspace: Path, data: Path, run: str, options: dict, lr: float | None
     from llmctl.train.finetune import FinetuneOptions, make_plan
     from llmctl.workspace import Workspace
 
+    torch.set_num_threads(1)  # tiny matmuls on two shared cores: one thread is steadier
     overrides = [*NEUTRAL_SETTINGS] if lr is None else [*SWEEP_SETTINGS, f"train.lr={lr}"]
     ws = Workspace(workspace)
     settings = FinetuneOptions(
@@ -326,9 +329,16 @@ def learn(workspace: Path, data: Path, run: str, options: dict, lr: float | None
     }
 
 
+def learn_alone(*args) -> dict:
+    """`learn` in a fresh process of its own, as each `llmctl finetune` runs: in one process, a LoRA
+    run after twenty others once learned far less than the same run alone."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(learn, *args).result()
+
+
 def report_learning(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="llmctl-bench-learning-"))
-    torch.set_num_threads(1)  # tiny matmuls on two shared cores: one thread is steadier
+    torch.set_num_threads(1)
     try:
         workspace = root / "workspace"
         started = time.perf_counter()
@@ -348,7 +358,7 @@ def report_learning(args: argparse.Namespace) -> None:
             results = []
             for lr in lrs or ADAPTER_LRS:
                 count += 1
-                results.append(learn(workspace, data, f"learn-{count}", options, lr, args.learn_steps))
+                results.append(learn_alone(workspace, data, f"learn-{count}", options, lr, args.learn_steps))
             top = max(results, key=lambda r: (r["exact"], -r["loss"]))
             best[label] = top
             sweep = ", ".join(f"{r['lr']:g}: {r['exact']:.0%}" for r in results)
@@ -360,7 +370,7 @@ def report_learning(args: argparse.Namespace) -> None:
         defaults = {}
         for label, options in DEFAULT_METHODS:
             count += 1
-            result = learn(workspace, data, f"learn-{count}", options, None, None)
+            result = learn_alone(workspace, data, f"learn-{count}", options, None, None)
             defaults[label] = result
             adapter = result["adapter"]
             shape = (
