@@ -118,8 +118,8 @@ def lr_row(config: RunConfig, full_lr: float, adapter_lr: float) -> Row:
         why = f"from {LR_SOURCES[source]}"
     elif config.adapter.enabled and lr == adapter_lr:
         why = (
-            f"the adapter default ({full_lr:g} for all weights): adapters start at zero and learned best "
-            "at a higher rate (docs/benchmarks.md#finetune)"
+            f"the adapter default ({full_lr:g} for all weights): adapters start at zero and need a "
+            "higher rate (docs/finetune.md#configuration)"
         )
     elif not config.adapter.enabled and lr == full_lr:
         why = f"the all-weights default ({adapter_lr:g} for adapters)"

@@ -18,8 +18,8 @@ from llmctl.workspace import RUN_CONFIG, Workspace
 TASKS = ("sft", TASK)
 # Finetuning starts from trained weights: a short warmup, a lower rate than pretraining, and no weight
 # decay pulling the base's weights toward zero. Adapters start at zero and need about ten times the
-# rate: at 2e-4 they learned nothing in the steps full finetuning at 1e-4 learned a task
-# (docs/benchmarks.md#what-each-method-learns).
+# rate: their best rates were 3-10x full finetuning's, and at 2e-4 they learned nothing in the steps
+# full finetuning learned a task in (docs/benchmarks.md#what-each-method-learns).
 FINETUNE_TRAIN = {
     "lr": 1e-4,
     "min_lr": 1e-5,
