@@ -145,6 +145,10 @@ def test_rslora_reaches_peft_and_merges_exactly(ft, base_workspace):
         "rslora",
         "--lora",
         "--rslora",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
         "--lora-targets",
         "mlp",
         *QUICK,
@@ -162,7 +166,7 @@ def test_rslora_reaches_peft_and_merges_exactly(ft, base_workspace):
     with one_thread():
         unmerged = loader.load_adapter(loader.load_weights(resolve_model_ref(ws, "base")), checkpoint).eval()
         scaling = {m.scaling["default"] for m in unmerged.modules() if hasattr(m, "scaling")}
-        assert scaling == {16 / 8**0.5}  # alpha / sqrt(r), not alpha / r
+        assert scaling == {8 / 4**0.5}  # alpha / sqrt(r) = 4, not alpha / r = 2
         merged = load_model(ws, "rslora").model
         ids = torch.randint(0, 256, (2, 32))
         assert torch.allclose(merged(ids), unmerged(ids), atol=1e-5)
