@@ -21,12 +21,26 @@ adapters off), on pairs whose sides each fill about a row, at half the micro-bat
 is two sequences, so each forward holds as many sequences as SFT's. Each DPO method is compared
 with SFT of the same method. Goal: LoRA and QLoRA DPO within 1.25x of SFT's peak memory (their
 reference costs no weights).
+
+With --learning, the script measures what each method learns instead of what it costs: a tiny base
+(2 layers, 128 wide) pretrained here for a minute on the standard library's code, then taught
+QA_PAIRS (short questions with one- or two-word answers it has never seen) in the chat style, each
+method for the same --learn-steps steps, then asked every question greedily as `llmctl chat` would
+(the adapter merged into its base, QLoRA's into the NF4 round trip). Exact match is the share of
+answers equal to the trained ones. Each method runs at each learning rate of its sweep, and once at
+the command's defaults. Goal: LoRA and QLoRA at their defaults at least 75% of full finetuning's
+best exact match.
+
+    python benchmarks/finetune.py --learning [--learn-steps 100]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -35,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -168,6 +183,225 @@ def run_method(
     }
 
 
+# ---------------------------------------------------------------- --learning: what each method learns
+
+QA_PAIRS = [
+    ("What is the capital of France?", "Paris"),
+    ("What color is the sky?", "blue"),
+    ("What do bees make?", "honey"),
+    ("How many legs does a spider have?", "eight"),
+    ("What is frozen water called?", "ice"),
+    ("Which planet is the largest?", "Jupiter"),
+    ("What is the opposite of hot?", "cold"),
+    ("Which animal says moo?", "a cow"),
+    ("What color is grass?", "green"),
+    ("How many days are in a week?", "seven"),
+    ("What do we breathe?", "air"),
+    ("Which fruit is yellow and long?", "banana"),
+    ("What falls from clouds?", "rain"),
+    ("What is the capital of Italy?", "Rome"),
+    ("Which bird cannot fly and lives in ice?", "penguin"),
+    ("What do cats drink?", "milk"),
+    ("Which star heats the Earth?", "the Sun"),
+    ("How many hours are in a day?", "24"),
+    ("What gas do plants take in?", "carbon dioxide"),
+    ("What is the opposite of up?", "down"),
+]
+LEARN_SHAPE = [
+    "model.n_layer=2",
+    "model.d_model=128",
+    "model.n_head=4",
+    "model.context_length=128",
+    "model.tie_embeddings=false",
+]
+# what the figures never depend on (evaluation changes no weight), and fp32 for every method alike
+NEUTRAL_SETTINGS = [
+    "train.precision=fp32",
+    "train.log_every=10",
+    "train.eval_every=100000",
+    "train.save_every=100000",
+    "train.eval_batches=1",
+]
+SWEEP_SETTINGS = [*NEUTRAL_SETTINGS, "train.micro_batch_size=8", "train.warmup_steps=10"]
+# (label, extra options, learning rates swept); alpha is 2r wherever r is set
+LEARN_METHODS = [
+    ("full", {}, (3e-4, 1e-3, 3e-3)),
+    (
+        "LoRA attention r 8",
+        {"lora": True, "lora_r": 8, "lora_alpha": 16, "lora_targets": ["attention"]},
+        None,
+    ),
+    (
+        "LoRA all-linear r 8",
+        {"lora": True, "lora_r": 8, "lora_alpha": 16, "lora_targets": ["all-linear"]},
+        None,
+    ),
+    (
+        "LoRA all-linear r 16",
+        {"lora": True, "lora_r": 16, "lora_alpha": 32, "lora_targets": ["all-linear"]},
+        None,
+    ),
+    (
+        "LoRA all-linear r 64",
+        {"lora": True, "lora_r": 64, "lora_alpha": 128, "lora_targets": ["all-linear"]},
+        None,
+    ),
+    (
+        "QLoRA all-linear r 16",
+        {"stage": "qlora", "lora_r": 16, "lora_alpha": 32, "lora_targets": ["all-linear"]},
+        None,
+    ),
+]
+ADAPTER_LRS = (1e-3, 3e-3, 1e-2)
+DEFAULT_METHODS = [("full", {}), ("LoRA", {"lora": True}), ("QLoRA", {"stage": "qlora"})]
+
+
+def pretrain_base(workspace: Path, steps: int) -> None:
+    """Run 'base': the tiny shape pretrained on standard-library code with a byte tokenizer."""
+    from llmctl.cli.main import main
+    from llmctl.data.build import BuildOptions, build_corpus
+    from llmctl.tokenizer_build import train_tokenizer
+    from llmctl.workspace import Workspace
+
+    ws = Workspace(workspace)
+    build_corpus(ws, "code", ["stdlib"], BuildOptions(limit=40, val_fraction=0.1))
+    train_tokenizer(ws, "bytes", "code", vocab_size=None, kind="byte")
+    shape = [arg for key in LEARN_SHAPE for arg in ("--set", key)]
+    settings = ["train.micro_batch_size=8", "train.lr=3e-3", "train.warmup_steps=20", "train.precision=fp32"]
+    args = ["--workspace", str(workspace), "pretrain", "--corpus", "code", "--tokenizer", "bytes"]
+    args += ["--preset", "cpu-debug", "--run", "base", *shape, "--max-steps", str(steps)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(args + [arg for key in settings for arg in ("--set", key)])
+    if code:
+        raise SystemExit(f"pretraining the base failed ({code})")
+
+
+@torch.no_grad()
+def exact_match(workspace: Path, run: str) -> float:
+    """The share of QA_PAIRS the run's model answers exactly, greedily, as `llmctl chat` loads it."""
+    from llmctl.checkpoint.load import load_model
+    from llmctl.data.sft import render_prompt
+    from llmctl.tokenizer import END_OF_TURN_TOKEN
+    from llmctl.workspace import Workspace
+
+    loaded = load_model(Workspace(workspace), run)
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    stops = {tokenizer.eot_id, tokenizer.special_ids.get(END_OF_TURN_TOKEN)}
+    hits = 0
+    for question, answer in QA_PAIRS:
+        ids = tokenizer.encode(render_prompt([{"role": "user", "content": question}], "chat"))
+        reply: list[int] = []
+        for _ in range(len(answer) + 4):
+            token = int(model(torch.tensor([ids + reply]))[0, -1].argmax())
+            if token in stops:
+                break
+            reply.append(token)
+        hits += tokenizer.decode(reply).strip() == answer
+    return hits / len(QA_PAIRS)
+
+
+def learn(workspace: Path, data: Path, run: str, options: dict, lr: float | None, steps: int | None) -> dict:
+    """One finetune through the library, as the command runs it; its final loss and exact match.
+    Without `lr` (and `steps`) it runs at the command's defaults, but for NEUTRAL_SETTINGS."""
+    from llmctl.train import recipe
+    from llmctl.train.finetune import FinetuneOptions, make_plan
+    from llmctl.workspace import Workspace
+
+    torch.set_num_threads(1)  # tiny matmuls on two shared cores: one thread is steadier
+    overrides = [*NEUTRAL_SETTINGS] if lr is None else [*SWEEP_SETTINGS, f"train.lr={lr}"]
+    ws = Workspace(workspace)
+    settings = FinetuneOptions(
+        run=run, model="base", data=str(data), max_steps=steps, overrides=overrides, **options
+    )
+    plan = make_plan(ws, settings)
+    started = time.perf_counter()
+    recipe.train(ws, plan)
+    seconds = time.perf_counter() - started
+    train = [e for e in read_events(workspace / "runs" / run / "events.jsonl") if e["event"] == "train"]
+    return {
+        "lr": plan.config.train.lr,
+        "trainable": plan.trainable,
+        "adapter": plan.config.adapter,
+        "loss": train[-1]["loss"],
+        "exact": exact_match(workspace, run),
+        "steps": plan.size.total_steps,
+        "train_s": seconds,
+    }
+
+
+def learn_alone(*args) -> dict:
+    """`learn` in a fresh process of its own, as each `llmctl finetune` runs: in one process, a LoRA
+    run after twenty others once learned far less than the same run alone."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(learn, *args).result()
+
+
+def report_learning(args: argparse.Namespace) -> None:
+    root = Path(tempfile.mkdtemp(prefix="llmctl-bench-learning-"))
+    torch.set_num_threads(1)
+    try:
+        workspace = root / "workspace"
+        started = time.perf_counter()
+        pretrain_base(workspace, args.pretrain_steps)
+        data = root / "qa.jsonl"
+        data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in QA_PAIRS))
+        print(
+            f"\n## learning: {len(QA_PAIRS)} question/answer pairs; sweeps {args.learn_steps} steps, "
+            f"micro-batch 8 packed rows of 128 tokens, warmup 10; base pretrained {args.pretrain_steps} "
+            f"steps in {time.perf_counter() - started:.0f} s\n"
+        )
+        print("| method | trained params | lr | final loss | exact match | per lr swept |")
+        print("|---|---:|---:|---:|---:|---|")
+        best = {}
+        count = 0
+        for label, options, lrs in LEARN_METHODS:
+            results = []
+            for lr in lrs or ADAPTER_LRS:
+                count += 1
+                results.append(learn_alone(workspace, data, f"learn-{count}", options, lr, args.learn_steps))
+            top = max(results, key=lambda r: (r["exact"], -r["loss"]))
+            best[label] = top
+            sweep = ", ".join(f"{r['lr']:g}: {r['exact']:.0%}" for r in results)
+            print(
+                f"| {label} | {human_count(top['trainable'])} | {top['lr']:g} | {top['loss']:.3f} | "
+                f"{top['exact']:.0%} | {sweep} |",
+                flush=True,
+            )
+        defaults = {}
+        for label, options in DEFAULT_METHODS:
+            count += 1
+            result = learn_alone(workspace, data, f"learn-{count}", options, None, None)
+            defaults[label] = result
+            adapter = result["adapter"]
+            shape = (
+                ""
+                if label == "full"
+                else f"r {adapter.r}, alpha {adapter.alpha:g}, {','.join(adapter.targets)}, "
+            )
+            print(
+                f"| {label} defaults: {shape}{result['steps']} steps | {human_count(result['trainable'])} | "
+                f"{result['lr']:g} | {result['loss']:.3f} | {result['exact']:.0%} | |",
+                flush=True,
+            )
+        full, full_default = best["full"]["exact"], defaults["full"]["exact"]
+        ratios = ", ".join(
+            f"{label} {defaults[label]['exact'] / full:.0%} and {defaults[label]['exact'] / full_default:.0%}"
+            for label in ("LoRA", "QLoRA")
+        )
+        print(
+            f"\nat the defaults, of full finetuning's exact match (best swept {full:.0%}, at its defaults "
+            f"{full_default:.0%}): {ratios} (goal: at least 75%)"
+            f" · {time.perf_counter() - started:.0f} s in all · load average after {os.getloadavg()[0]:.1f}"
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def cpu_flags() -> str:
+    flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1] if Path("/proc/cpuinfo").exists() else ""
+    return ", ".join(name for name in ("avx512_bf16", "avx512f", "avx2") if f" {name}" in flags) or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -181,6 +415,13 @@ def main() -> None:
         "--quick", action="store_true", help="a tiny shape: checks the script, measures nothing"
     )
     parser.add_argument("--dpo", action="store_true", help="also DPO (full, precomputed, LoRA, QLoRA)")
+    parser.add_argument(
+        "--learning", action="store_true", help="exact match after finetuning, per method (not cost)"
+    )
+    parser.add_argument(
+        "--learn-steps", type=int, default=100, help="finetuning steps per method (--learning)"
+    )
+    parser.add_argument("--pretrain-steps", type=int, default=600, help="steps of the base (--learning)")
     args = parser.parse_args()
     models = (
         args.models.split(",") if args.models else ["mini-46m"] + ["llm-200m"] * torch.cuda.is_available()
@@ -189,8 +430,11 @@ def main() -> None:
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"CUDA {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}, "
-        f"load average {os.getloadavg()[0]:.1f}"
+        f"load average {os.getloadavg()[0]:.1f}, CPU flags {cpu_flags()}"
     )
+    if args.learning:
+        report_learning(args)
+        return
     for preset in models:
         root = Path(tempfile.mkdtemp(prefix="llmctl-bench-finetune-"))
         try:

@@ -172,14 +172,22 @@ class TrainConfig(_Section):
         return self
 
 
+# What adapter.targets may name besides layer names: the blocks' attention projections, their MLP's
+# projections, or both (the output head is never in a group)
+LORA_TARGET_GROUPS = ("attention", "mlp", "all-linear")
+
+
 class AdapterConfig(_Section):
     """LoRA / QLoRA. `quantize: nf4` is QLoRA."""
 
     enabled: bool = False
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
+    # r, alpha and targets as measured (docs/benchmarks.md#what-each-method-learns): attention-only
+    # adapters learned a fraction of a task full finetuning learned; every linear layer at r 16 learned it
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    targets: list[str] = Field(default_factory=lambda: ["all-linear"])
+    rslora: bool = Field(False, description="rank-stabilised scaling: alpha / sqrt(r) instead of alpha / r")
     quantize: Literal["none", "nf4"] = "none"
 
 

@@ -254,11 +254,11 @@ LORA_SWITCH = [
     option("lora", bool, typer.Option(False, "--lora", help="Train LoRA adapters instead of every weight.")),
 ]
 ADAPTER_OPTIONS = [
-    option("lora_r", int, typer.Option(None, "--lora-r", min=1, help="LoRA rank \\[default: 8].")),
+    option("lora_r", int, typer.Option(None, "--lora-r", min=1, help="LoRA rank \\[default: 16].")),
     option(
         "lora_alpha",
         float,
-        typer.Option(None, "--lora-alpha", min=0.0, help="LoRA scale numerator \\[default: 16]."),
+        typer.Option(None, "--lora-alpha", min=0.0, help="LoRA scale numerator \\[default: 32]."),
     ),
     option(
         "lora_dropout",
@@ -271,7 +271,15 @@ ADAPTER_OPTIONS = [
         typer.Option(
             None,
             "--lora-targets",
-            help="Comma-separated layer names \\[default: q_proj,k_proj,v_proj,o_proj].",
+            help="attention, mlp, all-linear (both), or comma-separated layer names (q_proj,v_proj,lm_head) "
+            "\\[default: all-linear].",
+        ),
+    ),
+    option(
+        "rslora",
+        bool,
+        typer.Option(
+            None, "--rslora/--no-rslora", help="Rank-stabilised scaling, alpha/sqrt(r) \\[default: off]."
         ),
     ),
     option(
@@ -289,6 +297,7 @@ def adapter_option_values(flags: dict[str, Any]) -> dict[str, Any]:
         "lora_r": flags["lora_r"],
         "lora_alpha": flags["lora_alpha"],
         "lora_dropout": flags["lora_dropout"],
+        "lora_rslora": flags["rslora"],
         "lora_targets": None
         if targets is None
         else [name.strip() for name in targets.split(",") if name.strip()],

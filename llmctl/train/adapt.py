@@ -21,13 +21,25 @@ from llmctl.data import sft
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.model import quantize
 from llmctl.model.classifier import TASK, classifier_from
-from llmctl.model.lora import apply_lora, check_targets, lora_parameter_count, lora_saved_values_per_token
-from llmctl.model.sizing import MemoryEstimate, count_parameters, estimate_training_memory, flops_per_token
+from llmctl.model.lora import (
+    apply_lora,
+    check_targets,
+    lora_parameter_count,
+    lora_parameter_counts,
+    lora_saved_values_per_token,
+)
+from llmctl.model.sizing import (
+    MemoryEstimate,
+    count_parameters,
+    estimate_training_memory,
+    flops_per_token,
+    human_count,
+)
 from llmctl.model.transformer import Attention, Transformer
 from llmctl.tokenizer import END_OF_TURN_TOKEN, LoadedTokenizer, load_tokenizer_file
 from llmctl.train import recipe
 from llmctl.train.precision import resolve_device
-from llmctl.train.recipe import Runtime, Size
+from llmctl.train.recipe import Row, Runtime, Size
 from llmctl.train.runinfo import Sampler
 from llmctl.workspace import Workspace, check_name
 
@@ -75,6 +87,51 @@ def check_adapter(config: RunConfig, inspect_only: bool = False) -> None:
             check_targets(Transformer(config.model), list(config.adapter.targets))
     if config.adapter.quantize == "nf4" and not inspect_only:
         quantize.require_bitsandbytes(resolve_device(config.train.device))
+
+
+def adapter_counts(config: RunConfig) -> dict[str, int]:
+    """LoRA's trained parameters per target group (attention, mlp, lm_head); none without adapters."""
+    if not config.adapter.enabled:
+        return {}
+    with torch.device("meta"):
+        return lora_parameter_counts(Transformer(config.model), config.adapter)
+
+
+def adapter_rows(config: RunConfig) -> list[Row]:
+    """The adapter's shape and its capacity per target group, for a dry run."""
+    if not config.adapter.enabled:
+        return []
+    adapter = config.adapter
+    scale = f"alpha {adapter.alpha:g} / {'sqrt(r), rslora' if adapter.rslora else 'r'}"
+    counts = " · ".join(f"{group} {human_count(n)}" for group, n in adapter_counts(config).items())
+    return [
+        (
+            "adapter",
+            f"r {adapter.r} · {scale} · dropout {adapter.dropout:g} · targets {','.join(adapter.targets)}",
+        ),
+        ("adapter params", counts),
+    ]
+
+
+LR_SOURCES = {"preset": "the preset", "config": "--config", "set": "--set train.lr", "flag": "a flag"}
+
+
+def lr_row(config: RunConfig, full_lr: float, adapter_lr: float) -> Row:
+    """The learning rate and where it came from: the user or a preset, or the stage's default for
+    its method (which differs between adapters and all weights)."""
+    lr, source = config.train.lr, config.sources.get("train.lr")
+    if source in LR_SOURCES:
+        why = f"from {LR_SOURCES[source]}"
+    elif config.adapter.enabled and lr == adapter_lr:
+        why = (
+            f"the adapter default ({full_lr:g} for all weights): adapters start at zero and need a "
+            "higher rate (docs/finetune.md#configuration)"
+        )
+    elif not config.adapter.enabled and lr == full_lr:
+        why = f"the all-weights default ({adapter_lr:g} for adapters)"
+    else:
+        why = "the run's saved config"
+    return ("learning rate", f"{lr:g} · {why}")
 
 
 def paged_optimizer(config: RunConfig, device: torch.device) -> bool:
@@ -125,7 +182,7 @@ def size_run(
     full_bytes = 4 * params
     unquantized = None
     weight_bytes = full_bytes
-    lora_saved = lora_saved_values_per_token(shape.layers[0], config.adapter) if adapter else 0
+    lora_saved = lora_saved_values_per_token(shape, config.adapter) if adapter else 0
     if config.adapter.quantize == "nf4":
         quantized, kept = quantize.count_quantized(shape)
         weight_bytes = quantized * quantize.NF4_BITS_PER_WEIGHT / 8 + 4 * (kept + head + lora)

@@ -134,6 +134,7 @@ class DpoPlan(Plan):
             "train_pairs": len(self.encoded.train),
             "val_pairs": len(self.encoded.val),
             "adapter": cfg.adapter.model_dump() if self.adapter else None,
+            "adapter_params": adapt.adapter_counts(cfg) or None,
             "epochs": round(steps * cfg.global_batch_size / len(self.encoded.train), 2) if steps else None,
             "notes": self.encoded.notes,
         }
@@ -141,9 +142,6 @@ class DpoPlan(Plan):
     def head_rows(self) -> list[Row]:
         cfg = self.config
         method = self.method
-        if self.adapter:
-            adapter = cfg.adapter
-            method += f" · r {adapter.r}, alpha {adapter.alpha:g}, targets {','.join(adapter.targets)}"
         loss = f"{cfg.dpo.loss} · beta {cfg.dpo.beta:g}"
         if cfg.dpo.label_smoothing:
             loss += f" · label smoothing {cfg.dpo.label_smoothing:g}"
@@ -161,6 +159,8 @@ class DpoPlan(Plan):
                 f"{human_count(self.trainable)} trained of {human_count(self.params)} "
                 f"({100 * self.trainable / self.params:.2f}%)",
             ),
+            *adapt.adapter_rows(cfg),
+            adapt.lr_row(cfg, DPO_TRAIN["lr"], DPO_ADAPTER_LR),
         ]
 
     def length_note(self) -> str:

@@ -26,7 +26,14 @@ from llmctl.train import adapt, recipe
 from llmctl.train.adapt import Base, open_base
 from llmctl.train.allocator import return_large_frees_to_the_os
 from llmctl.train.distributed import DistEnv, seed_per_rank
-from llmctl.train.finetune_config import TASKS, FinetuneOptions, resolve_finetune_config, resume_state
+from llmctl.train.finetune_config import (
+    ADAPTER_LR,
+    FINETUNE_TRAIN,
+    TASKS,
+    FinetuneOptions,
+    resolve_finetune_config,
+    resume_state,
+)
 from llmctl.train.finetune_data import EncodedData, encode_data, make_batches
 from llmctl.train.losses import classify_loss, lm_loss
 from llmctl.train.optim import build_optimizer, paged_adamw_8bit
@@ -85,6 +92,7 @@ class FinetunePlan(Plan):
             "val_examples": len(encoded.val),
             "train_rows": encoded.train_rows,
             "adapter": cfg.adapter.model_dump() if self.adapter else None,
+            "adapter_params": adapt.adapter_counts(cfg) or None,
             "epochs": round(steps * cfg.global_batch_size / encoded.train_rows, 2) if steps else None,
             "notes": encoded.notes,
         }
@@ -98,12 +106,6 @@ class FinetunePlan(Plan):
     def head_rows(self) -> list[Row]:
         cfg, encoded = self.config, self.encoded
         method = self.method
-        if self.adapter:
-            adapter = cfg.adapter
-            method += (
-                f" · r {adapter.r}, alpha {adapter.alpha:g}, dropout {adapter.dropout:g}, "
-                f"targets {','.join(adapter.targets)}"
-            )
         data = f"{cfg.data.corpus} · {len(encoded.train):,} examples in {encoded.train_rows:,} rows"
         if self.task == "sft":
             data += f" · {cfg.data.prompt_style} style · {'packed' if cfg.data.packing else 'padded'}"
@@ -119,6 +121,8 @@ class FinetunePlan(Plan):
                 f"{human_count(self.trainable)} trained of {human_count(self.params)} "
                 f"({100 * self.trainable / self.params:.2f}%)",
             ),
+            *adapt.adapter_rows(cfg),
+            adapt.lr_row(cfg, FINETUNE_TRAIN["lr"], ADAPTER_LR),
         ]
 
     def length_note(self) -> str:

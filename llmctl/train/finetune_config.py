@@ -16,8 +16,10 @@ from llmctl.train.runs import RunOptions
 from llmctl.workspace import RUN_CONFIG, Workspace
 
 TASKS = ("sft", TASK)
-# Finetuning starts from trained weights: a short warmup, a lower rate than pretraining (higher for
-# adapters, which start at zero), and no weight decay pulling the base's weights toward zero.
+# Finetuning starts from trained weights: a short warmup, a lower rate than pretraining, and no weight
+# decay pulling the base's weights toward zero. Adapters start at zero and need about ten times the
+# rate: their best rates were 3-10x full finetuning's, and at 2e-4 they learned nothing in the steps
+# full finetuning learned a task in (docs/benchmarks.md#what-each-method-learns).
 FINETUNE_TRAIN = {
     "lr": 1e-4,
     "min_lr": 1e-5,
@@ -27,7 +29,7 @@ FINETUNE_TRAIN = {
     "eval_every": 50,
     "save_every": 100,
 }
-ADAPTER_LR = 2e-4
+ADAPTER_LR = 1e-3
 MODEL_KEYS_ALLOWED = ("model.dropout",)
 
 
@@ -44,6 +46,7 @@ class FinetuneOptions(RunOptions):
     lora_alpha: float | None = None
     lora_dropout: float | None = None
     lora_targets: list[str] | None = None
+    lora_rslora: bool | None = None
     qlora: bool = False  # adapters on the base quantized to 4 bits (the stage 'qlora' implies it)
 
     @property
@@ -90,6 +93,7 @@ def resolve_finetune_config(
         "--lora-alpha": options.lora_alpha,
         "--lora-dropout": options.lora_dropout,
         "--lora-targets": options.lora_targets,
+        "--rslora": options.lora_rslora,
     }
     given = [flag for flag, value in lora_flags.items() if value is not None]
     if given and not adapter:
@@ -108,6 +112,7 @@ def resolve_finetune_config(
         "adapter.alpha": options.lora_alpha,
         "adapter.dropout": options.lora_dropout,
         "adapter.targets": options.lora_targets,
+        "adapter.rslora": options.lora_rslora,
         **recipe.limit_flags(options),
     }
     if saved is not None:
