@@ -312,12 +312,27 @@ def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path)
 # ---------------------------------------------------------------- precision and peaks
 
 
+def _cpu_lists_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions, read from /proc/cpuinfo's flags (x86) or
+    features (ARM); where there is no such file, what llmctl measured decides."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        from llmctl.train.mfu import cpu_has_fast_bf16
+
+        return cpu_has_fast_bf16()
+    flags = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.split(":")[0].strip() in ("flags", "Features"):
+            flags |= set(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def test_precision_choices():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu).autocast_dtype is None
     assert resolve_precision("bf16", cpu).autocast_dtype == torch.bfloat16
     assert not resolve_precision("bf16", cpu).needs_grad_scaler
-    assert resolve_precision("auto", cpu).name in ("bf16", "fp32")
+    assert resolve_precision("auto", cpu).name == ("bf16" if _cpu_lists_bf16() else "fp32")
     with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", cpu)
 
