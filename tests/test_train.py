@@ -21,10 +21,11 @@ from llmctl.checkpoint.files import (
 from llmctl.config import ModelConfig, RunConfig, TrainConfig
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.events import EndReason, read_events
+from llmctl.model.sizing import flops_per_token
 from llmctl.model.transformer import Transformer
 from llmctl.train.batches import TokenWindows
 from llmctl.train.losses import LossResult, lm_loss
-from llmctl.train.mfu import gpu_peak_flops
+from llmctl.train.mfu import gpu_peak_flops, peak_flops
 from llmctl.train.optim import CosineSchedule, param_groups
 from llmctl.train.precision import Precision, resolve_precision
 from llmctl.train.rng import capture_rng_state, restore_rng_state
@@ -444,3 +445,20 @@ def test_a_loss_s_own_figures_are_averaged_into_train_events(tmp_path):
     assert all(event["row"] == pytest.approx((rows - 1) / 2) for event in train)
     evals = [event for event in read_events(tmp_path / "run" / "events.jsonl") if event["event"] == "eval"]
     assert evals[-1]["val_two"] == pytest.approx(2.0)
+
+
+def test_mfu_is_the_hand_counted_flops_at_the_measured_rate_over_the_peak(tmp_path):
+    config = tiny_config(max_steps=10, log_every=5)
+    # by hand for TINY (tied 64-token table, one layer of width 32, context 16): attention 4·32·32,
+    # MLP 3·32·ff, two norms, the final norm and the table as the head; 12·L·H·Q·T for attention
+    ff = config.model.ff_dim
+    multiplied = 4 * 32 * 32 + 3 * 32 * ff + 2 * 32 + 32 + 64 * 32
+    hand = 6 * multiplied + 12 * 1 * 2 * 16 * 16
+    assert flops_per_token(config.model) == hand
+    trainer = make_trainer(tmp_path, config, flops_per_token=hand)
+    assert trainer.peak_flops == peak_flops(torch.device("cpu"), "fp32") > 0
+    trainer.fit()
+    train = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["event"] == "train"]
+    assert len(train) == 2
+    for event in train:
+        assert event["mfu"] == pytest.approx(hand * event["tokens_per_s"] / trainer.peak_flops, abs=1e-4)
