@@ -88,7 +88,9 @@ def nf4_layer(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtyp
         device="meta",
     )
     layer.weight = bnb.nn.Params4bit(
-        weight.contiguous(),
+        # quantized from the compute dtype, so each forward dequantizes straight to it: from a bf16
+        # base on a CPU (fp32 compute) it would dequantize to bf16 and then copy that to fp32
+        weight.to(dtype).contiguous(),
         requires_grad=False,
         compress_statistics=True,
         quant_type="nf4",
