@@ -300,3 +300,31 @@ def test_a_qlora_step_at_a_small_length_on_the_4bit_base(capsys, deepseek_shape)
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 2 * 7
     batch = make_batches(plan.config, plan.encoded, "sft", plan.tokenizer.pad_id, plan.device).next_batch()
     assert batch["input_ids"].shape == (2, length)
+
+
+def test_dpo_rows_and_pairs_follow_max_length(capsys, deepseek_shape):
+    pairs = deepseek_shape / "pairs.jsonl"
+    write_jsonl(
+        pairs, [{"prompt": r["instruction"], "chosen": r["output"], "rejected": "pass\n"} for r in RECORDS]
+    )
+    common = [
+        "dpo",
+        "--model",
+        deepseek_shape / "coder",
+        "--data",
+        pairs,
+        "--prompt-style",
+        "problem-solution",
+    ]
+    common += ["--lora", "--set", "train.micro_batch_size=2", "--dry-run", "--json"]
+    default = _cli(capsys, deepseek_shape, *common)
+    chosen = _cli(capsys, deepseek_shape, *common, "--max-length", LENGTH)
+    assert default.exit_code == 0 and chosen.exit_code == 0, chosen.stderr
+    default, chosen = default.json(), chosen.json()
+    assert (default["max_length"], chosen["max_length"]) == (DEFAULT_MAX_LENGTH, LENGTH)
+    assert chosen["tokens_per_step"] == 2 * LENGTH
+    # a pair is two sequences of LENGTH: its activations are those of 2 × 2 rows at that length
+    assert default["memory"]["activations"] > 16 * chosen["memory"]["activations"]
+    # pairs whose reply starts past 64 tokens are dropped, longer ones cut (both counted in the notes)
+    assert chosen["train_pairs"] < default["train_pairs"]
+    assert any("cut to 64 tokens" in note for note in chosen["notes"])
