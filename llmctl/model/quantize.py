@@ -87,10 +87,13 @@ def nf4_layer(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtyp
         quant_type="nf4",
         device="meta",
     )
+    # A bf16 base on a CPU (fp32 compute) is quantized from its exact fp32 upcast, so each forward
+    # dequantizes straight to fp32 rather than to bf16 and then copying; never cast down, which
+    # would change the codes from those fake_quantize (merge) computes from the weights as they are
+    if weight.element_size() < torch.empty((), dtype=dtype).element_size():
+        weight = weight.to(dtype)
     layer.weight = bnb.nn.Params4bit(
-        # quantized from the compute dtype, so each forward dequantizes straight to it: from a bf16
-        # base on a CPU (fp32 compute) it would dequantize to bf16 and then copy that to fp32
-        weight.to(dtype).contiguous(),
+        weight.contiguous(),
         requires_grad=False,
         compress_statistics=True,
         quant_type="nf4",
