@@ -1,19 +1,23 @@
 """Finetuning cost: step time and peak memory of full finetuning, LoRA and QLoRA on the same base,
 and of preference tuning (DPO) against them.
 
-    python benchmarks/finetune.py [--models mini-46m] [--steps 4] [--micro-batch 2]
+    python benchmarks/finetune.py [--models mini-46m] [--steps 4] [--micro-batch 2] [--runs 3]
+                                  [--checkpointing both|on|off]
     python benchmarks/finetune.py --dpo            # also DPO full / precomputed / LoRA / QLoRA
     python benchmarks/finetune.py --quick          # a smoke test of the script itself
 
 For each model shape (mini-46m on a CPU; llm-200m too on a CUDA GPU) the script writes a base
 checkpoint with random weights and a byte-level tokenizer, and an instruction file long enough to
 fill the packed rows. Then each method runs as `llmctl finetune` (full), `llmctl finetune --lora`
-and `llmctl qlora`, each in a process of its own with the command's defaults (so QLoRA has
-activation checkpointing on, the others off), the same micro-batch and context, for --steps
-optimizer steps. Step time is the median over the logged steps after the first (warm-up);
-peak memory is the process's maximum resident set (ru_maxrss of that child, from wait4) on a CPU,
-or torch.cuda.max_memory_allocated as the trainer logs it on a GPU.
-Goal: QLoRA's peak memory at most 50% of full finetuning's.
+and `llmctl qlora`, each in a process of its own, the same micro-batch and context, for --steps
+optimizer steps, and every method with the same activation-checkpointing setting: a table with it
+off and one with it on (--checkpointing both), so each table compares the methods alone and the
+two tables show what checkpointing does. Every method runs --runs times, the order rotated from
+run to run; the table gives the median peak and step time with the range of the runs. Step time
+is the median over the logged steps after the first (warm-up); peak memory is the process's
+maximum resident set (ru_maxrss of that child, from wait4) on a CPU, or
+torch.cuda.max_memory_allocated as the trainer logs it on a GPU.
+Goal: QLoRA's peak memory at most 50% of full finetuning's at the same checkpointing setting.
 
 With --dpo, `llmctl dpo` runs the same way for each method (full weights with its frozen reference,
 full weights with --precompute-reference, --lora and --qlora, whose reference is the base with its
@@ -123,10 +127,18 @@ def write_pairs(path: Path, context_length: int, n: int = 64) -> Path:
 
 
 def run_method(
-    workspace: Path, method: str, command: list[str], base: Path, data: Path, steps: int, micro_batch: int
+    workspace: Path,
+    method: str,
+    command: list[str],
+    base: Path,
+    data: Path,
+    steps: int,
+    micro_batch: int,
+    extra: list[str] = (),
 ) -> dict:
     """One method in its own process; its step times from the event log and its peak memory."""
     run = f"bench-{method}"
+    shutil.rmtree(workspace / "runs" / run, ignore_errors=True)  # a repeated run starts clean
     command = [
         sys.executable,
         "-c",
@@ -154,6 +166,8 @@ def run_method(
         "train.eval_batches=1",
         "--set",
         "train.warmup_steps=1",
+        "--overwrite",
+        *extra,
     ]
     started = time.perf_counter()
     log = workspace.parent / f"{method}.log"
@@ -422,7 +436,16 @@ def main() -> None:
         "--learn-steps", type=int, default=100, help="finetuning steps per method (--learning)"
     )
     parser.add_argument("--pretrain-steps", type=int, default=600, help="steps of the base (--learning)")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each method (medians and ranges)")
+    parser.add_argument(
+        "--checkpointing", choices=["both", "on", "off"], default="both", help="activation checkpointing"
+    )
     args = parser.parse_args()
+    if args.dpo and args.checkpointing != "both":
+        # DPO runs with each command's defaults, so it is compared with SFT at those (QLoRA's is on)
+        parser.error(
+            "--dpo compares with SFT at each command's default checkpointing: leave --checkpointing both"
+        )
     models = (
         args.models.split(",") if args.models else ["mini-46m"] + ["llm-200m"] * torch.cuda.is_available()
     )
@@ -445,37 +468,68 @@ def main() -> None:
                 f"\n## {preset}: {human_count(count_parameters(config.model))} parameters, context "
                 f"{config.model.context_length}, micro-batch {args.micro_batch}, {args.steps} steps\n"
             )
-            print(
-                "| method | trained params | activation checkpointing | step time | peak memory | vs full |"
-            )
-            print("|---|---:|---|---:|---:|---:|")
-            results = [
-                run_method(root / "workspace", method, command, base, data, args.steps, args.micro_batch)
-                for method, command in METHODS.items()
-            ]
-            full_peak = results[0]["peak_bytes"]
-            for result in results:
-                print(
-                    f"| {result['method']} | {human_count(result['trainable_params'])} | "
-                    f"{'on' if result['activation_checkpointing'] else 'off'} | {result['step_s']:.2f} s | "
-                    f"{human_bytes(result['peak_bytes'])} | {result['peak_bytes'] / full_peak:.0%} |"
-                )
-            for result in results:
-                if result["exit_code"]:
-                    print(
-                        f"\nnote: {result['method']} finished its steps, then exited with "
-                        f"{result['exit_code']}"
-                    )
-            ratio = results[2]["peak_bytes"] / full_peak
-            print(
-                f"\nQLoRA peak / full peak = {ratio:.2f} (goal: at most 0.50) · device {results[0]['device']}"
-                f" · load average after {os.getloadavg()[0]:.1f}"
-            )
-            if args.dpo:
+            settings = {"both": ["off", "on"], "on": ["on"], "off": ["off"]}[args.checkpointing]
+            results = {}
+            for setting in settings:
+                runs: dict[str, list[dict]] = {method: [] for method in METHODS}
+                names = list(METHODS)
+                for index in range(args.runs):
+                    for method in names[index % len(names) :] + names[: index % len(names)]:
+                        runs[method].append(
+                            run_method(
+                                root / "workspace",
+                                method,
+                                METHODS[method],
+                                base,
+                                data,
+                                args.steps,
+                                args.micro_batch,
+                                ["--set", f"train.activation_checkpointing={str(setting == 'on').lower()}"],
+                            )
+                        )
+                results[setting] = report_sft(setting, runs)
+            if args.dpo:  # against SFT with each command's own default (QLoRA checkpointed)
+                defaults = {m: results.get("on" if m == "qlora" else "off") for m in METHODS}
+                sft = {m: r[m] for m, r in defaults.items() if r is not None}
                 pairs = write_pairs(root / "pairs.jsonl", config.model.context_length)
-                report_dpo(root / "workspace", base, pairs, args, {r["method"]: r for r in results})
+                report_dpo(root / "workspace", base, pairs, args, sft)
         finally:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def report_sft(setting: str, runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """The table of one checkpointing setting: medians over the runs, with their range."""
+    print(f"\n### activation checkpointing {setting} · {len(runs['full'])} runs of each method\n")
+    print("| method | trained params | step time (median, range) | peak memory (median, range) | vs full |")
+    print("|---|---:|---:|---:|---:|")
+    medians = {}
+    for method, results in runs.items():
+        peaks = sorted(r["peak_bytes"] for r in results)
+        steps = sorted(r["step_s"] for r in results)
+        medians[method] = {
+            **results[0],
+            "peak_bytes": statistics.median(peaks),
+            "step_s": statistics.median(steps),
+        }
+    for method, results in runs.items():
+        peaks = sorted(r["peak_bytes"] for r in results)
+        steps = sorted(r["step_s"] for r in results)
+        median = medians[method]
+        print(
+            f"| {method} | {human_count(median['trainable_params'])} | {median['step_s']:.2f} s "
+            f"({steps[0]:.2f}–{steps[-1]:.2f}) | {human_bytes(median['peak_bytes'])} "
+            f"({human_bytes(peaks[0])}–{human_bytes(peaks[-1])}) | "
+            f"{median['peak_bytes'] / medians['full']['peak_bytes']:.0%} |"
+        )
+        for result in results:
+            if result["exit_code"]:
+                print(f"\nnote: a {method} run finished its steps, then exited with {result['exit_code']}")
+    ratio = medians["qlora"]["peak_bytes"] / medians["full"]["peak_bytes"]
+    print(
+        f"\nQLoRA peak / full peak, checkpointing {setting} = {ratio:.2f} (goal: at most 0.50) · "
+        f"device {medians['full']['device']} · load average after {os.getloadavg()[0]:.1f}"
+    )
+    return medians
 
 
 def report_dpo(

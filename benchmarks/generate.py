@@ -150,6 +150,9 @@ def main() -> None:
         "--bpb-corpus", default=None, help="with --transformers: bits per byte on this corpus"
     )
     parser.add_argument("--bpb-documents", type=int, default=40, help="validation documents scored for it")
+    parser.add_argument(
+        "--no-recompute", action="store_true", help="skip the KV cache against recomputing comparison"
+    )
     args = parser.parse_args()
     lengths = [int(n) for n in args.new_tokens.split(",")]
     if args.threads:
@@ -175,7 +178,7 @@ def main() -> None:
     )
     measure(engine, prompt_ids, 8, use_cache=True)  # warm-up: allocator, kernels, lazy imports
 
-    for new_tokens in lengths:
+    for new_tokens in [] if args.no_recompute else lengths:
         cached_rate, cached_steps = measure(engine, prompt_ids, new_tokens, use_cache=True)
         full_rate, full_steps = measure(engine, prompt_ids, new_tokens, use_cache=False)
         print(

@@ -7,10 +7,14 @@
 Throughput (the default): tokens/s and MFU of llmctl's Trainer on random tokens, for
   - cpu-debug (2 layers, 256 wide, context 128, batch 16, 8k vocabulary) and
   - a 6-layer, 6-head, 384-wide model at context 256, batch 8, 8k vocabulary,
-in fp32 and bf16 autocast, with torch.compile off and on, against a plain eager fp32 loop
-(model, AdamW, cross-entropy, nothing else) over the same model and batches in the same process.
-Every configuration runs --rounds times, interleaved, and keeps its best round, so a busy
-neighbour slows every configuration alike. On a CUDA GPU it adds gpt2-124m in bf16 with compile.
+in fp32 and bf16 autocast, with torch.compile off and on, against a plain eager loop (model, AdamW,
+cross-entropy, nothing else) over the same model and batches in the same process, in fp32 and in
+bf16 autocast: each Trainer row is compared with the plain loop of its own precision, and with the
+fp32 one. Both are timed by wall clock over the same span of steps after the untimed warm-up
+steps (the Trainer from its events' elapsed training time, which covers whole steps). Every
+configuration is run once untimed before the first timed round; then --rounds timed rounds, the
+order rotated each round, each configuration keeping its best round, so a busy neighbour slows
+every configuration alike. On a CUDA GPU it adds gpt2-124m in bf16 with compile.
 Goals: on CPU the Trainer at least 1.5x the plain loop on the 6-layer model; on an H100 an MFU of
 45% or more for gpt2-124m.
 
@@ -83,6 +87,20 @@ def cases(names: list[str], quick: bool) -> list[Case]:
     return found
 
 
+def cpu_flags() -> str:
+    """The matrix instruction sets the CPU lists (what bf16's speed depends on)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    listed = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    return (
+        ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in listed) or "none listed"
+    )
+
+
 def random_tokens(config: RunConfig, n: int = 200_000) -> np.ndarray:
     return np.random.default_rng(0).integers(0, config.model.vocab_size, n).astype(np.uint16)
 
@@ -134,32 +152,37 @@ def trainer_tokens_per_s(
         compile_model=compile_model,
         show_progress=False,
     ).fit()
-    per_step = [e["tokens_per_s"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "train"]
-    return statistics.harmonic_mean(per_step[warmup:])
+    train = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "train"]
+    timed = train[-1]["elapsed_s"] - train[warmup - 1]["elapsed_s"] if warmup else train[-1]["elapsed_s"]
+    return (train[-1]["tokens"] - (train[warmup - 1]["tokens"] if warmup else 0)) / timed
 
 
-def plain_loop_tokens_per_s(config: RunConfig, device: torch.device, steps: int, warmup: int) -> float:
-    """The baseline: eager fp32 forward, cross-entropy, backward, AdamW step; nothing else."""
+def plain_loop_tokens_per_s(
+    config: RunConfig, device: torch.device, precision: str, steps: int, warmup: int
+) -> float:
+    """The baseline: forward (in bf16 autocast for bf16), cross-entropy, backward, AdamW step;
+    nothing else. Timed by wall clock from the end of the warm-up steps to the last step's end."""
     torch.manual_seed(0)
     model = Transformer(config.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.from_numpy(random_tokens(config).astype(np.int64))
     batch, context = config.train.micro_batch_size, config.model.context_length
     generator = torch.Generator().manual_seed(0)
-    elapsed = 0.0
+    autocast = resolve_precision(precision, device).autocast
+    started = time.perf_counter()
     for step in range(warmup + steps):
+        if step == warmup:
+            started = time.perf_counter()
         starts = torch.randint(0, len(tokens) - context - 1, (batch,), generator=generator)
         window = torch.stack([tokens[s : s + context + 1] for s in starts.tolist()]).to(device)
-        started = time.perf_counter()
-        logits = model(window[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
+        with autocast():
+            logits = model(window[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), window[:, 1:].flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
-        if step >= warmup:
-            elapsed += time.perf_counter() - started
-    return steps * batch * context / elapsed
+    return steps * batch * context / (time.perf_counter() - started)
 
 
 def throughput(args: argparse.Namespace) -> None:
@@ -170,7 +193,7 @@ def throughput(args: argparse.Namespace) -> None:
     print(
         f"device: {describe_device(device)} · {platform.processor() or platform.machine()} · "
         f"{torch.get_num_threads()} threads · torch {torch.__version__} · load average "
-        f"{os.getloadavg()[0]:.1f}"
+        f"{os.getloadavg()[0]:.1f} · CPU flags: {cpu_flags()}"
     )
     for case in cases(model_names, args.quick):
         cfg = case.config
@@ -181,36 +204,47 @@ def throughput(args: argparse.Namespace) -> None:
             variants += [("fp32", True), ("bf16", True)]
         if case.name == "gpt2-124m":
             variants = [("bf16", True)]
-        results: dict[str, list[float]] = {"plain eager fp32 loop": []}
+        configurations = [("plain", precision, False) for precision in ("fp32", "bf16")]
+        configurations += [("Trainer", precision, compiled) for precision, compiled in variants]
+        results: dict[tuple[str, str, bool], list[float]] = {c: [] for c in configurations}
         with tempfile.TemporaryDirectory() as scratch:
-            for round_index in range(args.rounds):
-                results["plain eager fp32 loop"].append(
-                    plain_loop_tokens_per_s(cfg, device, args.steps, args.warmup)
+
+            def measure(configuration: tuple[str, str, bool], tag: str, cfg=cfg, name=case.name) -> float:
+                kind, precision, compiled = configuration
+                if kind == "plain":
+                    return plain_loop_tokens_per_s(cfg, device, precision, args.steps, args.warmup)
+                run_dir = Path(scratch) / f"{name}-{precision}-{compiled}-{tag}"
+                return trainer_tokens_per_s(
+                    cfg, device, precision, compiled, args.steps, args.warmup, run_dir
                 )
-                for precision, compile_model in variants:
-                    label = f"Trainer {precision}{' + compile' if compile_model else ''}"
-                    run_dir = Path(scratch) / f"{case.name}-{precision}-{compile_model}-{round_index}"
-                    results.setdefault(label, []).append(
-                        trainer_tokens_per_s(
-                            cfg, device, precision, compile_model, args.steps, args.warmup, run_dir
-                        )
-                    )
-        baseline = max(results["plain eager fp32 loop"])
+
+            for configuration in configurations:  # untimed: allocator, kernels, caches warm for each
+                measure(configuration, "warm")
+            for round_index in range(args.rounds):
+                shift = round_index % len(configurations)
+                for configuration in configurations[shift:] + configurations[:shift]:
+                    results[configuration].append(measure(configuration, str(round_index)))
+        best = {configuration: max(values) for configuration, values in results.items()}
         print(
             f"\n### {case.name}: {params / 1e6:.1f}M parameters, {cfg.model.n_layer} layers × "
             f"{cfg.model.d_model}, context {cfg.model.context_length}, batch {cfg.train.micro_batch_size}, "
-            f"vocab {cfg.model.vocab_size}\n"
+            f"vocab {cfg.model.vocab_size} · load average {os.getloadavg()[0]:.1f}\n"
         )
-        print("| configuration | tokens/s (best of rounds) | median | MFU | vs plain loop |")
-        print("|---|---|---|---|---|")
-        for label, values in results.items():
-            best = max(values)
-            precision = "bf16" if "bf16" in label else "fp32"
+        print(
+            "| configuration | tokens/s (best of rounds) | median | MFU | vs plain loop, same precision "
+            "| vs plain fp32 loop |"
+        )
+        print("|---|---|---|---|---|---|")
+        for configuration, values in results.items():
+            kind, precision, compiled = configuration
+            label = f"{'plain loop' if kind == 'plain' else 'Trainer'} {precision}"
+            label += " + compile" if compiled else ""
             peak = peak_flops(device, precision)
-            mfu = f"{per_token * best / peak * 100:.1f}%" if peak else "?"
+            mfu = f"{per_token * best[configuration] / peak * 100:.1f}%" if peak else "?"
+            same = best[configuration] / best[("plain", precision, False)]
             print(
-                f"| {label} | {best:,.0f} | {statistics.median(values):,.0f} | {mfu} | "
-                f"**{best / baseline:.2f}x** |"
+                f"| {label} | {best[configuration]:,.0f} | {statistics.median(values):,.0f} | {mfu} | "
+                f"**{same:.2f}x** | {best[configuration] / best[('plain', 'fp32', False)]:.2f}x |"
             )
 
 

@@ -94,6 +94,8 @@ class DataConfig(_Section):
     tokenizer: str | None = None
     prompt_style: Literal["chat", "alpaca", "problem-solution"] = "chat"
     packing: bool = True
+    # finetune, qlora, dpo: tokens per row (examples cut, rows packed at it); None = the stage's default
+    max_length: int | None = Field(None, ge=8)
 
 
 # The experiment trackers a run can be mirrored to (`train.report_to`, `--report-to`; llmctl.train.trackers)
@@ -274,8 +276,13 @@ class RunConfig(_Section):
         return self.train.micro_batch_size * self.train.grad_accum_steps
 
     @property
+    def sequence_length(self) -> int:
+        """Tokens per training row: data.max_length where a stage set it, else the model's context."""
+        return self.data.max_length or self.model.context_length
+
+    @property
     def tokens_per_step(self) -> int:
-        return self.global_batch_size * self.model.context_length
+        return self.global_batch_size * self.sequence_length
 
 
 # ---------------------------------------------------------------- keys and values

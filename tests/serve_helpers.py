@@ -22,11 +22,13 @@ from pathlib import Path
 
 import uvicorn
 from pretrain_helpers import TINY, build_template, one_thread
-from tiny_checkpoints import write_run_checkpoint
+from tiny_checkpoints import byte_tokenizer_file, write_run_checkpoint
 
 from llmctl.cli.main import main
+from llmctl.config import GenerationConfig, ModelConfig
 from llmctl.serve.app import ServeSettings, bind_socket, create_app
 from llmctl.serve.transport import server_config
+from llmctl.tokenizer import load_tokenizer_file
 from llmctl.workspace import Workspace
 
 BASE_RUN = "tiny-base"
@@ -68,6 +70,31 @@ def served_workspace() -> Path:
     chat_checkpoint = write_run_checkpoint(root, CHAT_RUN, step=150, val_loss=0.05)
     registry.add_run(CHAT_RUN, "finetune", root / "runs" / CHAT_RUN, base_checkpoint=base["id"])
     registry.add_checkpoint(CHAT_RUN, 150, "full", chat_checkpoint, {"val_loss": 0.05})
+    return root
+
+
+ENDLESS_RUN = "endless"
+# Random weights with the end-of-text logit at 0 while the likeliest of 261 random logits is positive:
+# it never stops on its own, and is big enough that a thousand tokens take seconds on a CPU.
+ENDLESS = ModelConfig(
+    n_layer=4, n_head=4, d_model=256, context_length=1024, vocab_size=262, init_std=0.5, tie_embeddings=False
+)
+
+
+def endless_workspace(root: Path) -> Path:
+    """A workspace holding run 'endless': a model that never stops, with a context of 1024 tokens."""
+    tokenizer = load_tokenizer_file(byte_tokenizer_file(root / "byte-tokenizer").parent)
+
+    def silence_end_of_text(model) -> None:
+        model.lm_head.weight[tokenizer.eot_id] = 0
+
+    write_run_checkpoint(
+        root,
+        ENDLESS_RUN,
+        model_config=ENDLESS,
+        generation=GenerationConfig(temperature=0, max_new_tokens=1000),
+        edit=silence_end_of_text,
+    )
     return root
 
 

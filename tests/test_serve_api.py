@@ -19,7 +19,14 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from serve_helpers import BASE_RUN, CHAT_RUN, running_server, served_workspace  # noqa: E402
+from serve_helpers import (  # noqa: E402
+    BASE_RUN,
+    CHAT_RUN,
+    ENDLESS_RUN,
+    endless_workspace,
+    running_server,
+    served_workspace,
+)
 from tiny_checkpoints import ADD_REPLY, GREETING  # noqa: E402
 
 from llmctl.serve.app import ServeSettings  # noqa: E402
@@ -123,21 +130,31 @@ def test_completions_stream_with_echo(client):
     assert text == whole.choices[0].text
 
 
-def test_sampling_extensions_pass_through(server):
-    body = {
-        "model": BASE_RUN,
-        "prompt": "x = ",
-        "max_tokens": 4,
-        "top_k": 5,
-        "min_p": 0.05,
-        "repetition_penalty": 1.2,
-        "presence_penalty": 0.5,
-        "frequency_penalty": 0.5,
-        "seed": 1,
-    }
-    response = _post(f"{server}/v1/completions", body)
-    assert response.status_code == 200, response.text
-    assert response.json()["object"] == "text_completion"
+def test_sampling_extensions_reach_the_engine(server, workspace_root):
+    """top_k 1 samples the likeliest token whatever the temperature: greedy; a repetition penalty
+    changes the text exactly as the engine's own does; the other extensions are accepted."""
+
+    def text(**settings) -> str:
+        body = {"model": BASE_RUN, "prompt": "x = ", "max_tokens": 24, **settings}
+        response = _post(f"{server}/v1/completions", body)
+        assert response.status_code == 200, response.text
+        assert response.json()["object"] == "text_completion"
+        return response.json()["choices"][0]["text"]
+
+    greedy = text(temperature=0)
+    assert text(temperature=1.5, seed=3) != greedy  # sampling hot differs ...
+    assert text(temperature=1.5, seed=3, top_k=1) == greedy  # ... unless only one token may be drawn
+
+    from llmctl.generate.loading import load_engine, override_generation
+    from llmctl.workspace import Workspace
+
+    loaded = load_engine(Workspace(workspace_root), BASE_RUN, device="cpu")
+    penalised = override_generation(
+        loaded.config.generation, {"temperature": 0, "repetition_penalty": 1.5, "max_new_tokens": 24}
+    )
+    (expected,) = loaded.engine.generate(["x = "], penalised)
+    assert text(temperature=0, repetition_penalty=1.5) == expected.text != greedy
+    text(top_k=5, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.5, seed=1)
 
 
 def test_client_errors_are_typed(client):
@@ -288,15 +305,39 @@ def test_body_limit(workspace_root):
         assert _post(f"{url}{CHAT}", {"model": CHAT_RUN, "messages": HI}).status_code == 200
 
 
-def test_a_client_leaving_a_stream_frees_the_model(server):
-    body = {"model": BASE_RUN, "prompt": "def", "max_tokens": 256, "stream": True}
-    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as response:
-        assert response.headers["content-type"].startswith("text/event-stream")
-        next(response.iter_lines())
-    started = time.monotonic()
-    follow_up = _post(f"{server}/v1/completions", {"model": BASE_RUN, "prompt": "x", "max_tokens": 2})
-    assert follow_up.status_code == 200
-    assert time.monotonic() - started < 20
+def test_a_client_leaving_a_stream_frees_the_model(tmp_path):
+    """A model that never stops, one slot: the stream's 1000 tokens would hold the slot for about
+    ten times as long as 100 tokens take, so a request answered sooner than half that proves the
+    abandoned generation ended when its client left."""
+    root = endless_workspace(tmp_path / "workspace")
+    with running_server(ServeSettings(root, max_batch=1, dtype="fp32")) as url:
+
+        def batch() -> dict:
+            return httpx.get(f"{url}/api/models/{ENDLESS_RUN}", timeout=30).json()["batch"]
+
+        def complete(tokens: int) -> httpx.Response:
+            body = {"model": ENDLESS_RUN, "prompt": "def", "max_tokens": tokens}
+            return _post(f"{url}/v1/completions", body)
+
+        assert complete(2).status_code == 200  # loaded and warm
+        started = time.monotonic()
+        hundred = complete(100)
+        per_hundred = time.monotonic() - started
+        assert hundred.json()["usage"]["completion_tokens"] == 100  # it does not stop on its own
+
+        before = batch()["steps"]
+        body = {"model": ENDLESS_RUN, "prompt": "def", "max_tokens": 1000, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            lines = response.iter_lines()
+            next(lines)
+        started = time.monotonic()
+        follow_up = complete(2)
+        waited = time.monotonic() - started
+        assert follow_up.status_code == 200
+        assert waited < 5 * per_hundred, f"waited {waited:.2f}s; 100 tokens take {per_hundred:.2f}s"
+        after = batch()
+        assert after["active"] == 0 and after["steps"] - before < 500
 
 
 def test_pool_loads_each_model_once_shares_it_and_evicts_the_least_recently_used(tmp_path):

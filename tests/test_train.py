@@ -21,10 +21,11 @@ from llmctl.checkpoint.files import (
 from llmctl.config import ModelConfig, RunConfig, TrainConfig
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.events import EndReason, read_events
+from llmctl.model.sizing import flops_per_token
 from llmctl.model.transformer import Transformer
 from llmctl.train.batches import TokenWindows
 from llmctl.train.losses import LossResult, lm_loss
-from llmctl.train.mfu import gpu_peak_flops
+from llmctl.train.mfu import gpu_peak_flops, peak_flops
 from llmctl.train.optim import CosineSchedule, param_groups
 from llmctl.train.precision import Precision, resolve_precision
 from llmctl.train.rng import capture_rng_state, restore_rng_state
@@ -312,12 +313,27 @@ def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path)
 # ---------------------------------------------------------------- precision and peaks
 
 
+def _cpu_lists_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions, read from /proc/cpuinfo's flags (x86) or
+    features (ARM); where there is no such file, what llmctl measured decides."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        from llmctl.train.mfu import cpu_has_fast_bf16
+
+        return cpu_has_fast_bf16()
+    flags = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.split(":")[0].strip() in ("flags", "Features"):
+            flags |= set(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def test_precision_choices():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu).autocast_dtype is None
     assert resolve_precision("bf16", cpu).autocast_dtype == torch.bfloat16
     assert not resolve_precision("bf16", cpu).needs_grad_scaler
-    assert resolve_precision("auto", cpu).name in ("bf16", "fp32")
+    assert resolve_precision("auto", cpu).name == ("bf16" if _cpu_lists_bf16() else "fp32")
     with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", cpu)
 
@@ -429,3 +445,20 @@ def test_a_loss_s_own_figures_are_averaged_into_train_events(tmp_path):
     assert all(event["row"] == pytest.approx((rows - 1) / 2) for event in train)
     evals = [event for event in read_events(tmp_path / "run" / "events.jsonl") if event["event"] == "eval"]
     assert evals[-1]["val_two"] == pytest.approx(2.0)
+
+
+def test_mfu_is_the_hand_counted_flops_at_the_measured_rate_over_the_peak(tmp_path):
+    config = tiny_config(max_steps=10, log_every=5)
+    # by hand for TINY (tied 64-token table, one layer of width 32, context 16): attention 4·32·32,
+    # MLP 3·32·ff, two norms, the final norm and the table as the head; 12·L·H·Q·T for attention
+    ff = config.model.ff_dim
+    multiplied = 4 * 32 * 32 + 3 * 32 * ff + 2 * 32 + 32 + 64 * 32
+    hand = 6 * multiplied + 12 * 1 * 2 * 16 * 16
+    assert flops_per_token(config.model) == hand
+    trainer = make_trainer(tmp_path, config, flops_per_token=hand)
+    assert trainer.peak_flops == peak_flops(torch.device("cpu"), "fp32") > 0
+    trainer.fit()
+    train = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["event"] == "train"]
+    assert len(train) == 2
+    for event in train:
+        assert event["mfu"] == pytest.approx(hand * event["tokens_per_s"] / trainer.peak_flops, abs=1e-4)

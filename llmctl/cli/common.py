@@ -250,6 +250,17 @@ PROMPT_STYLE_OPTION = option(
         help="chat (the tokenizer's template), alpaca or problem-solution \\[default: chat].",
     ),
 )
+MAX_LENGTH_OPTION = option(
+    "max_length",
+    int,
+    typer.Option(
+        None,
+        "--max-length",
+        min=8,
+        help="Tokens per row: examples are cut and rows packed at N "
+        "\\[default: the base's context, at most 2048].",
+    ),
+)
 LORA_SWITCH = [
     option("lora", bool, typer.Option(False, "--lora", help="Train LoRA adapters instead of every weight.")),
 ]

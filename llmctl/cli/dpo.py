@@ -7,6 +7,7 @@ import typer
 from llmctl.cli.common import (
     ADAPTER_OPTIONS,
     LORA_SWITCH,
+    MAX_LENGTH_OPTION,
     PROMPT_STYLE_OPTION,
     RUN_OPTIONS,
     adapt_options,
@@ -25,6 +26,7 @@ from llmctl.cli.common import option as opt
 PREFERENCE_OPTIONS = [
     *adapt_options("Preference corpus (corpus build --format preference) or a .jsonl/.json file of pairs."),
     PROMPT_STYLE_OPTION,
+    MAX_LENGTH_OPTION,
     opt(
         "loss",
         str,
@@ -102,6 +104,7 @@ def dpo(**flags) -> int:
         model=flags["model"],
         data=flags["data"],
         prompt_style=flags["prompt_style"],
+        max_length=flags["max_length"],
         lora=flags["lora"] or flags["qlora"],
         qlora=flags["qlora"],
         loss=flags["loss"],

@@ -7,6 +7,7 @@ import typer
 from llmctl.cli.common import (
     ADAPTER_OPTIONS,
     LORA_SWITCH,
+    MAX_LENGTH_OPTION,
     PROMPT_STYLE_OPTION,
     RUN_OPTIONS,
     adapt_options,
@@ -36,6 +37,7 @@ DATA_OPTIONS = [
         typer.Option(None, "--task", help="sft (instruction tuning) or classify \\[default: sft]."),
     ),
     PROMPT_STYLE_OPTION,
+    MAX_LENGTH_OPTION,
     opt(
         "packing",
         bool,
@@ -124,6 +126,7 @@ def _adapt(stage: str, flags: dict) -> int:
         data=flags["data"],
         task=flags["task"],
         prompt_style=flags["prompt_style"],
+        max_length=flags["max_length"],
         packing=flags["packing"],
         lora=flags["lora"],
         **adapter_option_values(flags),

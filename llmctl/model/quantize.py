@@ -94,6 +94,11 @@ def nf4_layer(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtyp
         quant_type="nf4",
         device="meta",
     )
+    # A bf16 base on a CPU (fp32 compute) is quantized from its exact fp32 upcast, so each forward
+    # dequantizes straight to fp32 rather than to bf16 and then copying; never cast down, which
+    # would change the codes from those fake_quantize (merge) computes from the weights as they are
+    if weight.element_size() < torch.empty((), dtype=dtype).element_size():
+        weight = weight.to(dtype)
     layer.weight = bnb.nn.Params4bit(
         weight.contiguous(),
         requires_grad=False,

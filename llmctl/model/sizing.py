@@ -34,10 +34,21 @@ def count_parameters(cfg: ModelConfig) -> int:
     return total
 
 
-def flops_per_token(cfg: ModelConfig, n_params: int | None = None) -> int:
-    """Training FLOPs per token: 6N for the matmuls plus 12·L·H·Q·T for attention (PaLM, app. B)."""
-    n = n_params if n_params is not None else count_parameters(cfg)
-    return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.context_length
+def lookup_parameters(cfg: ModelConfig) -> int:
+    """Parameters read by index, never multiplied: an untied input embedding, learned positions.
+    (A tied embedding is also the output head's matrix, so it does a matmul.)"""
+    lookups = 0 if cfg.tie_embeddings else cfg.padded_vocab_size * cfg.d_model
+    if cfg.position == "learned":
+        lookups += cfg.context_length * cfg.d_model
+    return lookups
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int | None = None, sequence_length: int | None = None) -> int:
+    """Training FLOPs per token: 6N for the matmuls plus 12·L·H·Q·T for attention (PaLM, app. B),
+    N leaving out lookup-only parameters, T the rows' length (the context unless given)."""
+    n = (n_params if n_params is not None else count_parameters(cfg)) - lookup_parameters(cfg)
+    length = sequence_length or cfg.context_length
+    return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * length
 
 
 @dataclass(frozen=True)
@@ -80,8 +91,10 @@ def estimate_training_memory(
     weight_bytes_per_param: float = 4.0,
     mixed_precision: bool | None = None,
     adapter_values_per_token: int = 0,
+    sequence_length: int | None = None,
 ) -> MemoryEstimate:
-    """Bytes for one training step at the config's micro-batch.
+    """Bytes for one training step at the config's micro-batch of rows of `sequence_length` tokens
+    (the context unless given).
 
     Weights are kept in fp32 (autocast computes in 16 bits); AdamW keeps two fp32 moments per
     trainable parameter. Activations are what each layer saves for its backward pass
@@ -94,7 +107,7 @@ def estimate_training_memory(
     if mixed_precision is None:
         mixed_precision = train.precision != "fp32"
     value_bytes = 2 if mixed_precision else 4
-    tokens = train.micro_batch_size * model.context_length
+    tokens = train.micro_batch_size * (sequence_length or model.context_length)
     per_layer = (saved_values_per_token(model) + adapter_values_per_token) * tokens * value_bytes
     if train.activation_checkpointing:
         # each layer keeps its input; the layer being recomputed holds its whole set again

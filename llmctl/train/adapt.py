@@ -34,10 +34,12 @@ from llmctl.model.sizing import (
     estimate_training_memory,
     flops_per_token,
     human_count,
+    lookup_parameters,
 )
 from llmctl.model.transformer import Attention, Transformer
 from llmctl.tokenizer import END_OF_TURN_TOKEN, LoadedTokenizer, load_tokenizer_file
 from llmctl.train import recipe
+from llmctl.train.finetune_config import max_length_source
 from llmctl.train.precision import resolve_device
 from llmctl.train.recipe import Row, Runtime, Size
 from llmctl.train.runinfo import Sampler
@@ -171,8 +173,11 @@ def size_run(
     lora = lora_parameter_count(shape, config.adapter) if adapter else 0
     params = base_params + head + lora
     trainable = lora + head if adapter else base_params + head
+    length = config.sequence_length
     # adapters train no base weight: the base's weight gradients (2N of the 6N) are never computed
-    flops = flops_per_token(config.model, base_params) - (2 * base_params if adapter else 0)
+    flops = flops_per_token(config.model, base_params, length)
+    if adapter:
+        flops -= 2 * (base_params - lookup_parameters(config.model))
     size = Size.of(config, params, trainable, flops * sequences_per_row)
 
     mixed = runtime.precision.name != "fp32"
@@ -187,14 +192,29 @@ def size_run(
         quantized, kept = quantize.count_quantized(shape)
         weight_bytes = quantized * quantize.NF4_BITS_PER_WEIGHT / 8 + 4 * (kept + head + lora)
         unquantized = estimate_training_memory(
-            config.model, train, trainable, full_bytes / base_params, mixed, lora_saved
+            config.model, train, trainable, full_bytes / base_params, mixed, lora_saved, length
         )
     memory = estimate_training_memory(
-        config.model, train, trainable, weight_bytes / base_params, mixed, lora_saved
+        config.model, train, trainable, weight_bytes / base_params, mixed, lora_saved, length
     )
     if paged_optimizer(config, runtime.device):  # two 8-bit moments per trained parameter, not two fp32
         memory = MemoryEstimate(memory.weights, memory.gradients, 2 * trainable, memory.activations)
     return Sizing(size, memory, unquantized, base_params, weight_bytes)
+
+
+def max_length_row(config: RunConfig) -> recipe.Row:
+    """The plan's line for the rows' length and where it came from."""
+    context = config.model.context_length
+    why = {
+        "chosen": f"--max-length (the base's context is {context:,})",
+        "cap": f"capped by default; the base's context is {context:,} (--max-length N to change)",
+        "context": "the base's context (--max-length N for shorter rows)",
+    }[max_length_source(config)]
+    return ("max length", f"{config.data.max_length:,} tokens per row · {why}")
+
+
+def max_length_details(config: RunConfig) -> dict[str, Any]:
+    return {"max_length": config.data.max_length, "max_length_source": max_length_source(config)}
 
 
 # ---------------------------------------------------------------- the model and its samples

@@ -30,7 +30,7 @@ from llmctl.config import RunConfig
 from llmctl.data import preference, sft
 from llmctl.data.preference import PairSource
 from llmctl.errors import UsageError
-from llmctl.model.sizing import count_parameters, human_bytes, human_count
+from llmctl.model.sizing import count_parameters, human_bytes, human_count, lookup_parameters
 from llmctl.train import adapt, recipe
 from llmctl.train.adapt import Base, open_base
 from llmctl.train.allocator import return_large_frees_to_the_os
@@ -131,6 +131,7 @@ class DpoPlan(Plan):
             "data": cfg.data.corpus,
             "validation": self.data.val_note,
             "prompt_style": cfg.data.prompt_style,
+            **adapt.max_length_details(cfg),
             "train_pairs": len(self.encoded.train),
             "val_pairs": len(self.encoded.val),
             "adapter": cfg.adapter.model_dump() if self.adapter else None,
@@ -154,6 +155,7 @@ class DpoPlan(Plan):
                 f"{cfg.data.corpus} · {len(self.encoded.train):,} pairs · {cfg.data.prompt_style} style",
             ),
             ("validation", f"{len(self.encoded.val):,} pairs: {self.data.val_note}"),
+            adapt.max_length_row(cfg),
             (
                 "parameters",
                 f"{human_count(self.trainable)} trained of {human_count(self.params)} "
@@ -317,7 +319,8 @@ def make_plan(
     memory = dataclasses.replace(sizing.memory, weights=sizing.memory.weights + reference_bytes)
     size = sizing.size
     if not precomputed:  # the reference's forward over both sides: 2N FLOPs a token, twice
-        size = dataclasses.replace(size, flops_per_token=size.flops_per_token + 4 * sizing.base_params)
+        forward = 4 * (sizing.base_params - lookup_parameters(config.model))
+        size = dataclasses.replace(size, flops_per_token=size.flops_per_token + forward)
     recipe.check_fits(
         memory,
         runtime.memory,
@@ -360,9 +363,10 @@ def _open_reference(workspace: Workspace, ref: str, base: Base, config: RunConfi
             f"'{base.tokenizer.name}' ({base.path}); a reference must score the same tokens: give a "
             "checkpoint trained with the policy's tokenizer"
         )
-    if reference.config.model.context_length < config.model.context_length:
+    if reference.config.model.context_length < config.sequence_length:
         raise UsageError(
             f"reference '{ref}' has a context of {reference.config.model.context_length} tokens, shorter "
-            f"than the policy's {config.model.context_length}; give one with at least the policy's context"
+            f"than the rows of {config.sequence_length}; give one with a longer context or a lower "
+            "--max-length"
         )
     return reference

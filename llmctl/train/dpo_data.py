@@ -51,13 +51,14 @@ class EncodedPreference:
 
 def encode_preference(config: RunConfig, tokenizer: LoadedTokenizer, source: PairSource) -> EncodedPreference:
     """Render and encode both splits; fails, naming the fix, when no pair is left to train on."""
-    context, style = config.model.context_length, config.data.prompt_style
+    context, style = config.sequence_length, config.data.prompt_style
     where = f"data '{source.name}'"
     train = preference.encode_pairs(source.train, tokenizer, style, context, where)
     if not train.pairs:
         raise UsageError(
-            f"no pair of {where} fits: every reply starts beyond the context of {context} tokens "
-            f"with --prompt-style {style}; use shorter prompts or a base with a longer context"
+            f"no pair of {where} fits: every reply starts beyond the maximum length of {context} tokens "
+            f"with --prompt-style {style}; raise --max-length (at most the base's context of "
+            f"{config.model.context_length}) or use shorter prompts"
         )
     val = preference.encode_pairs(source.val, tokenizer, style, context, where, first_index=len(train.pairs))
     notes = []
@@ -65,9 +66,7 @@ def encode_preference(config: RunConfig, tokenizer: LoadedTokenizer, source: Pai
         counts = ", ".join(f"{count} {reason}" for reason, count in sorted(source.dropped.items()))
         notes.append(f"pairs dropped while reading the file: {counts}")
     if train.truncated:
-        notes.append(
-            f"{train.truncated} training pairs cut to the context of {context} tokens (both sides alike)"
-        )
+        notes.append(f"{train.truncated} training pairs cut to {context} tokens (both sides alike)")
     if train.dropped:
         notes.append(f"{train.dropped} training pairs dropped: a reply starts beyond the context")
     return EncodedPreference(train.pairs, val.pairs or train.pairs, notes)
@@ -85,7 +84,7 @@ def make_batches(
     """Shuffled epochs of pairs, exact to resume (finetune's batch source, one pair a row)."""
     collate = partial(
         preference.collate_pairs,
-        context_length=config.model.context_length,
+        context_length=config.sequence_length,
         pad_id=pad_id,
         device=device,
         reference=reference,
@@ -122,7 +121,7 @@ def score_pairs(
     size = config.train.micro_batch_size
     for start in range(0, len(pairs), size):
         group = pairs[start : start + size]
-        batch = preference.collate_pairs(group, config.model.context_length, pad_id, device)
+        batch = preference.collate_pairs(group, config.sequence_length, pad_id, device)
         with precision.autocast():
             group_chosen, group_rejected = score(batch)
         index = torch.tensor([pair.index for pair in group])

@@ -87,6 +87,7 @@ class FinetunePlan(Plan):
             "validation": self.data.val_note,
             "prompt_style": cfg.data.prompt_style if sft_task else None,
             "packing": cfg.data.packing if sft_task else None,
+            **adapt.max_length_details(cfg),
             "labels": self.labels,
             "train_examples": len(encoded.train),
             "val_examples": len(encoded.val),
@@ -116,6 +117,7 @@ class FinetunePlan(Plan):
             ("task", f"{self.task} · {method}"),
             ("data", data),
             ("validation", f"{len(encoded.val):,} examples: {self.data.val_note}"),
+            adapt.max_length_row(cfg),
             (
                 "parameters",
                 f"{human_count(self.trainable)} trained of {human_count(self.params)} "

@@ -30,6 +30,9 @@ FINETUNE_TRAIN = {
     "save_every": 100,
 }
 ADAPTER_LR = 1e-3
+# Rows default to the base's context, up to this: a long-context base (16,384 tokens for
+# deepseek-coder) would otherwise plan every row at its full context, most of it padding
+DEFAULT_MAX_LENGTH = 2048
 MODEL_KEYS_ALLOWED = ("model.dropout",)
 
 
@@ -41,6 +44,7 @@ class FinetuneOptions(RunOptions):
     task: str | None = None
     prompt_style: str | None = None
     packing: bool | None = None
+    max_length: int | None = None
     lora: bool = False
     lora_r: int | None = None
     lora_alpha: float | None = None
@@ -105,6 +109,7 @@ def resolve_finetune_config(
         "data.corpus": options.data,
         "data.prompt_style": options.prompt_style,
         "data.packing": options.packing,
+        "data.max_length": options.max_length,
         **(stage_flags or {}),
         "adapter.enabled": True if adapter else None,
         "adapter.quantize": "nf4" if quantize_base else None,
@@ -144,6 +149,7 @@ def resolve_finetune_config(
     shape = base_config.model if base_config is not None else RunConfig.model_validate(saved).model
     dropout = config.model.dropout if config.set_by_user("model.dropout") else shape.dropout
     config.model = shape.model_copy(update={"dropout": dropout})
+    _resolve_max_length(config, saved)
     if not config.data.corpus:
         raise UsageError(f"{what} needs data: --data CORPUS (llmctl corpus list) or --data FILE.jsonl")
     if config.adapter.quantize == "nf4" and not config.adapter.enabled:
@@ -151,6 +157,29 @@ def resolve_finetune_config(
     if saved is not None:
         _check_unchanged(config, RunConfig.model_validate(saved))
     return config
+
+
+def _resolve_max_length(config: RunConfig, saved: dict[str, Any] | None) -> None:
+    """data.max_length: the user's (at most the base's context), else the base's context capped at
+    DEFAULT_MAX_LENGTH. A run saved before the setting existed trained at the full context."""
+    context = config.model.context_length
+    if saved is not None and saved["data"].get("max_length") is None:
+        saved["data"]["max_length"] = context
+        config.data.max_length = config.data.max_length or context
+    elif config.data.max_length is None:
+        config.data.max_length = min(context, DEFAULT_MAX_LENGTH)
+    elif config.data.max_length > context:
+        raise UsageError(
+            f"--max-length {config.data.max_length} exceeds the base's context of {context} tokens; "
+            f"give at most {context}"
+        )
+
+
+def max_length_source(config: RunConfig) -> str:
+    """Where a run's data.max_length came from: 'chosen', 'cap' (DEFAULT_MAX_LENGTH) or 'context'."""
+    if config.set_by_user("data.max_length"):
+        return "chosen"
+    return "cap" if config.data.max_length < config.model.context_length else "context"
 
 
 def _check_unchanged(config: RunConfig, saved: RunConfig) -> None:

@@ -37,8 +37,9 @@ def encode_data(
     task: str,
     labels: list[str] | None,
 ) -> EncodedData:
-    """Render and encode the data; fails, naming the fix, when nothing is left to train on."""
-    context = config.model.context_length
+    """Render and encode the data at data.max_length tokens a row; fails, naming the fix, when
+    nothing is left to train on."""
+    context = config.sequence_length
     where = f"data '{data.name}'"
     if task == TASK:
         train, skipped = sft.encode_classification(data.train, tokenizer, labels, context)
@@ -52,21 +53,24 @@ def encode_data(
     val = sft.encode_split(data.val, tokenizer, style, context, where)
     if not train.examples:
         raise UsageError(
-            f"no example of {where} fits: every response starts beyond the context of {context} tokens "
-            f"with --prompt-style {style}; use shorter prompts or a base with a longer context"
+            f"no example of {where} fits: every response starts beyond the maximum length of {context} "
+            f"tokens with --prompt-style {style}; raise --max-length (at most the base's context of "
+            f"{config.model.context_length}) or use shorter prompts"
         )
     notes = []
     if train.truncated:
-        notes.append(f"{train.truncated} training examples cut to the context of {context} tokens")
+        notes.append(f"{train.truncated} training examples cut to the maximum length of {context} tokens")
     if train.dropped:
-        notes.append(f"{train.dropped} training examples dropped: their response starts beyond the context")
+        notes.append(
+            f"{train.dropped} training examples dropped: their response starts beyond {context} tokens"
+        )
     rows = _rows(config, train.examples, range(len(train.examples)))
     return EncodedData(train.examples, val.examples or train.examples, len(rows), notes, train)
 
 
 def _rows(config: RunConfig, examples: list[sft.Example], order) -> list[sft.Row]:
     if config.data.packing:
-        return sft.pack_rows(examples, order, config.model.context_length)
+        return sft.pack_rows(examples, order, config.sequence_length)
     return sft.single_rows(examples, order)
 
 
@@ -80,7 +84,7 @@ def make_batches(
     world_size: int = 1,
 ) -> sft.ShuffledBatches:
     """The trainer's batch source over the encoded data."""
-    context = config.model.context_length
+    context = config.sequence_length
     common = {
         "micro_batch_size": config.train.micro_batch_size,
         "eval_batches": config.train.eval_batches,
@@ -147,7 +151,7 @@ def inspect_examples(
         "truncated": split.truncated,
         "dropped": split.dropped,
         "rows": encoded.train_rows,
-        "row_fill": round(positions / (encoded.train_rows * config.model.context_length), 4),
+        "row_fill": round(positions / (encoded.train_rows * config.sequence_length), 4),
         "prompt_style": config.data.prompt_style,
     }
     return shown, figures

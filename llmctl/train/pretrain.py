@@ -139,6 +139,11 @@ def resolve_pretrain_config(workspace: Workspace, options: PretrainOptions) -> R
     recipe.apply_limit_rules(config, options)
     if base is not None and config.model.model_dump() != base["model"]:
         raise UsageError("model.* settings cannot change when resuming; start a new run to change the model")
+    if config.data.max_length is not None:
+        raise UsageError(
+            "data.max_length is for finetune, qlora and dpo; pretraining rows are model.context_length "
+            "tokens long (set that instead)"
+        )
     if not config.data.corpus or not config.data.tokenizer:
         raise UsageError(
             "pretrain needs a corpus and a tokenizer: --corpus NAME --tokenizer NAME "

@@ -106,7 +106,7 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = optimizer_factory(self.model, self.train_cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaler)
-        self.micro_tokens = config.train.micro_batch_size * config.model.context_length
+        self.micro_tokens = config.train.micro_batch_size * config.sequence_length
         self.tokens_per_step = self.micro_tokens * config.train.grad_accum_steps * self.dist.world_size
         self.total_steps = planned_steps(config, self.tokens_per_step)
         self.schedule = CosineSchedule(self.optimizer, self.train_cfg, self.total_steps)
