@@ -22,7 +22,9 @@ from safetensors.torch import load_file
 
 from llmctl.checkpoint.refs import resolve_model_ref
 from llmctl.data import sft
+from llmctl.model.lora import lora_saved_values_per_token
 from llmctl.model.sizing import estimate_training_memory
+from llmctl.model.transformer import Transformer
 from llmctl.train.finetune import FinetuneOptions, make_plan
 from llmctl.train.finetune_config import DEFAULT_MAX_LENGTH
 from llmctl.workspace import Workspace
@@ -122,11 +124,23 @@ def test_the_plan_uses_max_length_for_rows_tokens_and_memory(capsys, monkeypatch
         inspect_only=True,
     )
     assert plan.config.model.context_length == CONTEXT  # the base's shape is untouched
+    with torch.device("meta"):
+        shape = Transformer(plan.config.model)
+    lora_saved = lora_saved_values_per_token(shape, plan.config.adapter)  # LoRA's own activations
     at_512 = estimate_training_memory(
-        plan.config.model, plan.config.train, plan.trainable, mixed_precision=False, sequence_length=512
+        plan.config.model,
+        plan.config.train,
+        plan.trainable,
+        mixed_precision=False,
+        adapter_values_per_token=lora_saved,
+        sequence_length=512,
     )
     at_context = estimate_training_memory(
-        plan.config.model, plan.config.train, plan.trainable, mixed_precision=False
+        plan.config.model,
+        plan.config.train,
+        plan.trainable,
+        mixed_precision=False,
+        adapter_values_per_token=lora_saved,
     )
     assert plan.memory.activations == at_512.activations
     assert chosen["memory"]["activations"] == at_512.activations
